@@ -1,0 +1,134 @@
+"""What a runner returns: load points (one per offered load) gathered in a Measurement."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from autotune.config import EngineConfig
+from autotune.specs import Workload
+
+#: Latency metrics and the statistics kept for each (all in milliseconds).
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+STATISTICS = ("mean", "p50", "p90", "p95", "p99")
+
+#: Concurrency value that means "every request issued at once" (trtllm-bench's max-throughput mode).
+MAX_CONCURRENCY = -1
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """Metrics at one offered load.
+
+    ``concurrency`` is the number of requests kept in flight over all replicas
+    (``MAX_CONCURRENCY``: all at once). Throughputs are output tokens/s; ``latency_ms`` maps
+    metric -> statistic -> milliseconds (``latency_ms["tpot"]["p99"]``).
+    """
+
+    concurrency: int
+    num_requests: int
+    request_throughput: float  # requests/s
+    output_throughput: float  # output tokens/s of the whole deployment
+    output_throughput_per_gpu: float  # output tokens/s per GPU
+    output_throughput_per_user: float  # mean output tokens/s seen by one request while decoding
+    duration_s: float  # first request issued to last request done
+    latency_ms: dict[str, dict[str, float]] = field(hash=False)
+
+    def latency(self, metric: str, stat: str) -> float:
+        return self.latency_ms[metric][stat]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoadPoint":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything one runner learned about one configuration under one workload."""
+
+    runner: str
+    config: EngineConfig
+    workload: Workload
+    load_points: tuple[LoadPoint, ...]
+    max_requests_in_flight: int = 0  # how many requests the KV cache holds at once (all replicas)
+    raw: dict = field(default_factory=dict, hash=False)  # runner-specific: reports, logs, paths
+
+    def to_dict(self) -> dict:
+        return {
+            "runner": self.runner,
+            "config": self.config.to_dict(),
+            "workload": self.workload.to_dict(),
+            "load_points": [lp.to_dict() for lp in self.load_points],
+            "max_requests_in_flight": self.max_requests_in_flight,
+        }
+
+
+def summarize(values: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
+    """Mean and percentiles of ``values`` (optionally weighted), as trtllm-bench reports them."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return {s: float("nan") for s in STATISTICS}
+    if weights is None:
+        p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+        return {"mean": float(values.mean()), "p50": float(p50), "p90": float(p90),
+                "p95": float(p95), "p99": float(p99)}
+    order = np.argsort(values)
+    v, w = values[order], np.asarray(weights, dtype=float)[order]
+    cum = np.cumsum(w) / w.sum()
+    pick = lambda q: float(v[min(np.searchsorted(cum, q), v.size - 1)])  # noqa: E731
+    return {"mean": float(np.average(v, weights=w)), "p50": pick(0.50), "p90": pick(0.90),
+            "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def load_point_from_requests(
+    *,
+    concurrency: int,
+    gpus: int,
+    start_s: np.ndarray,
+    first_token_s: np.ndarray,
+    end_s: np.ndarray,
+    output_tokens: np.ndarray,
+    itl_ms: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LoadPoint:
+    """Build a LoadPoint from per-request timestamps (seconds), with trtllm-bench's definitions.
+
+    TTFT = first token - start; TPOT = (end - first token) / (output tokens - 1);
+    e2e = end - start; system throughput = all output tokens / (last end - first start).
+    ``itl_ms`` is (gap values, weights) when the caller knows the token gaps; else TPOT's.
+    """
+    ttft = (first_token_s - start_s) * 1e3
+    decode_tokens = np.maximum(output_tokens - 1, 1)
+    tpot = (end_s - first_token_s) * 1e3 / decode_tokens
+    e2e = (end_s - start_s) * 1e3
+    duration = float(end_s.max() - start_s.min())
+    out_tok = float(output_tokens.sum())
+    throughput = out_tok / duration if duration > 0 else 0.0
+    itl = summarize(*itl_ms) if itl_ms is not None else summarize(tpot)
+    # Per-user speed while streaming: 1000 / TPOT, averaged over requests (trtllm-bench's
+    # "token output speed"); it is what an interactive user experiences.
+    per_user = float(np.mean(1e3 / np.maximum(tpot, 1e-9)))
+    return LoadPoint(
+        concurrency=concurrency,
+        num_requests=int(output_tokens.size),
+        request_throughput=output_tokens.size / duration if duration > 0 else 0.0,
+        output_throughput=throughput,
+        output_throughput_per_gpu=throughput / gpus,
+        output_throughput_per_user=per_user,
+        duration_s=duration,
+        latency_ms={"ttft": summarize(ttft), "tpot": summarize(tpot), "itl": itl, "e2e": summarize(e2e)},
+    )
+
+
+__all__ = [
+    "LATENCY_METRICS",
+    "LoadPoint",
+    "MAX_CONCURRENCY",
+    "Measurement",
+    "STATISTICS",
+    "load_point_from_requests",
+    "summarize",
+]

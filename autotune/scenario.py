@@ -1,0 +1,69 @@
+"""A scenario: what a study tunes for. Every worker joining a study must bring the same one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.slo import SLO, parse_slo
+from autotune.specs import GpuSpec, ModelSpec, Workload, load_gpu, load_model, resolve_precision
+from autotune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Model, GPUs, precision, workload, SLO and runner of one study."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    num_gpus: int
+    precision: str
+    workload: Workload
+    slo: SLO
+    runner: str = "sim"
+
+    @classmethod
+    def build(cls, *, model: str, gpu: str, num_gpus: int, precision: str | None, isl: int,
+              osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
+              osl_std: float = 0.0) -> "Scenario":
+        """Parse and check every user-given part; raises UserError on the first bad one."""
+        slo_v = parse_slo(slo)
+        gpu_v = load_gpu(gpu)
+        model_v = load_model(model)
+        if not isinstance(num_gpus, int) or num_gpus < 1:
+            raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
+        workload = Workload(isl=isl, osl=osl, isl_std=isl_std, osl_std=osl_std)
+        return cls(model_v, gpu_v, num_gpus, resolve_precision(gpu_v, precision), workload, slo_v,
+                   runner)
+
+    def identity(self) -> dict:
+        """The JSON-able facts that must match for two workers to share a study."""
+        return {
+            "model": self.model.name,
+            "model_spec": self.model.to_dict(),
+            "gpu": self.gpu.name,
+            "num_gpus": self.num_gpus,
+            "precision": self.precision,
+            "workload": self.workload.to_dict(),
+            "slo": str(self.slo),
+            "runner": self.runner,
+        }
+
+    def default_study_name(self) -> str:
+        slo = str(self.slo).replace(":", "-").replace("<=", "le").replace("<", "lt") or "maxtput"
+        slo = slo.replace(",", "_")
+        return (f"{self.model.name}-{self.gpu.name}x{self.num_gpus}-{self.precision}-"
+                f"{self.workload.label()}-{slo}")
+
+
+def identity_differences(stored: dict, wanted: dict) -> list[str]:
+    """Human lines naming each fact that differs between two scenario identities."""
+    out = []
+    for key in ("model", "gpu", "num_gpus", "precision", "workload", "slo", "runner", "model_spec"):
+        if stored.get(key) != wanted.get(key):
+            if key == "model_spec" and stored.get("model") != wanted.get("model"):
+                continue  # already named by "model"
+            out.append(f"{key}: study has {stored.get(key)!r}, this run has {wanted.get(key)!r}")
+    return out
+
+
+__all__ = ["Scenario", "identity_differences"]

@@ -1,0 +1,281 @@
+"""What is being tuned: the model, the GPU, the precision and the workload.
+
+Plain frozen dataclasses, loaded from the catalogs shipped in ``autotune/data`` or from user
+files (a Hugging Face ``config.json`` for a model, a YAML file for a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from autotune.errors import UserError
+
+#: Bytes per weight element and per KV-cache element for each precision.
+#: FP8 checkpoints use an FP8 KV cache in TensorRT-LLM's published runs; FP4 keeps an FP8 cache.
+PRECISIONS: dict[str, tuple[float, float]] = {
+    "bf16": (2.0, 2.0),
+    "fp8": (1.0, 1.0),
+    "fp4": (0.5625, 1.0),  # NVFP4: 4-bit values plus one FP8 scale per 16 elements
+}
+
+#: Largest sequence lengths accepted before they are called absurd (tokens).
+MAX_SEQUENCE = 1_048_576
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer (dense Llama-style, or Mixtral-style MoE when ``experts`` > 1)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int  # per expert for MoE
+    vocab: int
+    head_dim: int = 0  # 0: hidden // heads
+    experts: int = 1
+    experts_per_token: int = 1
+    gated_mlp: bool = True
+    tied_embeddings: bool = False
+    hf_name: str = ""
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        """Q, K, V and O projection weights of one layer (elements)."""
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        return q + kv + self.heads * self.head_dim * self.hidden
+
+    @property
+    def mlp_params_per_expert(self) -> int:
+        """MLP weights of one expert of one layer (elements)."""
+        return (3 if self.gated_mlp else 2) * self.hidden * self.ffn
+
+    @property
+    def params_per_layer(self) -> int:
+        router = self.hidden * self.experts if self.is_moe else 0
+        return self.attn_params_per_layer + self.experts * self.mlp_params_per_expert + router
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        heads = 1 if self.tied_embeddings else 2
+        return self.layers * self.params_per_layer + heads * self.embedding_params
+
+    @property
+    def active_params_per_token(self) -> int:
+        """Weights one token multiplies per layer (elements): attention plus top-k experts."""
+        return self.attn_params_per_layer + self.experts_per_token * self.mlp_params_per_expert
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU's datasheet figures."""
+
+    name: str
+    memory_gib: float
+    mem_bw_tb_s: float
+    tflops: dict[str, float] = field(hash=False)
+    nvlink_gb_s: float  # per direction per GPU
+    gpus_per_node: int = 8
+    description: str = ""
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * 2**30
+
+    def supports(self, precision: str) -> bool:
+        return precision in self.tflops
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense peak of the tensor cores for this precision (FLOP/s)."""
+        return self.tflops[precision] * 1e12
+
+    def default_precision(self) -> str:
+        return "fp8" if "fp8" in self.tflops else "bf16"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests' lengths: input (prompt) and output tokens, fixed or normally distributed.
+
+    ``isl_std``/``osl_std`` of 0 give fixed lengths, as in NVIDIA's published runs.
+    """
+
+    isl: int
+    osl: int
+    isl_std: float = 0.0
+    osl_std: float = 0.0
+
+    def __post_init__(self):
+        for name in ("isl", "osl"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"--{name} must be a positive number of tokens, got {value!r}")
+            if value > MAX_SEQUENCE:
+                raise UserError(f"--{name} {value} is larger than {MAX_SEQUENCE} tokens")
+        if self.isl_std < 0 or self.osl_std < 0:
+            raise UserError("length standard deviations must be >= 0")
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence a request can reach (tokens), covering 3 sigma of the distributions."""
+        return int(self.isl + 3 * self.isl_std) + int(self.osl + 3 * self.osl_std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        return f"isl{self.isl}-osl{self.osl}"
+
+
+def _data_text(relative: str) -> str:
+    return resources.files("autotune").joinpath("data", relative).read_text()
+
+
+@cache
+def model_catalog() -> dict[str, dict]:
+    return yaml.safe_load(_data_text("models.yaml"))
+
+
+@cache
+def gpu_catalog() -> dict[str, dict]:
+    out = {}
+    for entry in resources.files("autotune").joinpath("data", "gpus").iterdir():
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text())
+            out[data["name"]] = data
+    return out
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A catalog name (``llama-3.1-70b``) or a path to a Hugging Face ``config.json``."""
+    key = name_or_path.strip().lower()
+    catalog = model_catalog()
+    if key in catalog:
+        return ModelSpec(name=key, **catalog[key])
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return model_from_hf_config(path)
+    known = ", ".join(sorted(catalog))
+    raise UserError(f"unknown model {name_or_path!r}: use one of {known} or a path to a config.json")
+
+
+def model_from_hf_config(path: Path) -> ModelSpec:
+    """Read a Hugging Face ``config.json`` (Llama-, Mistral-, Mixtral-, Qwen-style)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read model config {str(path)!r}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{str(path)!r} is not a model config (expected a JSON object)")
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM under text_config
+    needed = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if not isinstance(cfg.get(k), int) or cfg.get(k) <= 0]
+    ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or cfg.get("ffn_hidden_size")
+    if missing or not isinstance(ffn, int) or ffn <= 0:
+        what = ", ".join(missing + ([] if isinstance(ffn, int) and ffn > 0 else ["intermediate_size"]))
+        raise UserError(f"{str(path)!r} is not a decoder model config: missing or invalid {what}")
+    heads = cfg["num_attention_heads"]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+    name = cfg.get("_name_or_path") or Path(path).resolve().parent.name
+    return ModelSpec(
+        name=str(name),
+        layers=cfg["num_hidden_layers"],
+        hidden=cfg["hidden_size"],
+        heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        ffn=ffn,
+        vocab=cfg["vocab_size"],
+        head_dim=cfg.get("head_dim") or 0,
+        experts=int(experts),
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 1),
+        gated_mlp=True,  # Llama, Mistral, Mixtral and Qwen all use gated (SwiGLU) MLPs
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        hf_name=str(cfg.get("_name_or_path", "")),
+    )
+
+
+def load_gpu(name_or_path: str) -> GpuSpec:
+    """A catalog name (``h100``, ``h200``, ``a100``, ``b200``) or a path to a GPU YAML file."""
+    key = name_or_path.strip().lower()
+    catalog = gpu_catalog()
+    if key in catalog:
+        return GpuSpec(**catalog[key])
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text())
+            spec = GpuSpec(**data)
+        except (yaml.YAMLError, TypeError) as exc:
+            raise UserError(f"{str(path)!r} is not a GPU spec: {exc}") from None
+        if spec.memory_gib <= 0 or spec.mem_bw_tb_s <= 0 or not spec.tflops:
+            raise UserError(f"{str(path)!r}: memory_gib, mem_bw_tb_s and tflops must be positive")
+        return spec
+    known = ", ".join(sorted(catalog))
+    raise UserError(f"unknown GPU {name_or_path!r}: use one of {known} or a path to a GPU YAML file")
+
+
+def resolve_precision(gpu: GpuSpec, precision: str | None) -> str:
+    """The precision to run: the user's choice checked against the GPU, or its default."""
+    if precision is None:
+        return gpu.default_precision()
+    p = precision.strip().lower()
+    if p not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if not gpu.supports(p):
+        raise UserError(f"{gpu.name} has no {p} tensor cores: use one of {', '.join(gpu.tflops)}")
+    return p
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def layer_split(layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage, as TensorRT-LLM splits them (earlier stages take the extra)."""
+    base, extra = divmod(layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+__all__ = [
+    "GpuSpec",
+    "MAX_SEQUENCE",
+    "ModelSpec",
+    "PRECISIONS",
+    "Workload",
+    "ceil_div",
+    "gpu_catalog",
+    "layer_split",
+    "load_gpu",
+    "load_model",
+    "model_catalog",
+    "model_from_hf_config",
+    "resolve_precision",
+]
