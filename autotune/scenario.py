@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autotune.slo import SLO, parse_slo
 from autotune.specs import GpuSpec, ModelSpec, Workload, load_gpu, load_model, resolve_precision
 from autotune.errors import UserError
+
+if TYPE_CHECKING:
+    from autotune.perfmodel import Calibration
+    from autotune.profile import Profile
 
 
 @dataclass(frozen=True)
@@ -20,11 +25,13 @@ class Scenario:
     workload: Workload
     slo: SLO
     runner: str = "sim"
+    profile: str | None = None  # name of the profile applied to ``gpu`` and ``calibration``
+    calibration: "Calibration | None" = None  # model constants (None: the GPU's defaults)
 
     @classmethod
     def build(cls, *, model: str, gpu: str, num_gpus: int, precision: str | None, isl: int,
               osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
-              osl_std: float = 0.0) -> "Scenario":
+              osl_std: float = 0.0, profile: "Profile | None" = None) -> "Scenario":
         """Parse and check every user-given part; raises UserError on the first bad one."""
         slo_v = parse_slo(slo)
         gpu_v = load_gpu(gpu)
@@ -32,8 +39,12 @@ class Scenario:
         if not isinstance(num_gpus, int) or num_gpus < 1:
             raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
         workload = Workload(isl=isl, osl=osl, isl_std=isl_std, osl_std=osl_std)
-        return cls(model_v, gpu_v, num_gpus, resolve_precision(gpu_v, precision), workload, slo_v,
-                   runner)
+        precision_v = resolve_precision(gpu_v, precision)
+        calibration = None
+        if profile is not None:
+            gpu_v, calibration = profile.apply(gpu_v, precision_v)
+        return cls(model_v, gpu_v, num_gpus, precision_v, workload, slo_v, runner,
+                   profile.name if profile else None, calibration)
 
     def identity(self) -> dict:
         """The JSON-able facts that must match for two workers to share a study."""
@@ -46,6 +57,7 @@ class Scenario:
             "workload": self.workload.to_dict(),
             "slo": str(self.slo),
             "runner": self.runner,
+            "profile": self.profile,
         }
 
     def default_study_name(self) -> str:
@@ -58,7 +70,8 @@ class Scenario:
 def identity_differences(stored: dict, wanted: dict) -> list[str]:
     """Human lines naming each fact that differs between two scenario identities."""
     out = []
-    for key in ("model", "gpu", "num_gpus", "precision", "workload", "slo", "runner", "model_spec"):
+    for key in ("model", "gpu", "num_gpus", "precision", "workload", "slo", "runner", "profile",
+                "model_spec"):
         if stored.get(key) != wanted.get(key):
             if key == "model_spec" and stored.get("model") != wanted.get("model"):
                 continue  # already named by "model"

@@ -149,6 +149,10 @@ class Workload:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Workload":
+        return cls(**data)
+
     def label(self) -> str:
         return f"isl{self.isl}-osl{self.osl}"
 

@@ -14,13 +14,20 @@ RUNNERS: dict[str, str] = {
 
 
 def get_runner(name: str) -> type[Runner]:
-    """The runner class registered under ``name`` (UserError if there is none)."""
+    """The runner class registered under ``name``, or a plug-in given as ``module:Class``
+    (UserError if there is none)."""
+    target = RUNNERS.get(name, name if ":" in name else None)
+    if target is None:
+        raise UserError(f"unknown runner {name!r}: use one of {', '.join(RUNNERS)}, "
+                        "or a plug-in as module:Class")
+    module, _, cls_name = target.partition(":")
     try:
-        target = RUNNERS[name]
-    except KeyError:
-        raise UserError(f"unknown runner {name!r}: use one of {', '.join(RUNNERS)}") from None
-    module, cls = target.split(":")
-    return getattr(import_module(module), cls)
+        cls = getattr(import_module(module), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"cannot load runner {name!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Runner)):
+        raise UserError(f"runner {name!r} is not a subclass of autotune.runners.Runner")
+    return cls
 
 
 __all__ = ["EngineBuilder", "RUNNERS", "Runner", "get_runner"]

@@ -46,7 +46,7 @@ class SimRunner(Runner):
 
     def __init__(self, scenario: Scenario, calibration: Calibration | None = None):
         super().__init__(scenario)
-        self.calibration = calibration
+        self.calibration = calibration or scenario.calibration
 
     def settings(self) -> dict:
         cal = self.calibration.to_dict() if self.calibration else None

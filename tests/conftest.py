@@ -1,6 +1,16 @@
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
 import pytest
 
 from autotune.scenario import Scenario
+
+TESTS = Path(__file__).resolve().parent
+#: The PostgreSQL server the shared-study tests use (.ci/run starts it).
+PG_ADMIN = os.environ.get("AUTOTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture
@@ -8,3 +18,37 @@ def scenario_70b() -> Scenario:
     """Llama-3.1-70B in BF16 on 8xH100: needs at least two GPUs for its weights."""
     return Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="bf16",
                           isl=1024, osl=128, slo=None)
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the real PostgreSQL server, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"autotune_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} (.ci/run starts it): {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def autotune_cmd(*args) -> list[str]:
+    """argv that runs the installed CLI in a subprocess (the same interpreter as the tests)."""
+    return [sys.executable, "-m", "autotune.cli", *map(str, args)]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(autotune_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(**env))

@@ -1,0 +1,184 @@
+"""The search space: which configurations a study may propose, loaded from YAML.
+
+The parallel layout is one categorical over the valid (tp, pp, dp) triples (and never a tp and a
+pp sampled apart): TPE learns far better when it only ever sees valid points (see
+shared/docs/optuna-notes.md). Layouts whose weights cannot fit in GPU memory are left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from autotune.config import EngineConfig
+from autotune.errors import UserError
+from autotune.measurement import MAX_CONCURRENCY
+from autotune.scenario import Scenario
+
+_KEYS = ("tp", "pp", "max_batch_size", "max_num_tokens", "kv_fraction", "chunked_prefill",
+         "concurrency")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def label(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
+
+    @classmethod
+    def parse(cls, label: str) -> "Layout":
+        tp, pp, dp = (int(part[2:]) for part in label.split("-"))
+        return cls(tp, pp, dp)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choices for each setting; ``concurrency`` is the load ladder each trial measures."""
+
+    tp: tuple[int, ...]
+    pp: tuple[int, ...]
+    max_batch_size: tuple[int, ...]
+    max_num_tokens: tuple[int, ...]
+    kv_fraction: tuple[float, ...]
+    chunked_prefill: tuple[bool, ...]
+    concurrency: tuple[int, ...]
+    source: str = "default"
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | None = None) -> "SearchSpace":
+        """A shipped space by name (``default``) or a YAML file path."""
+        name = name_or_path or "default"
+        shipped = resources.files("autotune.search_spaces").joinpath(f"{name}.yaml")
+        if shipped.is_file():
+            text, source = shipped.read_text(), name
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise UserError(f"search space {name!r} is neither a shipped space nor a YAML file")
+            text, source = path.read_text(), str(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"search space {source!r} is not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "<dict>") -> "SearchSpace":
+        if not isinstance(data, dict):
+            raise UserError(f"search space {source!r} must be a mapping of setting -> list")
+        unknown = sorted(set(data) - set(_KEYS))
+        if unknown:
+            raise UserError(f"search space {source!r}: unknown key(s) {', '.join(unknown)} "
+                            f"(known: {', '.join(_KEYS)})")
+        missing = [k for k in _KEYS if k not in data]
+        if missing:
+            raise UserError(f"search space {source!r}: missing key(s) {', '.join(missing)}")
+
+        def values(key, kind, ok, what):
+            raw = data[key]
+            if not isinstance(raw, list) or not raw:
+                raise UserError(f"search space {source!r}: {key} must be a non-empty list")
+            out = []
+            for v in raw:
+                if kind is int and v == "max" and key == "concurrency":
+                    out.append(MAX_CONCURRENCY)
+                    continue
+                if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)
+                if not isinstance(v, kind) or (kind is int and isinstance(v, bool)) or not ok(v):
+                    raise UserError(f"search space {source!r}: {key} value {v!r} is invalid "
+                                    f"({what})")
+                out.append(v)
+            if len(set(out)) != len(out):
+                raise UserError(f"search space {source!r}: {key} lists a value twice")
+            return tuple(out)
+
+        pos = lambda v: v >= 1  # noqa: E731
+        ladder = values("concurrency", int, pos, "a positive integer or 'max'")
+        finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
+        return cls(
+            tp=values("tp", int, pos, "a positive integer"),
+            pp=values("pp", int, pos, "a positive integer"),
+            max_batch_size=values("max_batch_size", int, pos, "a positive integer"),
+            max_num_tokens=values("max_num_tokens", int, lambda v: v >= 64, "an integer >= 64"),
+            kv_fraction=values("kv_fraction", float, lambda v: 0 < v < 1, "between 0 and 1"),
+            chunked_prefill=values("chunked_prefill", bool, lambda v: True, "true or false"),
+            concurrency=tuple(finite) + ((MAX_CONCURRENCY,) if MAX_CONCURRENCY in ladder else ()),
+            source=source,
+        )
+
+    # ---- layouts and configs ------------------------------------------------------------
+    def layouts(self, scenario: Scenario) -> list[Layout]:
+        """Valid layouts for the scenario, weights known to fit; UserError if there are none."""
+        from autotune.perfmodel import PerfModel  # the memory model decides what fits
+
+        m, n = scenario.model, scenario.num_gpus
+        out, reasons = [], []
+        for tp, pp in itertools.product(sorted(self.tp), sorted(self.pp)):
+            if n % (tp * pp):
+                continue
+            if m.heads % tp:
+                reasons.append(f"tp{tp}: {m.heads} heads not divisible")
+                continue
+            if pp > m.layers:
+                continue
+            cfg = EngineConfig(tp=tp, pp=pp, dp=n // (tp * pp), precision=scenario.precision,
+                               max_num_tokens=min(self.max_num_tokens),
+                               max_batch_size=min(self.max_batch_size),
+                               kv_fraction=max(self.kv_fraction))
+            if not PerfModel(m, scenario.gpu, cfg, scenario.calibration).memory().fits:
+                reasons.append(f"tp{tp}-pp{pp}: weights do not fit")
+                continue
+            out.append(Layout(tp, pp, n // (tp * pp)))
+        if not out:
+            why = "; ".join(reasons) or "no tp*pp from the space divides the GPU count"
+            raise UserError(f"no valid parallel layout for {m.name} on {n}x{scenario.gpu.name} "
+                            f"in space {self.source!r} ({why})")
+        return out
+
+    def suggest(self, trial, layouts: list[Layout], precision: str) -> EngineConfig:
+        """Ask an Optuna trial for one configuration (all categoricals, fixed choices)."""
+        layout = Layout.parse(trial.suggest_categorical("layout", [lay.label for lay in layouts]))
+        return EngineConfig(
+            tp=layout.tp, pp=layout.pp, dp=layout.dp,
+            max_batch_size=trial.suggest_categorical("max_batch_size", list(self.max_batch_size)),
+            max_num_tokens=trial.suggest_categorical("max_num_tokens", list(self.max_num_tokens)),
+            kv_fraction=trial.suggest_categorical("kv_fraction", list(self.kv_fraction)),
+            chunked_prefill=trial.suggest_categorical("chunked_prefill", list(self.chunked_prefill)),
+            precision=precision,
+        )
+
+    def configs(self, layouts: list[Layout], precision: str) -> Iterator[EngineConfig]:
+        """Every configuration of the space, for exhaustive enumeration."""
+        for lay, b, t, kv, ch in itertools.product(layouts, self.max_batch_size,
+                                                   self.max_num_tokens, self.kv_fraction,
+                                                   self.chunked_prefill):
+            yield EngineConfig(lay.tp, lay.pp, lay.dp, b, t, kv, ch, precision)
+
+    @staticmethod
+    def params_of(config: EngineConfig) -> dict:
+        """The Optuna params that propose ``config`` (for enqueueing trials)."""
+        return {
+            "layout": Layout(config.tp, config.pp, config.dp).label,
+            "max_batch_size": config.max_batch_size,
+            "max_num_tokens": config.max_num_tokens,
+            "kv_fraction": config.kv_fraction,
+            "chunked_prefill": config.chunked_prefill,
+        }
+
+    def size(self, layouts: list[Layout]) -> int:
+        return (len(layouts) * len(self.max_batch_size) * len(self.max_num_tokens)
+                * len(self.kv_fraction) * len(self.chunked_prefill))
+
+
+__all__ = ["Layout", "SearchSpace"]

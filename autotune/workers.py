@@ -1,0 +1,177 @@
+"""Running a search: one worker in this process, or several worker processes on one study.
+
+Every worker opens its own database connection, runner and Optuna study object and claims trial
+slots from the shared database, so workers started here with ``--workers N`` and workers started
+by other ``autotune search`` commands (on other machines, same ``--storage`` and ``--study``)
+cooperate the same way.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from autotune.errors import UserError
+
+#: Exit code of a search stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Everything a worker needs to join a search (plain values: it crosses process lines)."""
+
+    model: str
+    gpu: str
+    num_gpus: int
+    isl: int
+    osl: int
+    precision: str | None = None
+    slo: str | None = None
+    runner: str = "sim"
+    runner_options: dict = field(default_factory=dict)
+    space: str | None = None
+    storage: str = "sqlite:///autotune.db"
+    study: str | None = None
+    seed: int | None = None
+    trials: int = 60
+    timeout: float | None = None
+    heartbeat_s: int = 30
+    grace_s: int = 120
+    profile: str | None = None  # a profile stored in ``storage``
+
+    def scenario(self):
+        from autotune.scenario import Scenario
+
+        profile = None
+        if self.profile:
+            from autotune.profile import load_profile
+            from autotune.study import open_storage
+
+            profile = load_profile(open_storage(self.storage, create=False).store, self.profile)
+        return Scenario.build(model=self.model, gpu=self.gpu, num_gpus=self.num_gpus,
+                              precision=self.precision, isl=self.isl, osl=self.osl, slo=self.slo,
+                              runner=self.runner, profile=profile)
+
+    def check(self):
+        """Validate everything the user typed without touching the database (UserError)."""
+        from autotune.runners import get_runner
+        from autotune.space import SearchSpace
+
+        if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
+            raise UserError("--heartbeat must be >= 1 s and --grace longer than --heartbeat")
+        scen = self.scenario()
+        runner_cls = get_runner(self.runner)
+        space = SearchSpace.load(self.space)
+        space.layouts(scen)  # UserError when no layout of the space can work
+        return scen, runner_cls, space
+
+    def tuner(self, worker_index: int = 0):
+        """A Tuner joined to the study (the runner is the caller's to close)."""
+        from autotune.study import Tuner, open_storage
+
+        scen, runner_cls, space = self.check()
+        db = open_storage(self.storage, create=True, heartbeat_s=self.heartbeat_s,
+                          grace_s=self.grace_s)
+        # Distinct seeds per worker: the same seed would make every worker propose the same
+        # start-up points.
+        seed = None if self.seed is None else self.seed + worker_index
+        runner = runner_cls(scen, **self.runner_options)
+        tuner = Tuner(scen, space, runner, db, self.study, seed=seed)
+        tuner.open()
+        return tuner
+
+
+@contextmanager
+def _signals_interrupt(runner) -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM stop the runner's process group and unwind as
+    KeyboardInterrupt, once (a second signal must not cut the recording of the first short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        runner.interrupt()
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler), signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+def run_here(job: SearchJob, tuner=None, on_trial: Callable | None = None) -> None:
+    """One worker in this process (raises KeyboardInterrupt when stopped by a signal)."""
+    tuner = tuner or job.tuner()
+    with tuner.runner, _signals_interrupt(tuner.runner):
+        tuner.optimize(job.trials, timeout=job.timeout, on_trial=on_trial)
+
+
+def _worker_main(job: SearchJob, index: int) -> None:  # pragma: no cover - runs in a child
+    try:
+        tuner = job.tuner(index)
+        run_here(job, tuner)
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except UserError as exc:
+        from autotune import console
+
+        console.error(f"worker {index}: {exc}")
+        raise SystemExit(2) from None
+
+
+def run_workers(job: SearchJob, workers: int, poll: Callable[[], None] | None = None,
+                poll_every_s: float = 0.5) -> list[int]:
+    """Start ``workers`` processes on the study and wait for them; their exit codes.
+
+    Ctrl-C reaches the children from the terminal; SIGTERM to this process is passed on to
+    them. Either way they record their trial as interrupted and exit; then KeyboardInterrupt is
+    raised here.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no forked database connections or threads
+    procs = [ctx.Process(target=_worker_main, args=(job, i), name=f"autotune-worker-{i}")
+             for i in range(workers)]
+    interrupted = False
+
+    def forward(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    old_int = signal.signal(signal.SIGINT, forward)
+    old_term = signal.signal(signal.SIGTERM, forward)
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            if poll is not None:
+                poll()
+            time.sleep(poll_every_s)
+            for p in procs:
+                p.join(timeout=0)
+        if poll is not None:
+            poll()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        for p in procs:
+            p.join()
+    codes = [p.exitcode for p in procs]
+    if interrupted or EXIT_INTERRUPTED in codes:
+        raise KeyboardInterrupt
+    return codes
+
+
+__all__ = ["EXIT_INTERRUPTED", "SearchJob", "run_here", "run_workers"]

@@ -1,0 +1,13 @@
+"""Persistence: autotune's tables beside Optuna's in one SQLAlchemy database."""
+
+from autotune.db._engine import (
+    check_sqlite_file, engine_kwargs, install_sqlite_write_lock, parse_url, redact, sqlite_path,
+)
+from autotune.db._models import SCHEMA_VERSION
+from autotune.db._store import REUSABLE, Store, StoredMeasurement, StudySummary
+
+__all__ = [
+    "REUSABLE", "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
+    "check_sqlite_file", "engine_kwargs", "install_sqlite_write_lock", "parse_url", "redact",
+    "sqlite_path",
+]

@@ -1,0 +1,95 @@
+"""Opening a storage URL: checks that fail with one clear line, SQLite's write lock, redaction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from autotune.errors import UserError
+
+#: How long a SQLite writer waits for another worker's lock before giving up (seconds).
+SQLITE_BUSY_TIMEOUT_S = 120
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def parse_url(url: str) -> URL:
+    """The SQLAlchemy URL (UserError when it is not one); plain postgresql means psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise UserError(f"--storage {redact(url)!r} is not a database URL "
+                        "(e.g. sqlite:///autotune.db or postgresql+psycopg://host/db)") from None
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def redact(url: str | URL) -> str:
+    """``url`` with any password replaced by ``***`` (safe for output, logs and the database)."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except (ArgumentError, ValueError):
+        return "<unparseable URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file behind a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    if url.query.get("uri") == "true" and url.database.startswith("file:"):
+        return Path(url.database.removeprefix("file:"))  # sqlite's URI form: file:PATH?mode=ro
+    return Path(url.database)
+
+
+def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
+    """UserError when the file is missing (if required), unwritable or not a SQLite database."""
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"database path {str(path)!r} is a directory")
+        with path.open("rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+        if head and head != _SQLITE_MAGIC:
+            raise UserError(f"{str(path)!r} is not a SQLite database (corrupt or another file type)")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"database file {str(path)!r} is read-only")
+        return
+    if must_exist:
+        raise UserError(f"no database at {str(path)!r} (run `autotune search` first, or pass "
+                        "--storage)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot create database {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot create database {str(path)!r}: folder {str(parent)!r} is read-only")
+
+
+def engine_kwargs(url: URL) -> dict:
+    """Arguments for ``create_engine`` (and Optuna's RDBStorage) for this kind of database."""
+    if url.drivername.startswith("sqlite"):
+        # Autocommit at the driver level so that the ``begin`` hook below decides how each
+        # transaction starts (pysqlite would otherwise defer BEGIN until the first write).
+        return {"connect_args": {"isolation_level": None, "timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {"pool_pre_ping": True}
+
+
+def install_sqlite_write_lock(engine: Engine) -> None:
+    """Take SQLite's write lock at the start of every transaction (``BEGIN IMMEDIATE``).
+
+    Without it two workers can both read an enqueued trial as WAITING and both run it
+    (shared/docs/optuna-notes.md); with it the second waits for the first to commit.
+    """
+    if not engine.url.drivername.startswith("sqlite"):
+        return
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # pragma: no cover - exercised through every SQLite transaction
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+__all__ = ["check_sqlite_file", "engine_kwargs", "install_sqlite_write_lock", "parse_url",
+           "redact", "sqlite_path"]

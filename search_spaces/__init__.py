@@ -1,0 +1,1 @@
+"""Search spaces shipped with autotune (YAML files; ``default.yaml`` is the default)."""

@@ -1,0 +1,97 @@
+"""``probe`` measures this machine for real (CPU + gloo here), and profiles steer the model."""
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from autotune.cli import app
+from autotune.config import EngineConfig
+from autotune.perfmodel import PerfModel, load_calibration
+from autotune.probe import CommResult, HardwareProfile, MatmulResult
+from autotune.profile import Profile
+from autotune.specs import load_gpu, load_model
+
+torch = pytest.importorskip("torch")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cpu_profile():
+    from autotune.probe import probe
+
+    return probe("here", quick=True)
+
+
+def test_probe_measures_matmul_memory_and_collectives_on_the_cpu(cpu_profile):
+    hw = cpu_profile
+    assert hw.device == "cpu" and hw.backend == "gloo" and hw.memory_gib > 0
+    assert {m.dtype for m in hw.matmul} >= {"fp32"}
+    assert all(m.tflops > 0 for m in hw.matmul)
+    assert hw.memory_tb_s > 0
+    ops = {(c.op, c.bytes) for c in hw.comms}
+    sizes = {c.bytes for c in hw.comms}
+    assert len(sizes) >= 2 and all(("all_reduce", b) in ops and ("p2p", b) in ops for b in sizes)
+    assert all(c.latency_us > 0 and c.bus_gb_s > 0 for c in hw.comms)
+    # Bigger messages move more bytes per second (latency is amortised).
+    ar = sorted((c for c in hw.comms if c.op == "all_reduce"), key=lambda c: c.bytes)
+    assert ar[-1].bus_gb_s > ar[0].bus_gb_s
+    assert HardwareProfile.from_dict(json.loads(json.dumps(hw.to_dict()))) == hw
+
+
+def synthetic(mem_tb_s=3.0, bf16=800.0, fp8=1500.0, bus=400.0, lat=12.0) -> HardwareProfile:
+    return HardwareProfile(
+        name="node7", device="cuda", device_name="NVIDIA H100 80GB HBM3", device_count=8,
+        memory_gib=79.1, host="n7", torch_version="x", backend="nccl",
+        matmul=(MatmulResult("bf16", 8192, bf16), MatmulResult("fp8", 8192, fp8)),
+        memory_tb_s=mem_tb_s,
+        comms=(CommResult("all_reduce", 1024, lat, 0.1), CommResult("all_reduce", 2**27, 900, bus)))
+
+
+def test_a_profile_makes_the_model_achieve_the_measured_rates():
+    gpu = load_gpu("h100")
+    prof = Profile(name="node7", gpu="h100", hardware=synthetic())
+    spec, cal = prof.apply(gpu, "fp8")
+    base = load_calibration("h100", "fp8")
+    assert spec.mem_bw_tb_s * base.mem_eff == pytest.approx(3.0)
+    assert spec.tflops["fp8"] * base.gemm_eff == pytest.approx(1500.0)
+    assert spec.nvlink_gb_s * base.ar_bw_eff == pytest.approx(400.0)
+    assert cal.ar_latency_us == 12.0 and spec.memory_gib == 79.1
+    assert Profile.from_dict(prof.to_dict()) == prof
+
+
+def test_a_slower_node_profile_predicts_slower_decoding():
+    model, gpu = load_model("llama-3.1-70b"), load_gpu("h100")
+    cfg = EngineConfig(tp=4, precision="fp8")
+    fast = Profile(name="f", hardware=synthetic(mem_tb_s=3.0)).apply(gpu, "fp8")
+    slow = Profile(name="s", hardware=synthetic(mem_tb_s=1.5)).apply(gpu, "fp8")
+    t_fast = PerfModel(model, fast[0], cfg, fast[1]).iteration_time(8, 8, 8 * 1024, False)
+    t_slow = PerfModel(model, slow[0], cfg, slow[1]).iteration_time(8, 8, 8 * 1024, False)
+    assert t_slow > 1.3 * t_fast
+
+
+def test_probe_command_stores_a_profile_that_estimate_and_search_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["probe", "--name", "cpu", "--quick", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["hardware"]["device"] == "cpu"
+    est = ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100", "--isl", "128", "--osl", "16",
+           "--json"]
+    plain = json.loads(runner.invoke(app, est).stdout)
+    profiled = runner.invoke(app, [*est, "--profile", "cpu"])
+    assert profiled.exit_code == 0, profiled.stderr
+    # A CPU is orders of magnitude slower than an H100's datasheet.
+    assert json.loads(profiled.stdout)["latency_ms"]["tpot"]["mean"] > \
+        10 * plain["latency_ms"]["tpot"]["mean"]
+    missing = runner.invoke(app, [*est, "--profile", "gpu-node"])
+    assert missing.exit_code == 2 and "profiles here: cpu" in missing.stderr
+
+
+def test_probe_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch → ImportError
+    r = runner.invoke(app, ["probe", "--name", "x"])
+    assert r.exit_code == 2 and "autotune[probe]" in r.stderr
+    assert not (tmp_path / "autotune.db").exists()

@@ -1,0 +1,149 @@
+"""The study round trip through a real SQLite file: propose, measure, record, reopen, recommend."""
+
+import optuna
+import pytest
+
+from autotune.errors import Crashed, ScenarioMismatch, UserError
+from autotune.recommend import Results
+from autotune.runners.sim import SimRunner
+from autotune.scenario import Scenario
+from autotune.space import SearchSpace
+from autotune.study import FITS, Tuner, open_storage
+
+SPACE = {"tp": [1, 2, 4, 8], "pp": [1, 2], "max_batch_size": [32, 256],
+         "max_num_tokens": [4096, 8192], "kv_fraction": [0.9], "chunked_prefill": [True],
+         "concurrency": [1, 8, 64, "max"]}
+
+
+@pytest.fixture
+def scenario():
+    return Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
+                          isl=1024, osl=128, slo="tpot:p99<=40ms")
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def run(scenario, url, trials, runner=None, name="s", seed=0):
+    db = open_storage(url)
+    tuner = Tuner(scenario, SearchSpace.from_dict(SPACE), runner or SimRunner(scenario), db,
+                  name, seed=seed)
+    tuner.open()
+    tuner.optimize(trials)
+    return tuner, db
+
+
+def test_round_trip_records_every_trial_and_best_is_the_max_feasible(scenario, url):
+    tuner, _ = run(scenario, url, 12)
+    db = open_storage(url, create=False)  # a fresh connection, as `autotune best` makes
+    results = Results(db.store, "s")
+    rows = db.store.measurements("s")
+    assert len(rows) == 12 == len(tuner.study.trials)
+    assert {r.trial_number for r in rows} == set(range(12))
+    measured = [r for r in rows if r.status == "ok"]
+    assert measured and all(r.load_points for r in measured)
+    (best,) = results.best(1)
+    feasible = [r.objective for r in measured if r.feasible]
+    assert best.point.output_throughput_per_gpu == pytest.approx(max(feasible))
+    assert all(t.met for t in best.terms)
+    # The Optuna side agrees: same best value, constraints on every trial, a feasible attr.
+    assert tuner.study.best_value == pytest.approx(max(feasible))
+    for t in tuner.study.trials:
+        assert set(t.constraints) == {FITS, "tpot:p99"}
+        assert t.user_attrs["feasible"] == all(v <= 0 for v in t.constraints.values())
+
+
+def test_operating_point_is_the_highest_throughput_load_meeting_the_slo(scenario, url):
+    run(scenario, url, 8)
+    db = open_storage(url, create=False)
+    for m in db.store.measurements("s", ("ok",)):
+        meeting = [p for p in m.load_points if scenario.slo.met(p)]
+        if m.feasible:
+            assert m.operating_point == max(meeting, key=lambda p: p.output_throughput_per_gpu)
+        else:
+            assert not meeting
+        # The ladder stops at the first load that misses the SLO.
+        misses = [p for p in m.load_points if not scenario.slo.met(p)]
+        assert len(misses) <= 1 and (not misses or misses[0] is m.load_points[-1])
+
+
+def test_second_search_continues_the_study_up_to_its_total(scenario, url):
+    run(scenario, url, 6)
+    tuner, db = run(scenario, url, 10)
+    assert len(tuner.study.trials) == 10
+    assert len(db.store.measurements("s")) == 10
+
+
+def test_same_config_is_reused_not_measured_again(scenario, url):
+    calls = []
+
+    class Counting(SimRunner):
+        def measure(self, config, workload, loads):
+            calls.append(config)
+            return super().measure(config, workload, loads)
+
+    run(scenario, url, 40, runner=Counting(scenario))
+    db = open_storage(url, create=False)
+    rows = db.store.measurements("s")
+    reused = [r for r in rows if r.status == "reused"]
+    assert reused, "40 trials over a 32-config space must repeat a config"
+    by_id = {r.id: r for r in rows}
+    for r in reused:
+        assert by_id[r.reused_from].key == r.key and not r.load_points
+    measured_keys = [r.key for r in rows if r.status in ("ok", "infeasible")]
+    assert len(measured_keys) == len(set(measured_keys))
+    assert len({c for c in calls}) == len([r for r in rows if r.status == "ok"])
+
+
+def test_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(scenario, url):
+    class BrokenPP2(SimRunner):
+        def measure(self, config, workload, loads):
+            if config.pp == 2:
+                raise Crashed("worker 3 died: NCCL error", log_tail="NCCL WARN timeout")
+            return super().measure(config, workload, loads)
+
+    tuner, db = run(scenario, url, 20, runner=BrokenPP2(scenario))
+    rows = db.store.measurements("s")
+    failed = [r for r in rows if r.status == "failed"]
+    assert failed and all(r.config.pp == 2 for r in failed)
+    assert all(r.failure_class == "crashed" and "NCCL" in r.message and r.log_tail
+               for r in failed)
+    states = {t.number: t.state for t in tuner.study.trials}
+    assert all(states[r.trial_number] == optuna.trial.TrialState.FAIL for r in failed)
+    assert any(r.status == "ok" for r in rows)
+    assert tuner.finished() == 20
+
+
+def test_config_that_cannot_fit_is_infeasible_without_running(url):
+    scen = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="bf16",
+                          isl=1024, osl=128, slo=None)
+
+    class MustNotRun(SimRunner):
+        def measure(self, config, workload, loads):
+            assert config.tp * config.pp > 1, "tp1-pp1 cannot hold 141 GB; never run it"
+            return super().measure(config, workload, loads)
+
+    space = SearchSpace.from_dict(SPACE | {"tp": [1, 2], "pp": [1]})
+    db = open_storage(url)
+    tuner = Tuner(scen, space, MustNotRun(scen), db, "bf16", seed=0)
+    assert [lay.label for lay in tuner.layouts] == ["tp2-pp1-dp4"]  # tp1 dropped up front
+
+
+def test_joining_with_another_scenario_is_refused_by_name(scenario, url):
+    run(scenario, url, 2)
+    other = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
+                           isl=2048, osl=128, slo="tpot:p99<=40ms")
+    db = open_storage(url)
+    tuner = Tuner(other, SearchSpace.from_dict(SPACE), SimRunner(other), db, "s")
+    with pytest.raises(ScenarioMismatch, match="workload"):
+        tuner.open()
+    assert len(db.store.measurements("s")) == 2
+
+
+def test_unknown_study_names_the_ones_that_exist(scenario, url):
+    run(scenario, url, 1)
+    db = open_storage(url, create=False)
+    with pytest.raises(UserError, match="studies here: s"):
+        Results(db.store, "nope")

@@ -1,0 +1,144 @@
+"""Many workers on one study, with real processes and real databases (SQLite and PostgreSQL):
+nothing lost, nothing run twice, nothing left RUNNING, Ctrl-C and kill -9 survived."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+from sqlalchemy import create_engine, text
+
+from conftest import autotune_cmd, run_cli, subprocess_env
+
+SPACE = """tp: [1, 2, 4, 8]
+pp: [1, 2]
+max_batch_size: [64, 256]
+max_num_tokens: [4096, 8192]
+kv_fraction: [0.9]
+chunked_prefill: [true, false]
+concurrency: [1, 16, max]
+"""
+SCENARIO = ["--model", "llama-3.1-8b", "--gpu", "h100", "--num-gpus", "8", "--isl", "512",
+            "--osl", "64", "--slo", "tpot:p99<=20ms"]
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return str(path)
+
+
+def study_state(url: str, name: str):
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials(deepcopy=False)
+    engine = create_engine(url)
+    with engine.connect() as c:
+        rows = c.execute(text("select trial_number, status, key from autotune_measurements "
+                              "where study_name = :n"), {"n": name}).all()
+        slots = c.execute(text("select done, released from autotune_slots where study_name = :n"),
+                          {"n": name}).all()
+    engine.dispose()
+    return trials, rows, slots
+
+
+def assert_consistent(url, name, total):
+    trials, rows, slots = study_state(url, name)
+    states = [t.state for t in trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.WAITING not in states
+    counted = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+               or t.user_attrs.get("failure_class") not in (None, "interrupted")]
+    assert len(counted) == total
+    assert sum(1 for d, _ in slots if d) == total
+    # One measurement row per Optuna trial, and each trial number once.
+    assert sorted(r.trial_number for r in rows) == sorted(t.number for t in trials)
+    # No configuration was measured twice (later proposals of it were reused).
+    measured = [r.key for r in rows if r.status in ("ok", "infeasible")]
+    assert len(measured) == len(set(measured))
+    return trials, rows
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_four_workers_run_exactly_the_total(backend, tmp_path, space, request):
+    url = (f"sqlite:///{tmp_path / 'w.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    r = run_cli("search", *SCENARIO, "--space", space, "--storage", url, "--study", "w",
+                "--trials", 200, "--workers", 4, "--seed", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["trials"] == 200 and sum(summary["statuses"].values()) == 200
+    assert "error" not in r.stderr.lower()
+    trials, rows = assert_consistent(url, "w", 200)
+    assert len(trials) == 200  # nothing was lost or re-run: exactly 200 Optuna trials
+    assert {r.status for r in rows} <= {"ok", "reused", "infeasible"}
+    # The four workers really did share the work.
+    hosts = {t.user_attrs.get("measurement_id") for t in trials}
+    assert len(hosts) == 200
+
+
+def _wait_for_running(url, name, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+            if study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) and \
+                    len(study.trials) >= 2:
+                return
+        except KeyError:
+            pass  # the study is not created yet
+        time.sleep(0.2)
+    raise AssertionError("no trial started")
+
+
+def test_a_killed_worker_trial_is_failed_requeued_and_rerun(tmp_path, space):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    args = ["search", *SCENARIO, "--space", space, "--storage", url, "--study", "k",
+            "--trials", 6, "--runner", "plugins.slow_sim:SlowSim", "--heartbeat", 1,
+            "--grace", 3, "--json"]
+    env = subprocess_env(AUTOTUNE_TEST_RUN_S=1.0)
+    victim = subprocess.Popen(autotune_cmd(*args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    _wait_for_running(url, "k", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (killed,) = optuna.load_study(study_name="k", storage=url).get_trials(
+        states=(optuna.trial.TrialState.RUNNING,))
+
+    r = run_cli(*args, AUTOTUNE_TEST_RUN_S=0.2)
+    assert r.returncode == 0, r.stderr
+    trials, rows = assert_consistent(url, "k", 6)
+    lost = [t for t in trials if t.number == killed.number]
+    assert lost[0].state == optuna.trial.TrialState.FAIL
+    assert {r.status for r in rows if r.trial_number == killed.number} == {"lost"}
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupt_records_the_trial_exits_130_and_resumes(tmp_path, space, sig, workers):
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    args = ["search", *SCENARIO, "--space", space, "--storage", url, "--study", "i",
+            "--trials", 5, "--runner", "plugins.slow_sim:SlowSim", "--workers", workers]
+    proc = subprocess.Popen(autotune_cmd(*args), env=subprocess_env(AUTOTUNE_TEST_RUN_S=2.0),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_running(url, "i", proc)
+    # Ctrl-C in a terminal signals the whole foreground process group.
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resume" in err and "Traceback" not in err
+    trials, rows, _ = study_state(url, "i")
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials]
+    assert "interrupted" in {r.status for r in rows}
+
+    r = run_cli(*args, AUTOTUNE_TEST_RUN_S=0.05)
+    assert r.returncode == 0, r.stderr
+    assert_consistent(url, "i", 5)
