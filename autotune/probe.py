@@ -98,8 +98,12 @@ class HardwareProfile:
 
 
 def _median_time(fn: Callable[[], None], sync: Callable[[], None], repeats: int,
-                 min_seconds: float = 0.05) -> float:
-    """Median seconds of ``fn`` after a warm-up, repeating each sample until it is measurable."""
+                 min_seconds: float = 0.05, agree: Callable[[int], int] | None = None) -> float:
+    """Median seconds of ``fn`` after a warm-up, repeating each sample until it is measurable.
+
+    ``agree`` turns this process's choice of calls per sample into the one every process of a
+    collective uses: ranks that called a collective a different number of times would hang.
+    """
     fn()
     sync()
     inner = 1
@@ -108,7 +112,10 @@ def _median_time(fn: Callable[[], None], sync: Callable[[], None], repeats: int,
         for _ in range(inner):
             fn()
         sync()
-        if time.perf_counter() - t0 >= min_seconds / repeats or inner >= 1024:
+        enough = time.perf_counter() - t0 >= min_seconds / repeats or inner >= 1024
+        if agree is not None:
+            enough = bool(agree(int(enough)) == 1)  # all ranks must agree to stop
+        if enough:
             break
         inner *= 2
     samples = []
@@ -173,11 +180,20 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence
     if device == "cuda":
         torch.cuda.set_device(rank)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def all_agree(value: int) -> int:
+        """The minimum of ``value`` over the ranks (1 only when every rank says 1)."""
+        flag.fill_(value)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
+
     rows = []
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
         dist.barrier()
-        t = _median_time(lambda: dist.all_reduce(buf), sync, repeats, min_seconds=0.02)
+        t = _median_time(lambda: dist.all_reduce(buf), sync, repeats, min_seconds=0.02,
+                         agree=all_agree)
         rows.append(("all_reduce", nbytes, t, nbytes / t * 2 * (world - 1) / world / 1e9))
         if world >= 2:
             def ping(buf=buf):
@@ -188,7 +204,7 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence
                     dist.recv(buf, 0)
                     dist.send(buf, 0)
             dist.barrier()
-            t = _median_time(ping, sync, repeats, min_seconds=0.02) / 2  # one way
+            t = _median_time(ping, sync, repeats, min_seconds=0.02, agree=all_agree) / 2  # one way
             rows.append(("p2p", nbytes, t, nbytes / t / 1e9))
     if rank == 0:
         results.put(rows)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import threading
 import time
 import warnings
-import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -152,6 +153,42 @@ class Heartbeat:
         self._thread.join()
 
 
+class StopRequest:
+    """A stop asked for by Ctrl-C or SIGTERM, delivered only where it leaves things consistent.
+
+    The signal handler calls ``request()``. It stops the runner's run in progress at once; inside
+    an interruptible stretch (a measurement, a wait) it raises KeyboardInterrupt right there, and
+    the trial is recorded as interrupted. Anywhere else (asking Optuna for a trial, recording a
+    result) the stop waits for the next ``check()``, so no trial is ever left half-recorded.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._depth = 0
+
+    def request(self, runner: Runner | None = None) -> None:
+        if self.requested:
+            return  # the terminal and the parent process may both deliver the same Ctrl-C
+        self.requested = True
+        if runner is not None:
+            runner.interrupt()
+        if self._depth:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+
 # ---- operating point ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
@@ -251,6 +288,7 @@ class Tuner:
         self.store: Store = storage.store
         self._versions = versions()
         self._host = socket.gethostname()
+        self.stop = StopRequest()
 
     # -- set-up
     def open(self) -> optuna.Study:
@@ -297,12 +335,14 @@ class Tuner:
         worker = f"{self._host}:{os.getpid()}"
         storage = self.storage
         while deadline is None or time.monotonic() < deadline:
+            self.stop.check()
             optuna.storages.fail_stale_trials(self.study)
             slot = self.store.claim_slot(self.study_name, n_trials, worker, storage.grace_s)
             if slot is None:
                 if self.store.slot_counts(self.study_name)[1] == 0:
                     return
-                time.sleep(min(storage.heartbeat_s, 1.0))
+                with self.stop.interruptible():
+                    time.sleep(min(storage.heartbeat_s, 1.0))
                 continue
             trial = self.study.ask()
             self.store.bind_slot(slot, trial._trial_id)
@@ -318,10 +358,12 @@ class Tuner:
                         self.study.tell(trial, value)
                 counted = True
             except BaseException:
-                # Interrupted (Ctrl-C, SIGTERM) or broken: the trial ends FAIL and its place is
-                # given back so a resumed search runs it again.
+                # Interrupted (Ctrl-C, SIGTERM) or broken: the trial ends FAIL, its place is
+                # given back and its configuration queued, so a resumed search runs it again.
                 try:
                     self.study.tell(trial, state=TrialState.FAIL)
+                    if trial.params:
+                        self.study.enqueue_trial(trial.params)
                 except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
                     pass
                 raise
@@ -348,8 +390,9 @@ class Tuner:
                 return self._finish(trial, config, key, outcome, started, reused_from=earlier.id)
             try:
                 static_check(self.scenario, config)
-                points, capacity = measure_ladder(self.runner, config, self.scenario.workload,
-                                                  self.space.concurrency, self.scenario.slo)
+                with self.stop.interruptible():
+                    points, capacity = measure_ladder(self.runner, config, self.scenario.workload,
+                                                      self.space.concurrency, self.scenario.slo)
                 outcome = outcome_of(points, self.scenario.slo, capacity)
             except TrialFailure as failure:
                 outcome = failed_outcome(failure, self.scenario.slo)
@@ -358,7 +401,8 @@ class Tuner:
                 self.store.release_key(self.study_name, key, trial._trial_id)
             return self._finish(trial, config, key, outcome, started)
         except KeyboardInterrupt:
-            # Wherever the signal landed, the trial is recorded once, as interrupted.
+            # Raised only inside an interruptible stretch (see StopRequest), before anything of
+            # this trial was recorded: record it once, as interrupted.
             self.runner.interrupt()
             self.store.release_key(self.study_name, key, trial._trial_id)
             if "measurement_id" not in trial.user_attrs:
@@ -380,7 +424,8 @@ class Tuner:
             if self.store.claim_key(self.study_name, key, trial._trial_id):
                 return None
             optuna.storages.fail_stale_trials(self.study)
-            time.sleep(0.2)
+            with self.stop.interruptible():
+                time.sleep(0.2)
 
     # -- recording
     def _outcome_from(self, stored: StoredMeasurement) -> Outcome:
@@ -443,6 +488,6 @@ def trial_counts(measurements: Sequence[StoredMeasurement]) -> dict[str, int]:
 
 
 __all__ = [
-    "FITS", "Outcome", "Storage", "TrialReport", "Tuner", "measure_ladder", "open_storage",
+    "FITS", "Outcome", "StopRequest", "Storage", "TrialReport", "Tuner", "measure_ladder", "open_storage",
     "operating_point", "static_check", "trial_counts", "versions",
 ]

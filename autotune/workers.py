@@ -89,18 +89,15 @@ class SearchJob:
 
 
 @contextmanager
-def _signals_interrupt(runner) -> Iterator[None]:
-    """While inside: SIGINT and SIGTERM stop the runner's process group and unwind as
-    KeyboardInterrupt, once (a second signal must not cut the recording of the first short)."""
+def _signals_interrupt(tuner) -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM stop the tuner (its runner's process group at once, the
+    search where that leaves the study consistent; see ``StopRequest``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        runner.interrupt()
-        raise KeyboardInterrupt
+        tuner.stop.request(tuner.runner)
 
     old = signal.signal(signal.SIGINT, handler), signal.signal(signal.SIGTERM, handler)
     try:
@@ -113,7 +110,7 @@ def _signals_interrupt(runner) -> Iterator[None]:
 def run_here(job: SearchJob, tuner=None, on_trial: Callable | None = None) -> None:
     """One worker in this process (raises KeyboardInterrupt when stopped by a signal)."""
     tuner = tuner or job.tuner()
-    with tuner.runner, _signals_interrupt(tuner.runner):
+    with tuner.runner, _signals_interrupt(tuner):
         tuner.optimize(job.trials, timeout=job.timeout, on_trial=on_trial)
 
 
