@@ -36,6 +36,7 @@ from autotune.scenario import Scenario
 from autotune.slo import SLO
 from autotune.space import Layout, SearchSpace
 from autotune.specs import Workload
+from autotune.strategy import make_sampler, sim_prior, startup_configs
 
 #: Constraint that says the configuration could run at all (memory, layout).
 FITS = "fits"
@@ -253,6 +254,53 @@ def measure_ladder(runner: Runner, config: EngineConfig, workload: Workload,
     return points, capacity
 
 
+def bisect_ladder(runner: Runner, config: EngineConfig, workload: Workload,
+                  ladder: Sequence[int], slo: SLO) -> tuple[list[LoadPoint], int | None]:
+    """Find the operating point with as few runs as possible (for runners whose every run is
+    costly): the same answer as ``measure_ladder`` when latency and throughput grow with load.
+
+    Without an SLO the top of the ladder is the answer (one run). With one: the lowest load
+    first (if it misses, nothing will meet the SLO), then the top, then bisection between the
+    highest load known to meet the SLO and the lowest known to miss it.
+    """
+    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
+    loads = finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
+    points: dict[int, LoadPoint] = {}
+    capacity: int | None = None
+
+    def run(index: int) -> bool:
+        nonlocal capacity, loads
+        m: Measurement = runner.measure(config, workload, [loads[index]])
+        points[loads[index]] = m.load_points[-1]
+        if capacity is None and m.max_requests_in_flight:
+            capacity = m.max_requests_in_flight
+            # Loads beyond what the KV cache holds at once behave like "max".
+            kept = [c for c in loads if c == MAX_CONCURRENCY or c <= capacity or c == loads[index]]
+            loads = kept
+        return slo.met(m.load_points[-1])
+
+    if not slo:
+        run(len(loads) - 1)
+        return list(points.values()), capacity
+    if not run(0):
+        return list(points.values()), capacity
+    good, bad = 0, len(loads)
+    if len(loads) > 1:
+        if run(len(loads) - 1):
+            good = len(loads) - 1
+        else:
+            bad = len(loads) - 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if run(mid):
+            good = mid
+        else:
+            bad = mid
+    ordered = sorted(points.values(), key=lambda p: (p.concurrency == MAX_CONCURRENCY,
+                                                      p.concurrency))
+    return ordered, capacity
+
+
 def static_check(scenario: Scenario, config: EngineConfig) -> None:
     """Reject, before any run, a config the memory model says cannot work (raises TrialFailure)."""
     from autotune.runners.sim import SimRunner  # the model decides what fits
@@ -278,13 +326,12 @@ class Tuner:
 
     def __init__(self, scenario: Scenario, space: SearchSpace, runner: Runner, storage: Storage,
                  study_name: str | None = None, *, seed: int | None = None,
-                 sampler: optuna.samplers.BaseSampler | None = None):
+                 sampler: optuna.samplers.BaseSampler | None = None, prior: str | None = None):
         self.scenario, self.space, self.runner, self.storage = scenario, space, runner, storage
         self.study_name = study_name or scenario.default_study_name()
         self.layouts: list[Layout] = space.layouts(scenario)  # UserError when none is valid
-        self.sampler = sampler or optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, constant_liar=True,
-            n_startup_trials=min(10, max(4, space.size(self.layouts) // 20)))
+        self.sampler = sampler or make_sampler(space, self.layouts, seed)
+        self.prior = prior  # "sim" or None (checked by SearchJob before anything is opened)
         self.store: Store = storage.store
         self._versions = versions()
         self._host = socket.gethostname()
@@ -293,8 +340,8 @@ class Tuner:
     # -- set-up
     def open(self) -> optuna.Study:
         """Create or join the study (refused when it exists with another scenario)."""
-        self.store.register_study(self.study_name, self.scenario.identity(), self.space_dict(),
-                                  self._versions)
+        created = self.store.register_study(self.study_name, self.scenario.identity(),
+                                            self.space_dict(), self._versions)
         try:
             study = optuna.create_study(study_name=self.study_name, storage=self.storage.optuna,
                                         sampler=self.sampler, direction="maximize",
@@ -304,7 +351,17 @@ class Tuner:
                             f"{self.storage.safe_url}: {exc}") from None
         study.set_user_attr("scenario", self.scenario.identity())
         self.study = study
+        if created:
+            # Only the worker that created the study plans its first trials (see strategy.py).
+            for config in self.first_configs():
+                study.enqueue_trial(SearchSpace.params_of(config))
         return study
+
+    def first_configs(self) -> list[EngineConfig]:
+        """The study's first trials: the model's prior, or one per layout."""
+        if self.prior == "sim":
+            return sim_prior(self.scenario, self.space, self.layouts)
+        return startup_configs(self.space, self.layouts, self.scenario.precision)
 
     def space_dict(self) -> dict:
         return {"source": self.space.source, "layouts": [lay.label for lay in self.layouts],
@@ -390,9 +447,12 @@ class Tuner:
                 return self._finish(trial, config, key, outcome, started, reused_from=earlier.id)
             try:
                 static_check(self.scenario, config)
+                # A costly runner bisects the load ladder; a cheap one walks up all of it, which
+                # keeps the whole load curve for the Pareto front and the report.
+                sweep = bisect_ladder if self.runner.expensive else measure_ladder
                 with self.stop.interruptible():
-                    points, capacity = measure_ladder(self.runner, config, self.scenario.workload,
-                                                      self.space.concurrency, self.scenario.slo)
+                    points, capacity = sweep(self.runner, config, self.scenario.workload,
+                                             self.space.concurrency, self.scenario.slo)
                 outcome = outcome_of(points, self.scenario.slo, capacity)
             except TrialFailure as failure:
                 outcome = failed_outcome(failure, self.scenario.slo)
@@ -488,6 +548,7 @@ def trial_counts(measurements: Sequence[StoredMeasurement]) -> dict[str, int]:
 
 
 __all__ = [
-    "FITS", "Outcome", "StopRequest", "Storage", "TrialReport", "Tuner", "measure_ladder", "open_storage",
+    "FITS", "Outcome", "StopRequest", "Storage", "TrialReport", "Tuner", "bisect_ladder",
+    "measure_ladder", "open_storage",
     "operating_point", "static_check", "trial_counts", "versions",
 ]

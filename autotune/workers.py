@@ -45,6 +45,7 @@ class SearchJob:
     heartbeat_s: int = 30
     grace_s: int = 120
     profile: str | None = None  # a profile stored in ``storage``
+    prior: str | None = None  # "sim": the built-in model picks the first trials
 
     def scenario(self):
         from autotune.scenario import Scenario
@@ -66,6 +67,8 @@ class SearchJob:
 
         if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
             raise UserError("--heartbeat must be >= 1 s and --grace longer than --heartbeat")
+        if self.prior not in (None, "sim"):
+            raise UserError(f"unknown --prior {self.prior!r}: use 'sim' (the built-in model)")
         scen = self.scenario()
         runner_cls = get_runner(self.runner)
         space = SearchSpace.load(self.space)
@@ -83,7 +86,7 @@ class SearchJob:
         # start-up points.
         seed = None if self.seed is None else self.seed + worker_index
         runner = runner_cls(scen, **self.runner_options)
-        tuner = Tuner(scen, space, runner, db, self.study, seed=seed)
+        tuner = Tuner(scen, space, runner, db, self.study, seed=seed, prior=self.prior)
         tuner.open()
         return tuner
 

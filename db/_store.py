@@ -105,8 +105,9 @@ class Store:
         return inspect(self.engine).has_table(StudyRow.__tablename__)
 
     # ---- studies --------------------------------------------------------------------------
-    def register_study(self, name: str, scenario: dict, space: dict, versions: dict) -> None:
-        """Record a new study's scenario, or check that an existing one has the same."""
+    def register_study(self, name: str, scenario: dict, space: dict, versions: dict) -> bool:
+        """Record a new study's scenario (True), or check that an existing one has the same
+        (False)."""
         for _ in range(2):  # a concurrent worker may insert it between our read and write
             with self._session() as s:
                 row = s.scalar(select(StudyRow).where(StudyRow.name == name))
@@ -116,13 +117,14 @@ class Store:
                         raise ScenarioMismatch(
                             f"study {name!r} exists with another scenario ({'; '.join(diffs)}); "
                             "pick another --study name")
-                    return
+                    return False
                 s.add(StudyRow(name=name, scenario=scenario, space=space, versions=versions))
                 try:
                     s.commit()
-                    return
+                    return True
                 except IntegrityError:
                     s.rollback()
+        return False
 
     def study(self, name: str) -> StudyRow | None:
         with self._session() as s:

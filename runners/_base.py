@@ -35,6 +35,9 @@ class Runner(ABC):
     """
 
     name: ClassVar[str]
+    #: True when every run costs real time (a real engine): the study then finds each trial's
+    #: operating point by bisecting the load ladder rather than walking up all of it.
+    expensive: ClassVar[bool] = True
     honours: ClassVar[frozenset[str]] = frozenset(
         {"tp", "pp", "dp", "max_batch_size", "max_num_tokens", "kv_fraction", "chunked_prefill"}
     )
@@ -45,6 +48,14 @@ class Runner(ABC):
     @abstractmethod
     def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]) -> Measurement:
         """Measure ``config`` at each load (see the class contract)."""
+
+    @classmethod
+    def check_options(cls, scenario: Scenario, **options) -> None:  # noqa: B027 - optional hook
+        """Validate runner options without side effects (raises UserError).
+
+        Meant to be called before the database is opened, so that a bad option writes nothing;
+        the constructor checks the same options again.
+        """
 
     def settings(self) -> dict:
         """Runner settings that change results (part of the key that deduplicates measurements)."""
@@ -64,7 +75,20 @@ class Runner(ABC):
 
 
 class EngineBuilder:
-    """Mixin for runners that build engines before measuring (checked with ``isinstance``)."""
+    """Mixin for runners that build engines before measuring (checked with ``isinstance``).
+
+    Built engines are cached on disk; with ``use_store`` they are also recorded in autotune's
+    database (``Store.engine_get`` / ``engine_put``) so that workers on other nodes sharing the
+    file system find them.
+    """
+
+    #: autotune's Store when the study shares its database with the runner (else disk only).
+    engine_store = None
 
     def engine_key(self, config: EngineConfig) -> str:
+        """Hash of the settings that change the built engine (equal keys: one build)."""
         raise NotImplementedError
+
+    def use_store(self, store) -> None:
+        """Record built engines in ``store`` (an ``autotune.db.Store``) too."""
+        self.engine_store = store

@@ -43,10 +43,15 @@ class SimRunner(Runner):
     """Measures a configuration by simulating it (milliseconds per configuration)."""
 
     name = "sim"
+    expensive = False  # milliseconds per load point: walk the whole ladder
 
-    def __init__(self, scenario: Scenario, calibration: Calibration | None = None):
+    def __init__(self, scenario: Scenario, calibration: Calibration | None = None,
+                 num_requests: int | None = None):
         super().__init__(scenario)
         self.calibration = calibration or scenario.calibration
+        #: Requests per replica and load point; None: a few waves of the load (``requests_for``).
+        #: Set it to reproduce a benchmark that ran a fixed data set (trtllm-bench --dataset).
+        self.num_requests = num_requests
 
     def settings(self) -> dict:
         cal = self.calibration.to_dict() if self.calibration else None
@@ -86,7 +91,7 @@ class SimRunner(Runner):
         points: list[LoadPoint] = []
         for load in loads:
             per_replica = load if load == MAX_CONCURRENCY else max(1, math.ceil(load / config.dp))
-            n = requests_for(per_replica, fit)
+            n = self.num_requests or requests_for(per_replica, fit)
             isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, limits,
                              concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)

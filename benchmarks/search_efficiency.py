@@ -1,0 +1,378 @@
+"""How many trials does autotune need? Its search against random search and a grid, on the sim.
+
+For each scenario (model x GPU x ISL/OSL mix x SLO) the sim runner is the ground truth: every
+configuration of the default space is measured once (the whole load ladder), which gives the true
+best feasible value and the share of the space within 1% of it. Then each search method is run
+over many seeds against that table, exactly as a study runs (the same space encoding, sampler,
+start-up plan, SLO constraints and operating-point rule; a repeated proposal counts as a trial,
+as the study counts a reused one), and the script prints the median and 90th percentile of the
+trials each needed to come within 1% of the optimum.
+
+Methods: ``autotune`` (the default: start-up plan + TPE, autotune/strategy.py), ``tpe`` (TPE
+alone, no start-up plan), ``random`` (uniform, with repeats), ``grid`` (every config once, in a
+seeded random order, like Optuna's GridSampler).
+
+Then the warm start (``--prior sim``): the "real" runner is the sim with secretly perturbed
+constants, the prior is the unperturbed sim; trials to 1% of the *real* optimum with and without
+the prior. And the operating-point search: model runs per trial for the ascending ladder with
+early stop vs the bisection the study uses for expensive runners.
+
+    python benchmarks/search_efficiency.py               # all 36 scenarios, 20 seeds
+    python benchmarks/search_efficiency.py --quick       # 4 scenarios, 8 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from autotune.config import EngineConfig
+from autotune.errors import TrialFailure
+from autotune.measurement import LoadPoint, Measurement
+from autotune.perfmodel import Calibration, load_calibration
+from autotune.runners import Runner
+from autotune.runners.sim import SimRunner
+from autotune.scenario import Scenario
+from autotune.space import SearchSpace
+from autotune.strategy import make_sampler, pick_prior, startup_configs, Scored
+from autotune.study import FITS, bisect_ladder, measure_ladder, operating_point
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / ".cache"
+
+MODELS = ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b")
+GPUS = ("h100", "h200")
+MIXES = ((1024, 128), (2048, 512))  # (ISL, OSL): prompt-heavy chat, longer generations
+#: SLO per tightness: TPOT bounds a user can see (tight: interactive; medium: chat), TTFT too.
+SLOS = {"tight": "tpot:p99<=15ms,ttft:p99<=1s", "medium": "tpot:p99<=40ms,ttft:p99<=3s",
+        "none": ""}
+WITHIN = 0.01
+
+
+# ---- ground truth -------------------------------------------------------------------------
+def _code_hash() -> str:
+    parts = [(ROOT / f).read_bytes() for f in ("autotune/perfmodel.py", "autotune/scheduler.py",
+                                               "runners/sim.py", "autotune/measurement.py")]
+    parts += sorted(p.read_bytes() for p in (ROOT / "autotune/data").rglob("*.yaml"))
+    return hashlib.sha256(b"".join(parts)).hexdigest()[:12]
+
+
+def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = None) -> dict:
+    """config label -> list of LoadPoint dicts over the whole ladder (or a failure string)."""
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
+                          slo=None)
+    space = SearchSpace.load()
+    cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
+    key = f"{model}-{gpu}-{isl}-{osl}-p{perturb}-{_code_hash()}"
+    path = CACHE / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sim = SimRunner(scen, calibration=cal)
+    ladder = list(space.concurrency)
+    table = {}
+    for config in space.configs(space.layouts(scen), scen.precision):
+        try:
+            _, _, fit = sim.capacity(config, scen.workload)
+            loads = [c for c in ladder if c < 0 or c <= fit * config.dp]
+            m = sim.measure(config, scen.workload, loads)
+            table[config.label()] = {"points": [p.to_dict() for p in m.load_points],
+                                     "fit": m.max_requests_in_flight}
+        except TrialFailure as exc:
+            table[config.label()] = {"failure": exc.failure_class}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table))
+    return table
+
+
+def perturbed(cal: Calibration, seed: int | None) -> Calibration:
+    """``cal`` with every constant scaled by a seeded factor in [0.7, 1.4] (the 'real' node)."""
+    if seed is None:
+        return cal
+    rng = np.random.default_rng(seed)
+    values = {k: v * float(np.exp(rng.uniform(math.log(0.7), math.log(1.4))))
+              for k, v in cal.to_dict().items()}
+    return Calibration.from_dict(values)
+
+
+class TableRunner(Runner):
+    """Answers from a truth table, counting the model runs (one per load) asked of it."""
+
+    name = "table"
+
+    def __init__(self, scenario: Scenario, table: dict):
+        super().__init__(scenario)
+        self.table, self.runs = table, 0
+
+    def measure(self, config, workload, loads):
+        entry = self.table[config.label()]
+        if "failure" in entry:
+            from autotune.errors import OutOfMemory
+            raise OutOfMemory(entry["failure"])
+        by_load = {p["concurrency"]: LoadPoint.from_dict(p) for p in entry["points"]}
+        self.runs += len(loads)
+        return Measurement(self.name, config, workload, tuple(by_load[c] for c in loads),
+                           max_requests_in_flight=entry["fit"])
+
+
+@dataclass(frozen=True)
+class Landscape:
+    """Every config's outcome under one SLO: objective, feasibility, constraint values."""
+
+    outcomes: dict  # label -> (objective, feasible, constraints)
+    optimum: float
+    share_within: float
+    runs_ladder: float  # mean model runs per measurable config: ascending ladder, early stop
+    runs_bisect: float  # same with bisection
+
+
+def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str) -> Landscape:
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
+                          slo=slo)
+    space = SearchSpace.load()
+    asc, bis = TableRunner(scen, table), TableRunner(scen, table)
+    outcomes, measured = {}, 0
+    for label, entry in table.items():
+        if "failure" in entry:
+            outcomes[label] = (0.0, False, {FITS: 1.0, **{b.name: 1.0 for b in scen.slo.bounds}})
+            continue
+        config = next(c for c in _configs(scen, space) if c.label() == label)
+        points, _ = measure_ladder(asc, config, scen.workload, space.concurrency, scen.slo)
+        bpoints, _ = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo)
+        point, feasible = operating_point(points, scen.slo)
+        bpoint, bfeasible = operating_point(bpoints, scen.slo)
+        assert bfeasible == feasible and (not feasible or bpoint.output_throughput_per_gpu
+                                          >= point.output_throughput_per_gpu * 0.999), label
+        outcomes[label] = (point.output_throughput_per_gpu, feasible,
+                           {FITS: 0.0, **scen.slo.violations(point)})
+        measured += 1
+    feasible = [o for o, f, _ in outcomes.values() if f]
+    optimum = max(feasible) if feasible else float("nan")
+    within = sum(1 for o, f, _ in outcomes.values() if f and o >= optimum * (1 - WITHIN))
+    return Landscape(outcomes, optimum, within / len(outcomes), asc.runs / max(1, measured),
+                     bis.runs / max(1, measured))
+
+
+_CONFIGS: dict = {}
+
+
+def _configs(scen: Scenario, space: SearchSpace) -> list[EngineConfig]:
+    key = (scen.model.name, scen.gpu.name)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = list(space.configs(space.layouts(scen), scen.precision))
+    return _CONFIGS[key]
+
+
+# ---- the searches -------------------------------------------------------------------------
+def trials_to_reach(values: list[float], target: float) -> int | None:
+    best = -math.inf
+    for i, v in enumerate(values, 1):
+        best = max(best, v)
+        if best >= target:
+            return i
+    return None
+
+
+def run_optuna(scen: Scenario, space: SearchSpace, land: Landscape, sampler, budget: int,
+               first: list[EngineConfig] = ()) -> int | None:
+    """Trials a study with ``sampler`` (and ``first`` enqueued) needs to reach 1%."""
+    layouts = space.layouts(scen)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for config in first:
+        study.enqueue_trial(SearchSpace.params_of(config))
+    target = land.optimum * (1 - WITHIN)
+    values: list[float] = []
+    for _ in range(budget):
+        trial = study.ask()
+        config = space.suggest(trial, layouts, scen.precision)
+        objective, feasible, constraints = land.outcomes[config.label()]
+        for name, v in constraints.items():
+            trial.set_constraint(name, v)
+        study.tell(trial, objective)
+        values.append(objective if feasible else -math.inf)
+        if values[-1] >= target:
+            return len(values)
+    return None
+
+
+def run_order(land: Landscape, order: list[str], budget: int) -> int | None:
+    target = land.optimum * (1 - WITHIN)
+    values = [land.outcomes[label][0] if land.outcomes[label][1] else -math.inf
+              for label in order[:budget]]
+    return trials_to_reach(values, target)
+
+
+def method_trials(method: str, scen: Scenario, land: Landscape, seed: int, budget: int,
+                  first: list[EngineConfig] | None = None) -> int | None:
+    space = SearchSpace.load()
+    layouts = space.layouts(scen)
+    if method == "autotune":
+        plan = first if first is not None else startup_configs(space, layouts, scen.precision)
+        return run_optuna(scen, space, land, make_sampler(space, layouts, seed), budget, plan)
+    if method == "tpe":
+        return run_optuna(scen, space, land, optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True), budget)
+    labels = [c.label() for c in _configs(scen, space)]
+    rng = np.random.default_rng(seed)
+    if method == "random":
+        order = [labels[i] for i in rng.integers(0, len(labels), budget)]
+    elif method == "grid":
+        order = [labels[i] for i in rng.permutation(len(labels))]
+    else:
+        raise ValueError(method)
+    return run_order(land, order, budget)
+
+
+def summarize(runs: list[int | None], budget: int) -> tuple[float, float, int]:
+    """Median and p90 of trials to 1% (a run that never got there counts as budget + 1)."""
+    xs = [r if r is not None else budget + 1 for r in runs]
+    return statistics.median(xs), float(np.percentile(xs, 90)), sum(r is None for r in runs)
+
+
+def scenario_job(args) -> dict:
+    model, gpu, isl, osl, tightness, seeds, budget, methods = args
+    table = truth_table(model, gpu, isl, osl)
+    slo = SLOS[tightness]
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
+                          slo=slo or None)
+    land = landscape(table, model, gpu, isl, osl, slo or None)
+    row = {"model": model, "gpu": gpu, "isl": isl, "osl": osl, "slo": tightness,
+           "configs": len(land.outcomes), "optimum": land.optimum, "share": land.share_within,
+           "runs_ladder": land.runs_ladder, "runs_bisect": land.runs_bisect}
+    if math.isnan(land.optimum):
+        return row
+    for method in methods:
+        got = [method_trials(method, scen, land, seed, budget) for seed in range(seeds)]
+        row[method] = summarize(got, budget)
+    return row
+
+
+def prior_job(args) -> dict:
+    """Real runner = perturbed sim; with and without the unperturbed sim's prior."""
+    model, gpu, isl, osl, tightness, seeds, budget, perturb = args
+    slo = SLOS[tightness] or None
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
+                          slo=slo)
+    space = SearchSpace.load()
+    real = landscape(truth_table(model, gpu, isl, osl, perturb), model, gpu, isl, osl, slo)
+    model_view = landscape(truth_table(model, gpu, isl, osl), model, gpu, isl, osl, slo)
+    configs = {c.label(): c for c in _configs(scen, space)}
+    scored = [Scored(configs[label], o if f or not scen.slo else o, f)
+              for label, (o, f, _) in model_view.outcomes.items()]
+    prior = pick_prior(scored)
+    without = [method_trials("autotune", scen, real, s, budget) for s in range(seeds)]
+    with_prior = [method_trials("autotune", scen, real, s, budget, first=prior)
+                  for s in range(seeds)]
+    # How good the prior's own pick is on the real node (its first trial alone).
+    first_real = max((real.outcomes[c.label()][0] for c in prior if real.outcomes[c.label()][1]),
+                     default=0.0)
+    return {"model": model, "gpu": gpu, "slo": tightness, "perturb": perturb,
+            "without": summarize(without, budget), "with": summarize(with_prior, budget),
+            "prior_best_share": first_real / real.optimum if real.optimum == real.optimum else 0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=200, help="trials per search run at most")
+    ap.add_argument("--quick", action="store_true", help="4 scenarios, 8 seeds")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--methods", default="autotune,tpe,random,grid")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    if args.quick:
+        args.seeds = min(args.seeds, 8)
+        combos = [("llama-3.1-70b", "h100", 1024, 128, "medium"),
+                  ("llama-3.1-405b", "h200", 2048, 512, "tight"),
+                  ("llama-3.1-8b", "h200", 1024, 128, "none"),
+                  ("llama-3.1-405b", "h100", 1024, 128, "none")]
+    else:
+        combos = [(m, g, i, o, t) for m in MODELS for g in GPUS for (i, o) in MIXES
+                  for t in SLOS]
+    started = time.perf_counter()
+    # Ground truth first, one table per (model, GPU, mix), in parallel.
+    tables = sorted({c[:4] for c in combos})
+    with ProcessPoolExecutor(args.jobs) as pool:
+        list(pool.map(_truth_star, tables))
+    print(f"ground truth: {len(tables)} tables in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(scenario_job, [(*c, args.seeds, args.budget, methods)
+                                            for c in combos]))
+    print(f"\nTrials to come within 1% of the best feasible value (median / p90 over "
+          f"{args.seeds} seeds; '>{args.budget}' = not within the budget)\n")
+    head = f"{'scenario':44} {'configs':>7} {'<=1%':>6} " + " ".join(
+        f"{m:>13}" for m in methods) + f" {'random/autotune':>15}"
+    print(head)
+    print("-" * len(head))
+    ratios, medians = [], []
+    for r in rows:
+        name = f"{r['model']} {r['gpu']} {r['isl']}/{r['osl']} {r['slo']}"
+        if math.isnan(r["optimum"]):
+            print(f"{name:44} {r['configs']:>7}   nothing feasible")
+            continue
+        cells = " ".join(f"{_fmt(r[m][0], args.budget):>6}/{_fmt(r[m][1], args.budget):<6}"
+                         for m in methods)
+        ratio = ""
+        if "autotune" in r and "random" in r:
+            q = r["random"][0] / r["autotune"][0]
+            ratios.append(q)
+            medians.append(r["autotune"][0])
+            ratio = f"{q:.1f}x"
+        print(f"{name:44} {r['configs']:>7} {r['share']:>6.1%} {cells} {ratio:>15}")
+    if medians:
+        print(f"\nautotune: worst scenario median {max(medians):g} trials (target <= 30); "
+              f"random needs {min(ratios):.1f}x–{max(ratios):.1f}x as many "
+              f"(median {statistics.median(ratios):.1f}x; target >= 3x)")
+    lad = [r["runs_ladder"] for r in rows if not math.isnan(r["optimum"])]
+    bis = [r["runs_bisect"] for r in rows if not math.isnan(r["optimum"])]
+    if lad:
+        print(f"model runs per trial (operating-point search): ascending ladder with early stop "
+              f"{statistics.mean(lad):.2f}, bisection {statistics.mean(bis):.2f}")
+
+    prior_rows = []
+    if not args.quick or True:
+        pcombos = [("llama-3.1-70b", "h100", 1024, 128, "medium", 11),
+                   ("llama-3.1-405b", "h200", 2048, 512, "tight", 12),
+                   ("llama-3.1-405b", "h200", 1024, 128, "none", 13),
+                   ("llama-3.1-8b", "h100", 2048, 512, "tight", 14)]
+        with ProcessPoolExecutor(args.jobs) as pool:
+            list(pool.map(_truth_star, {(m, g, i, o, p) for m, g, i, o, _, p in pcombos}))
+            prior_rows = list(pool.map(prior_job, [(m, g, i, o, t, args.seeds, args.budget, p)
+                                                   for m, g, i, o, t, p in pcombos]))
+        print("\nWarm start: 'real' node = sim with perturbed constants (x0.7–1.4 each); "
+              "trials to 1% of the real optimum")
+        print(f"{'scenario':40} {'no prior':>14} {'--prior sim':>14} {'prior pick':>10}")
+        for r in prior_rows:
+            name = f"{r['model']} {r['gpu']} {r['slo']} (perturbation {r['perturb']})"
+            print(f"{name:40} {_fmt(r['without'][0], args.budget):>6}/"
+                  f"{_fmt(r['without'][1], args.budget):<7} {_fmt(r['with'][0], args.budget):>6}/"
+                  f"{_fmt(r['with'][1], args.budget):<7} {r['prior_best_share']:>9.1%}")
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"scenarios": rows, "prior": prior_rows}, indent=1))
+    return 0
+
+
+def _truth_star(args):
+    return truth_table(*args)
+
+
+def _fmt(x: float, budget: int) -> str:
+    return f">{budget}" if x > budget else f"{x:g}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""How a study spends its trials: the start-up plan, the model's prior, the operating-point search."""
+
+import pytest
+
+from autotune.config import EngineConfig
+from autotune.measurement import MAX_CONCURRENCY
+from autotune.runners.sim import SimRunner
+from autotune.scenario import Scenario
+from autotune.space import SearchSpace
+from autotune.strategy import Scored, pick_prior, sim_prior, startup_configs
+from autotune.study import Tuner, bisect_ladder, measure_ladder, open_storage, operating_point
+
+SPACE = {"tp": [1, 2, 4, 8], "pp": [1, 2], "max_batch_size": [32, 256],
+         "max_num_tokens": [4096, 8192], "kv_fraction": [0.85, 0.9], "chunked_prefill": [True, False],
+         "concurrency": [1, 2, 4, 8, 16, 32, 64, 128, 256, "max"]}
+
+
+@pytest.fixture
+def scenario():
+    return Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
+                          isl=1024, osl=128, slo="tpot:p99<=40ms")
+
+
+class Counting(SimRunner):
+    """The sim, counting the load points asked of it."""
+
+    runs = 0
+
+    def measure(self, config, workload, loads):
+        self.runs += len(loads)
+        return super().measure(config, workload, loads)
+
+
+def test_startup_plan_is_one_strong_config_per_layout(scenario):
+    space = SearchSpace.from_dict(SPACE)
+    layouts = space.layouts(scenario)
+    plan = startup_configs(space, layouts, scenario.precision)
+    assert sorted((c.tp, c.pp, c.dp) for c in plan) == sorted((l.tp, l.pp, l.dp) for l in layouts)
+    assert all(c.max_batch_size == 256 and c.max_num_tokens == 8192 and c.kv_fraction == 0.9
+               and c.chunked_prefill for c in plan)
+    # Smallest replicas first.
+    sizes = [c.tp * c.pp for c in plan]
+    assert sizes == sorted(sizes)
+
+
+def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(scenario, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    space = SearchSpace.from_dict(SPACE)
+    tuner = Tuner(scenario, space, SimRunner(scenario), open_storage(url), "s", seed=0)
+    tuner.open()
+    plan = startup_configs(space, tuner.layouts, scenario.precision)
+    tuner.optimize(len(plan) + 2)
+    first = [EngineConfig.from_dict(t.user_attrs["config"]) for t in tuner.study.trials[:len(plan)]]
+    assert first == plan
+
+    again = Tuner(scenario, space, SimRunner(scenario), open_storage(url), "s", seed=1)
+    again.open()
+    assert not [t for t in again.study.trials if t.state.name == "WAITING"]
+
+
+def test_prior_spreads_over_layouts_best_first():
+    def cfg(tp, pp, b):
+        return EngineConfig(tp=tp, pp=pp, dp=8 // (tp * pp), max_batch_size=b)
+
+    scored = [Scored(cfg(8, 1, 64), 100.0, True), Scored(cfg(8, 1, 128), 99.0, True),
+              Scored(cfg(4, 2, 64), 90.0, True), Scored(cfg(2, 1, 64), 200.0, False),
+              Scored(cfg(1, 1, 64), float("-inf"), False)]
+    picked = pick_prior(scored, k=3)
+    # Feasible first, one per layout, then the next best of any layout.
+    assert picked == [cfg(8, 1, 64), cfg(4, 2, 64), cfg(2, 1, 64)]
+    assert pick_prior(scored, k=4)[-1] == cfg(8, 1, 128)
+
+
+def test_sim_prior_picks_configs_the_model_rates_best(scenario):
+    space = SearchSpace.from_dict({**SPACE, "max_batch_size": [256], "kv_fraction": [0.9],
+                                   "chunked_prefill": [True]})
+    layouts = space.layouts(scenario)
+    picked = sim_prior(scenario, space, layouts, k=3)
+    assert len({(c.tp, c.pp) for c in picked}) == 3
+    sim = SimRunner(scenario)
+
+    def value(c):
+        points, _ = measure_ladder(sim, c, scenario.workload, space.concurrency, scenario.slo)
+        point, ok = operating_point(points, scenario.slo)
+        return point.output_throughput_per_gpu if ok else 0.0
+
+    every = sorted((value(c) for c in space.configs(layouts, scenario.precision)), reverse=True)
+    assert value(picked[0]) == pytest.approx(every[0])
+
+
+@pytest.mark.parametrize("slo", ["tpot:p99<=40ms", "tpot:p99<=12ms", "tpot:p99<=1ms", None])
+def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
+    scen = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
+                          isl=1024, osl=128, slo=slo)
+    space = SearchSpace.from_dict(SPACE)
+    walked = bisected = 0
+    for config in [EngineConfig(tp=8, max_batch_size=256), EngineConfig(tp=2, pp=2, dp=2),
+                   EngineConfig(tp=4, dp=2, max_batch_size=32, chunked_prefill=False)]:
+        a, b = Counting(scen), Counting(scen)
+        pa, _ = measure_ladder(a, config, scen.workload, space.concurrency, scen.slo)
+        pb, _ = bisect_ladder(b, config, scen.workload, space.concurrency, scen.slo)
+        (oa, fa), (ob, fb) = operating_point(pa, scen.slo), operating_point(pb, scen.slo)
+        assert fa == fb
+        if fa:
+            assert ob.output_throughput_per_gpu == pytest.approx(oa.output_throughput_per_gpu, rel=0.02)
+        assert {p.concurrency for p in pb} <= set(space.concurrency)
+        walked, bisected = walked + a.runs, bisected + b.runs
+    assert bisected <= walked
+    if slo is None or slo.endswith("40ms"):
+        assert bisected < walked * 0.75  # loose SLOs are where walking up the ladder costs most
