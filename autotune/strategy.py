@@ -1,18 +1,24 @@
-"""How a study spends its trials: the sampler, the start-up plan and the model's prior.
+"""How a study spends its trials: a plan for the first ones, then TPE.
 
-Each real trial can cost an hour of eight GPUs, so the first trials are not left to chance:
+Each real trial can cost an hour of eight GPUs, so trials are not left to chance while the
+structure of the problem says where to look:
 
-- **Start-up plan.** The parallel layout decides most of a configuration's throughput and is the
-  one setting TPE cannot learn from neighbours (its choices are unordered). The study's first
-  trials are one per layout, each with the scheduler settings that are good almost everywhere
-  (the largest batch limit: the load ladder picks the load anyway; TensorRT-LLM's default token
-  budget and KV share; chunked prefill). TPE then refines batch, tokens and KV share around the
-  layouts that did well.
-- **Prior** (``--prior sim``). Before any real run, the built-in model scores the whole space in
-  seconds; its best distinct configurations, spread over different layouts, are the first real
-  trials instead of the start-up plan.
-- **Sampler.** Multivariate, grouped TPE with constant liar (workers sharing a study don't all
-  propose the same point) and with the SLO terms as constraints.
+1. **Layouts.** The parallel layout decides most of a configuration's throughput and is the one
+   setting TPE cannot learn from neighbours (its choices are unordered). The first trials are one
+   per layout, each with the scheduler settings that are good almost everywhere (the largest
+   batch limit: the load ladder picks the load anyway; TensorRT-LLM's default token budget and KV
+   share; chunked prefill). With ``--prior sim`` the built-in model's best configurations, spread
+   over layouts, take their place.
+2. **Hill climbing.** Then the best configuration so far (the incumbent) has its neighbours
+   tried: one step up and down each ordered setting (token budget, batch limit, KV share), the
+   other chunked-prefill choice, and its settings on the runner-up layouts. When a neighbour wins
+   it becomes the incumbent; when every neighbour is tried, the climb is over.
+3. **TPE** (multivariate, grouped, constant liar so that workers sharing a study don't all
+   propose the same point; SLO terms as constraints), which has learned from every trial so far.
+
+The plan is a pure function of the study's trials (and the first configurations stored with the
+study), so every worker sharing a study follows the same one; a configuration already proposed
+by any worker is never planned again.
 """
 
 from __future__ import annotations
@@ -31,14 +37,121 @@ from autotune.space import Layout, SearchSpace
 PRIOR_TRIALS = 6
 
 
+#: Study user attribute holding the first configurations' params (list of dicts).
+PLAN_ATTR = "autotune_plan"
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+class PlannedSampler(optuna.samplers.BaseSampler):
+    """Proposes the planned configurations (see the module's docstring), then defers to ``base``.
+
+    ``space`` and ``layouts`` give the neighbours of a configuration. The first configurations
+    are read from the study's ``PLAN_ATTR`` user attribute (written by whoever created it).
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, space: SearchSpace,
+                 layouts: Sequence[Layout]):
+        self.base, self.space = base, space
+        self.layout_labels = [lay.label for lay in layouts]
+        self._planned: dict[int, dict] = {}
+
+    # -- the plan
+    def next_params(self, study: optuna.Study) -> dict | None:
+        """The next planned params for ``study``, or None when the plan is done."""
+        trials = study.get_trials(deepcopy=False)
+        proposed = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
+        for params in study.user_attrs.get(PLAN_ATTR, []):
+            if _key(params) not in proposed:
+                return params
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            return None
+        incumbent = max(done, key=_rank)
+        for params in self.neighbours(incumbent.params, done):
+            if _key(params) not in proposed:
+                return params
+        return None
+
+    def neighbours(self, params: dict, done: Sequence[optuna.trial.FrozenTrial]) -> list[dict]:
+        """One step along each setting of ``params``, then its settings on runner-up layouts."""
+        out = []
+        for name, values in (("max_num_tokens", self.space.max_num_tokens),
+                             ("max_batch_size", self.space.max_batch_size),
+                             ("kv_fraction", self.space.kv_fraction),
+                             ("chunked_prefill", self.space.chunked_prefill)):
+            ordered = sorted(values)
+            if params.get(name) not in ordered:
+                continue
+            i = ordered.index(params[name])
+            for j in (i + 1, i - 1):
+                if 0 <= j < len(ordered):
+                    out.append({**params, name: ordered[j]})
+        # The best other layouts so far, with the incumbent's scheduler settings.
+        best_by_layout: dict[str, optuna.trial.FrozenTrial] = {}
+        for t in done:
+            lay = t.params.get("layout")
+            if lay != params.get("layout") and (lay not in best_by_layout
+                                                or _rank(t) > _rank(best_by_layout[lay])):
+                best_by_layout[lay] = t
+        runners_up = sorted(best_by_layout.values(), key=_rank, reverse=True)[:2]
+        out += [{**params, "layout": t.params["layout"]} for t in runners_up]
+        return out
+
+    # -- the sampler interface
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+        if not trial.system_attrs.get("fixed_params"):  # an enqueued trial has its own params
+            planned = self.next_params(study)
+            if planned is not None:
+                self._planned[trial.number] = planned
+
+    def infer_relative_search_space(self, study, trial):
+        if trial.number in self._planned:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        if trial.number in self._planned:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        planned = self._planned.get(trial.number)
+        if planned is not None and param_name in planned:
+            return planned[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._planned.pop(trial.number, None)
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def _rank(trial: optuna.trial.FrozenTrial) -> tuple:
+    """Order of merit: feasible first, then by value; infeasible by how far they miss."""
+    worst = max(trial.constraints.values(), default=0.0)
+    feasible = worst <= 0
+    return (feasible, trial.value if feasible else -worst)
+
+
 def make_sampler(space: SearchSpace, layouts: Sequence[Layout], seed: int | None = None
-                 ) -> optuna.samplers.BaseSampler:
+                 ) -> PlannedSampler:
     """The study's sampler (the same for every worker, each with its own seed)."""
-    startup = max(len(layouts), min(10, max(4, space.size(list(layouts)) // 20)))
-    return optuna.samplers.TPESampler(
+    tpe = optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, constant_liar=True,
-        n_startup_trials=startup,
+        n_startup_trials=min(10, max(4, space.size(list(layouts)) // 20)),
     )
+    return PlannedSampler(tpe, space, layouts)
+
+
+def plan_study(study: optuna.Study, configs: Sequence[EngineConfig]) -> None:
+    """Store the first configurations to try with the study (its creator does this once)."""
+    study.set_user_attr(PLAN_ATTR, [SearchSpace.params_of(c) for c in configs])
 
 
 def _nearest(choices: Iterable, target):
@@ -129,5 +242,5 @@ def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
     return pick_prior(scored, k)
 
 
-__all__ = ["PRIOR_TRIALS", "Scored", "make_sampler", "pick_prior", "score_space", "sim_prior",
-           "startup_configs"]
+__all__ = ["PLAN_ATTR", "PRIOR_TRIALS", "PlannedSampler", "Scored", "make_sampler", "pick_prior",
+           "plan_study", "score_space", "sim_prior", "startup_configs"]

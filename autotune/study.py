@@ -36,7 +36,7 @@ from autotune.scenario import Scenario
 from autotune.slo import SLO
 from autotune.space import Layout, SearchSpace
 from autotune.specs import Workload
-from autotune.strategy import make_sampler, sim_prior, startup_configs
+from autotune.strategy import make_sampler, plan_study, sim_prior, startup_configs
 
 #: Constraint that says the configuration could run at all (memory, layout).
 FITS = "fits"
@@ -353,8 +353,7 @@ class Tuner:
         self.study = study
         if created:
             # Only the worker that created the study plans its first trials (see strategy.py).
-            for config in self.first_configs():
-                study.enqueue_trial(SearchSpace.params_of(config))
+            plan_study(study, self.first_configs())
         return study
 
     def first_configs(self) -> list[EngineConfig]:

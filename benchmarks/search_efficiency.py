@@ -45,7 +45,7 @@ from autotune.runners import Runner
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
-from autotune.strategy import make_sampler, pick_prior, startup_configs, Scored
+from autotune.strategy import Scored, make_sampler, pick_prior, plan_study, startup_configs
 from autotune.study import FITS, bisect_ladder, measure_ladder, operating_point
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -55,9 +55,21 @@ CACHE = ROOT / "benchmarks" / ".cache"
 MODELS = ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b")
 GPUS = ("h100", "h200")
 MIXES = ((1024, 128), (2048, 512))  # (ISL, OSL): prompt-heavy chat, longer generations
-#: SLO per tightness: TPOT bounds a user can see (tight: interactive; medium: chat), TTFT too.
-SLOS = {"tight": "tpot:p99<=15ms,ttft:p99<=1s", "medium": "tpot:p99<=40ms,ttft:p99<=3s",
-        "none": ""}
+#: SLO tightness, as multiples of the scenario's floor (the lowest TPOT p99 any configuration
+#: reaches at concurrency 1): tight leaves little room above the fastest layout, medium is a
+#: chat-like budget. TTFT gets a bound of the same kind.
+SLOS = {"tight": 1.5, "medium": 4.0, "none": None}
+
+
+def slo_for(table: dict, tightness: str) -> str | None:
+    """The SLO string of ``tightness`` for the scenario whose truth ``table`` this is."""
+    factor = SLOS[tightness]
+    if factor is None:
+        return None
+    ones = [p for e in table.values() for p in e.get("points", []) if p["concurrency"] == 1]
+    tpot = min(p["latency_ms"]["tpot"]["p99"] for p in ones)
+    ttft = min(p["latency_ms"]["ttft"]["p99"] for p in ones)
+    return f"tpot:p99<={tpot * factor:.1f}ms,ttft:p99<={ttft * factor * 2:.0f}ms"
 WITHIN = 0.01
 
 
@@ -189,8 +201,8 @@ def run_optuna(scen: Scenario, space: SearchSpace, land: Landscape, sampler, bud
     """Trials a study with ``sampler`` (and ``first`` enqueued) needs to reach 1%."""
     layouts = space.layouts(scen)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    for config in first:
-        study.enqueue_trial(SearchSpace.params_of(config))
+    if first:
+        plan_study(study, first)
     target = land.optimum * (1 - WITHIN)
     values: list[float] = []
     for _ in range(budget):
@@ -243,11 +255,11 @@ def summarize(runs: list[int | None], budget: int) -> tuple[float, float, int]:
 def scenario_job(args) -> dict:
     model, gpu, isl, osl, tightness, seeds, budget, methods = args
     table = truth_table(model, gpu, isl, osl)
-    slo = SLOS[tightness]
+    slo = slo_for(table, tightness)
     scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
-                          slo=slo or None)
-    land = landscape(table, model, gpu, isl, osl, slo or None)
-    row = {"model": model, "gpu": gpu, "isl": isl, "osl": osl, "slo": tightness,
+                          slo=slo)
+    land = landscape(table, model, gpu, isl, osl, slo)
+    row = {"model": model, "gpu": gpu, "isl": isl, "osl": osl, "slo": tightness, "slo_text": slo,
            "configs": len(land.outcomes), "optimum": land.optimum, "share": land.share_within,
            "runs_ladder": land.runs_ladder, "runs_bisect": land.runs_bisect}
     if math.isnan(land.optimum):
@@ -261,7 +273,7 @@ def scenario_job(args) -> dict:
 def prior_job(args) -> dict:
     """Real runner = perturbed sim; with and without the unperturbed sim's prior."""
     model, gpu, isl, osl, tightness, seeds, budget, perturb = args
-    slo = SLOS[tightness] or None
+    slo = slo_for(truth_table(model, gpu, isl, osl, perturb), tightness)
     scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
                           slo=slo)
     space = SearchSpace.load()
@@ -317,9 +329,11 @@ def main() -> int:
         f"{m:>13}" for m in methods) + f" {'random/autotune':>15}"
     print(head)
     print("-" * len(head))
-    ratios, medians = [], []
+    ratios, medians, slos = [], [], []
     for r in rows:
         name = f"{r['model']} {r['gpu']} {r['isl']}/{r['osl']} {r['slo']}"
+        if r["slo_text"]:
+            slos.append(f"{name}: {r['slo_text']}")
         if math.isnan(r["optimum"]):
             print(f"{name:44} {r['configs']:>7}   nothing feasible")
             continue
@@ -336,6 +350,10 @@ def main() -> int:
         print(f"\nautotune: worst scenario median {max(medians):g} trials (target <= 30); "
               f"random needs {min(ratios):.1f}x–{max(ratios):.1f}x as many "
               f"(median {statistics.median(ratios):.1f}x; target >= 3x)")
+    print("\nSLOs (tight = 1.5x, medium = 4x the scenario's fastest TPOT p99 at concurrency 1; "
+          "TTFT bound twice that factor):")
+    for line in slos:
+        print("  " + line)
     lad = [r["runs_ladder"] for r in rows if not math.isnan(r["optimum"])]
     bis = [r["runs_bisect"] for r in rows if not math.isnan(r["optimum"])]
     if lad:
@@ -343,7 +361,7 @@ def main() -> int:
               f"{statistics.mean(lad):.2f}, bisection {statistics.mean(bis):.2f}")
 
     prior_rows = []
-    if not args.quick or True:
+    if True:
         pcombos = [("llama-3.1-70b", "h100", 1024, 128, "medium", 11),
                    ("llama-3.1-405b", "h200", 2048, 512, "tight", 12),
                    ("llama-3.1-405b", "h200", 1024, 128, "none", 13),

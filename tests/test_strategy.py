@@ -53,9 +53,34 @@ def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(sc
     first = [EngineConfig.from_dict(t.user_attrs["config"]) for t in tuner.study.trials[:len(plan)]]
     assert first == plan
 
+    # The plan was already run: a resumed search climbs from the best trial instead.
     again = Tuner(scenario, space, SimRunner(scenario), open_storage(url), "s", seed=1)
     again.open()
-    assert not [t for t in again.study.trials if t.state.name == "WAITING"]
+    planned = {tuple(sorted(SearchSpace.params_of(c).items())) for c in plan}
+    following = again.sampler.next_params(again.study)
+    assert following is not None and tuple(sorted(following.items())) not in planned
+    done = {tuple(sorted(t.params.items())) for t in again.study.trials}
+    assert tuple(sorted(following.items())) not in done
+
+
+def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(scenario, tmp_path):
+    space = SearchSpace.from_dict({**SPACE, "tp": [8], "pp": [1]})  # one layout: plan of one
+    tuner = Tuner(scenario, space, SimRunner(scenario), open_storage(f"sqlite:///{tmp_path / 'h.db'}"),
+                  "h", seed=0)
+    tuner.open()
+    tuner.optimize(1)
+    (first,) = tuner.study.trials
+    climb = tuner.sampler.neighbours(first.params, tuner.study.trials)
+    # One step along each ordered setting (from the middle of the lists: both ways) and the
+    # other chunked-prefill choice; no other layout exists.
+    assert {tuple(sorted(set(n.items()) - set(first.params.items()))) for n in climb} == {
+        (("max_num_tokens", 4096),), (("max_batch_size", 32),), (("kv_fraction", 0.85),),
+        (("chunked_prefill", False),)}
+    tuner.optimize(2)
+    assert tuner.study.trials[1].params == climb[0]
+    # The plan ends when the incumbent's neighbourhood is exhausted.
+    tuner.optimize(40)
+    assert tuner.sampler.next_params(tuner.study) is None
 
 
 def test_prior_spreads_over_layouts_best_first():
