@@ -233,9 +233,8 @@ def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
     sim = SimRunner(scenario)
 
     def evaluate(config: EngineConfig) -> tuple[float, bool]:
-        points, _ = measure_ladder(sim, config, scenario.workload, space.concurrency,
-                                   scenario.slo)
-        point, feasible = operating_point(points, scenario.slo)
+        swept = measure_ladder(sim, config, scenario.workload, space.concurrency, scenario.slo)
+        point, feasible = operating_point(swept.points, scenario.slo)
         return point.output_throughput_per_gpu, feasible
 
     scored = score_space(space.configs(list(layouts), scenario.precision), evaluate, progress)

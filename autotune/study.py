@@ -203,6 +203,7 @@ class Outcome:
     constraints: dict[str, float] = field(default_factory=dict)
     max_requests_in_flight: int | None = None
     failure: TrialFailure | None = None
+    raw: dict = field(default_factory=dict)  # runner records per load (reports, logs)
 
 
 def operating_point(points: Sequence[LoadPoint], slo: SLO) -> tuple[LoadPoint | None, bool]:
@@ -216,12 +217,13 @@ def operating_point(points: Sequence[LoadPoint], slo: SLO) -> tuple[LoadPoint | 
     return min(points, key=lambda p: max(slo.violations(p).values())), False
 
 
-def outcome_of(points: Sequence[LoadPoint], slo: SLO, max_in_flight: int | None) -> Outcome:
+def outcome_of(points: Sequence[LoadPoint], slo: SLO, max_in_flight: int | None,
+               raw: dict | None = None) -> Outcome:
     point, feasible = operating_point(points, slo)
     constraints = {FITS: 0.0, **slo.violations(point)}
     return Outcome(status="ok", load_points=tuple(points), point=point, feasible=feasible,
                    objective=point.output_throughput_per_gpu, constraints=constraints,
-                   max_requests_in_flight=max_in_flight)
+                   max_requests_in_flight=max_in_flight, raw=raw or {})
 
 
 def failed_outcome(failure: TrialFailure, slo: SLO) -> Outcome:
@@ -231,31 +233,65 @@ def failed_outcome(failure: TrialFailure, slo: SLO) -> Outcome:
                    failure=failure)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """The load points one trial measured (ascending load, "max" last), the requests that fit in
+    flight, and each run's runner-specific record (reports, logs) keyed by its load."""
+
+    points: tuple[LoadPoint, ...]
+    capacity: int | None
+    raw: dict[str, dict] = field(default_factory=dict)
+
+
+class _Runs:
+    """Runs one load at a time and keeps what a sweep returns."""
+
+    def __init__(self, runner: Runner, config: EngineConfig, workload: Workload):
+        self.runner, self.config, self.workload = runner, config, workload
+        self.points: dict[int, LoadPoint] = {}
+        self.raw: dict[str, dict] = {}
+        self.capacity: int | None = None
+
+    def run(self, load: int) -> LoadPoint:
+        m: Measurement = self.runner.measure(self.config, self.workload, [load])
+        point = m.load_points[-1]
+        self.points[load] = point
+        if m.raw:
+            self.raw[str(load)] = m.raw
+        self.capacity = self.capacity or m.max_requests_in_flight or None
+        return point
+
+    def sweep(self) -> Sweep:
+        ordered = sorted(self.points.values(),
+                         key=lambda p: (p.concurrency == MAX_CONCURRENCY, p.concurrency))
+        return Sweep(tuple(ordered), self.capacity, self.raw)
+
+
+def _ascending(ladder: Sequence[int]) -> list[int]:
+    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
+    return finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
+
+
 def measure_ladder(runner: Runner, config: EngineConfig, workload: Workload,
-                   ladder: Sequence[int], slo: SLO) -> tuple[list[LoadPoint], int | None]:
+                   ladder: Sequence[int], slo: SLO) -> Sweep:
     """Measure ``config`` up the load ladder (ascending, then "max"), one load per run.
 
     Stops at the first load that misses the SLO: latency only grows with load, so higher loads
     would miss it too. Loads above what the KV cache holds at once behave like "max" and are
-    skipped. Returns the points measured and the requests that fit in flight.
+    skipped.
     """
-    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
-    loads = finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
-    points: list[LoadPoint] = []
-    capacity: int | None = None
-    for load in loads:
-        if capacity and load != MAX_CONCURRENCY and load > capacity:
+    runs = _Runs(runner, config, workload)
+    for load in _ascending(ladder):
+        if runs.capacity and load != MAX_CONCURRENCY and load > runs.capacity:
             continue
-        m: Measurement = runner.measure(config, workload, [load])
-        capacity = capacity or m.max_requests_in_flight or None
-        points.extend(m.load_points)
-        if slo and not slo.met(m.load_points[-1]):
+        point = runs.run(load)
+        if slo and not slo.met(point):
             break
-    return points, capacity
+    return runs.sweep()
 
 
 def bisect_ladder(runner: Runner, config: EngineConfig, workload: Workload,
-                  ladder: Sequence[int], slo: SLO) -> tuple[list[LoadPoint], int | None]:
+                  ladder: Sequence[int], slo: SLO) -> Sweep:
     """Find the operating point with as few runs as possible (for runners whose every run is
     costly): the same answer as ``measure_ladder`` when latency and throughput grow with load.
 
@@ -263,42 +299,36 @@ def bisect_ladder(runner: Runner, config: EngineConfig, workload: Workload,
     first (if it misses, nothing will meet the SLO), then the top, then bisection between the
     highest load known to meet the SLO and the lowest known to miss it.
     """
-    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
-    loads = finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
-    points: dict[int, LoadPoint] = {}
-    capacity: int | None = None
+    runs = _Runs(runner, config, workload)
+    loads = _ascending(ladder)
 
-    def run(index: int) -> bool:
-        nonlocal capacity, loads
-        m: Measurement = runner.measure(config, workload, [loads[index]])
-        points[loads[index]] = m.load_points[-1]
-        if capacity is None and m.max_requests_in_flight:
-            capacity = m.max_requests_in_flight
+    def meets(index: int) -> bool:
+        nonlocal loads
+        load = loads[index]
+        met = slo.met(runs.run(load))
+        if runs.capacity:
             # Loads beyond what the KV cache holds at once behave like "max".
-            kept = [c for c in loads if c == MAX_CONCURRENCY or c <= capacity or c == loads[index]]
-            loads = kept
-        return slo.met(m.load_points[-1])
+            loads = [c for c in loads if c == MAX_CONCURRENCY or c <= runs.capacity or c == load]
+        return met
 
     if not slo:
-        run(len(loads) - 1)
-        return list(points.values()), capacity
-    if not run(0):
-        return list(points.values()), capacity
+        meets(len(loads) - 1)
+        return runs.sweep()
+    if not meets(0):
+        return runs.sweep()
     good, bad = 0, len(loads)
     if len(loads) > 1:
-        if run(len(loads) - 1):
+        if meets(len(loads) - 1):
             good = len(loads) - 1
         else:
             bad = len(loads) - 1
     while bad - good > 1:
         mid = (good + bad) // 2
-        if run(mid):
+        if meets(mid):
             good = mid
         else:
             bad = mid
-    ordered = sorted(points.values(), key=lambda p: (p.concurrency == MAX_CONCURRENCY,
-                                                      p.concurrency))
-    return ordered, capacity
+    return runs.sweep()
 
 
 def static_check(scenario: Scenario, config: EngineConfig) -> None:
@@ -450,9 +480,9 @@ class Tuner:
                 # keeps the whole load curve for the Pareto front and the report.
                 sweep = bisect_ladder if self.runner.expensive else measure_ladder
                 with self.stop.interruptible():
-                    points, capacity = sweep(self.runner, config, self.scenario.workload,
-                                             self.space.concurrency, self.scenario.slo)
-                outcome = outcome_of(points, self.scenario.slo, capacity)
+                    swept = sweep(self.runner, config, self.scenario.workload,
+                                  self.space.concurrency, self.scenario.slo)
+                outcome = outcome_of(swept.points, self.scenario.slo, swept.capacity, swept.raw)
             except TrialFailure as failure:
                 outcome = failed_outcome(failure, self.scenario.slo)
             if outcome.status in ("failed", "interrupted"):
@@ -519,7 +549,7 @@ class Tuner:
             max_requests_in_flight=outcome.max_requests_in_flight,
             failure_class=f.failure_class if f else None, message=str(f) if f else None,
             log_tail=getattr(f, "log_tail", None) or None, log_path=getattr(f, "log_path", None),
-            runner_settings=self.runner.settings(), versions=self._versions,
+            runner_settings=self.runner.settings(), versions=self._versions, raw=outcome.raw,
             reused_from=reused_from, host=self._host, started_at=started, finished_at=utcnow(),
         ))
         trial.set_user_attr("status", status)
@@ -547,7 +577,7 @@ def trial_counts(measurements: Sequence[StoredMeasurement]) -> dict[str, int]:
 
 
 __all__ = [
-    "FITS", "Outcome", "StopRequest", "Storage", "TrialReport", "Tuner", "bisect_ladder",
-    "measure_ladder", "open_storage",
+    "FITS", "Outcome", "StopRequest", "Storage", "Sweep", "TrialReport", "Tuner",
+    "bisect_ladder", "measure_ladder", "open_storage",
     "operating_point", "static_check", "trial_counts", "versions",
 ]

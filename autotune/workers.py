@@ -71,12 +71,14 @@ class SearchJob:
             raise UserError(f"unknown --prior {self.prior!r}: use 'sim' (the built-in model)")
         scen = self.scenario()
         runner_cls = get_runner(self.runner)
+        runner_cls.check_options(scen, **self.runner_options)
         space = SearchSpace.load(self.space)
         space.layouts(scen)  # UserError when no layout of the space can work
         return scen, runner_cls, space
 
     def tuner(self, worker_index: int = 0):
         """A Tuner joined to the study (the runner is the caller's to close)."""
+        from autotune.runners import EngineBuilder
         from autotune.study import Tuner, open_storage
 
         scen, runner_cls, space = self.check()
@@ -86,6 +88,8 @@ class SearchJob:
         # start-up points.
         seed = None if self.seed is None else self.seed + worker_index
         runner = runner_cls(scen, **self.runner_options)
+        if isinstance(runner, EngineBuilder):
+            runner.use_store(db.store)  # engines built by any worker of the study are found
         tuner = Tuner(scen, space, runner, db, self.study, seed=seed, prior=self.prior)
         tuner.open()
         return tuner

@@ -160,8 +160,8 @@ def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str) -
             outcomes[label] = (0.0, False, {FITS: 1.0, **{b.name: 1.0 for b in scen.slo.bounds}})
             continue
         config = next(c for c in _configs(scen, space) if c.label() == label)
-        points, _ = measure_ladder(asc, config, scen.workload, space.concurrency, scen.slo)
-        bpoints, _ = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo)
+        points = measure_ladder(asc, config, scen.workload, space.concurrency, scen.slo).points
+        bpoints = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo).points
         point, feasible = operating_point(points, scen.slo)
         bpoint, bfeasible = operating_point(bpoints, scen.slo)
         assert bfeasible == feasible and (not feasible or bpoint.output_throughput_per_gpu

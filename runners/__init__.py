@@ -10,6 +10,7 @@ from autotune.runners._base import EngineBuilder, Runner
 #: Runner name -> "module:Class". Heavy runners are imported lazily.
 RUNNERS: dict[str, str] = {
     "sim": "autotune.runners.sim:SimRunner",
+    "trtllm": "autotune.runners.trtllm:TrtllmRunner",
 }
 
 

@@ -105,8 +105,8 @@ def test_sim_prior_picks_configs_the_model_rates_best(scenario):
     sim = SimRunner(scenario)
 
     def value(c):
-        points, _ = measure_ladder(sim, c, scenario.workload, space.concurrency, scenario.slo)
-        point, ok = operating_point(points, scenario.slo)
+        swept = measure_ladder(sim, c, scenario.workload, space.concurrency, scenario.slo)
+        point, ok = operating_point(swept.points, scenario.slo)
         return point.output_throughput_per_gpu if ok else 0.0
 
     every = sorted((value(c) for c in space.configs(layouts, scenario.precision)), reverse=True)
@@ -122,8 +122,8 @@ def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
     for config in [EngineConfig(tp=8, max_batch_size=256), EngineConfig(tp=2, pp=2, dp=2),
                    EngineConfig(tp=4, dp=2, max_batch_size=32, chunked_prefill=False)]:
         a, b = Counting(scen), Counting(scen)
-        pa, _ = measure_ladder(a, config, scen.workload, space.concurrency, scen.slo)
-        pb, _ = bisect_ladder(b, config, scen.workload, space.concurrency, scen.slo)
+        pa = measure_ladder(a, config, scen.workload, space.concurrency, scen.slo).points
+        pb = bisect_ladder(b, config, scen.workload, space.concurrency, scen.slo).points
         (oa, fa), (ob, fb) = operating_point(pa, scen.slo), operating_point(pb, scen.slo)
         assert fa == fb
         if fa:
