@@ -35,6 +35,8 @@ Storage = Annotated[str, typer.Option(
     "--storage", help="SQLAlchemy URL of the study database (sqlite:///… or postgresql://…).")]
 StudyName = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: derived from model, GPUs, workload and SLO).")]
+NewestStudy = Annotated[str | None, typer.Option(
+    "--study", help="Study name (default: the newest study in --storage).")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
@@ -101,6 +103,9 @@ def search(
                                               "shipped name (default).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
     profile: ProfileName = None,
+    prior: Annotated[str | None, typer.Option(
+        "--prior", help="Warm start: 'sim' scores the whole space with the built-in model and "
+        "runs its best configs first.")] = None,
     json_out: Json = False,
     workers: Annotated[int, typer.Option(
         "--workers", min=1, help="Worker processes on this machine sharing the study.")] = 1,
@@ -136,7 +141,7 @@ def search(
     job = SearchJob(
         model=model, gpu=gpu, num_gpus=num_gpus, isl=isl, osl=osl, precision=precision, slo=slo,
         runner=runner, space=space, storage=storage, study=study, seed=seed, trials=trials,
-        timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, profile=profile,
+        timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, profile=profile, prior=prior,
         runner_options=_runner_options(
             runner, model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
             trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
@@ -191,7 +196,7 @@ def search(
 @handles_errors
 def best(
     storage: Storage = DEFAULT_STORAGE,
-    study: StudyName = None,
+    study: NewestStudy = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many configs to show.")] = 1,
     pareto: Annotated[bool, typer.Option("--pareto", help="Also show the Pareto front.")] = False,
     json_out: Json = False,
@@ -200,12 +205,10 @@ def best(
 
     Exits 1 when no trial meets the SLO (it then names the closest config)."""
     from autotune import console
-    from autotune.recommend import SCHEMA, Results
-    from autotune.study import open_storage
+    from autotune.recommend import SCHEMA
 
-    db = open_storage(storage, create=False)
-    name = _pick_study(db, study)
-    results = Results(db.store, name)
+    _, results = _results(storage, study)
+    name = results.study_name
     recs = results.best(top)
     closest = None if recs else results.closest()
     if json_out:
@@ -214,17 +217,23 @@ def best(
             "statuses": results.counts(), "feasible": bool(recs),
             "best": [r.to_dict() for r in recs],
             "closest": closest.to_dict() if closest else None,
-            "pareto": [{"config": c.to_dict(), "concurrency": p.concurrency,
-                        "output_tok_s_per_gpu": p.output_throughput_per_gpu,
-                        "output_tok_s_per_user": p.output_throughput_per_user}
-                       for c, p in results.pareto()] if pareto else None,
+            "pareto": [fp.to_dict() for fp in results.pareto()] if pareto else None,
         })
     else:
         console.print_best(results, recs, closest)
         if pareto:
-            console.print_pareto(results.pareto())
+            console.print_pareto(results.pareto(), has_slo=bool(results.slo))
     if not recs:
         raise typer.Exit(1)
+
+
+def _results(storage: str, study: str | None):
+    """The study's Results (UserError: no database, no studies, no such study)."""
+    from autotune.recommend import Results
+    from autotune.study import open_storage
+
+    db = open_storage(storage, create=False)
+    return db, Results(db.store, _pick_study(db, study))
 
 
 def _pick_study(db, study: str | None) -> str:
@@ -357,6 +366,193 @@ def probe(
         console.print_json(prof.to_dict())
     else:
         console.print_probe(hw, db.safe_url)
+
+
+@app.command()
+@handles_errors
+def report(
+    out: Annotated[str, typer.Option("--out", help="HTML file to write (self-contained: opens "
+                                     "offline).")] = "report.html",
+    png: Annotated[str | None, typer.Option(
+        "--png", help="Also write each figure as DIR/<figure>.png.")] = None,
+    storage: Storage = DEFAULT_STORAGE,
+    study: NewestStudy = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Configs in the best-configs "
+                                     "table.")] = 5,
+    json_out: Json = False,
+):
+    """Write a report page: Pareto front, load curves, TP x PP grid, progress, failures."""
+    from autotune import console
+    from autotune.atomic import check_folder, check_out_file
+    from autotune.report import FIGURES, require_matplotlib, write_report
+
+    target = check_out_file(out)
+    png_dir = check_folder(png, "--png") if png else None
+    require_matplotlib()
+    db, results = _results(storage, study)
+    with console.steps(len(FIGURES) + 2, "report", enabled=not json_out) as advance:
+        figures = write_report(results, target, png_dir=png_dir, top=top, storage=db.safe_url,
+                               advance=advance)
+    pngs = [str(png_dir / f"{f.name}.png") for f in figures] if png_dir else []
+    if json_out:
+        console.print_json({"study": results.study_name, "report": str(target), "png": pngs,
+                            "figures": [{"name": f.name, "title": f.title,
+                                         "caption": f.caption} for f in figures]})
+        return
+    console.wrote("report", target, f"study {results.study_name}, {len(figures)} figures")
+    if png_dir:
+        console.wrote("figures", png_dir, ", ".join(p.rsplit("/", 1)[-1] for p in pngs))
+
+
+@app.command()
+@handles_errors
+def export(
+    out: Annotated[str, typer.Option("--out", help="File to write.")],
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="csv, parquet or json (default: from --out's suffix, else csv).")] = None,
+    storage: Storage = DEFAULT_STORAGE,
+    study: NewestStudy = None,
+    json_out: Json = False,
+):
+    """Write every measurement as a table: one row per load point with config and metrics."""
+    from autotune import console
+    from autotune.atomic import check_out_file, write_file
+    from autotune.export import check_format, format_from_suffix, load_point_frame, writer
+
+    name = check_format(fmt if fmt is not None else (format_from_suffix(out) or "csv"))
+    target = check_out_file(out)
+    _, results = _results(storage, study)
+    with console.steps(2, "export", enabled=not json_out) as advance:
+        advance("reading the study")
+        frame = load_point_frame(results)
+        advance(f"writing {target}")
+        write_file(target, writer(frame, name))
+    summary = {"study": results.study_name, "out": str(target), "format": name,
+               "rows": len(frame), "measurements": int(frame["measurement_id"].nunique()),
+               "columns": list(frame.columns)}
+    if json_out:
+        console.print_json(summary)
+        return
+    console.wrote(name, target, f"{summary['rows']} rows ({summary['measurements']} "
+                  f"measurements) from study {results.study_name}")
+
+
+@app.command()
+@handles_errors
+def deploy(
+    out: Annotated[str, typer.Option("--out", help="Folder to write the files into.")] = "deploy",
+    storage: Storage = DEFAULT_STORAGE,
+    study: NewestStudy = None,
+    trial: Annotated[int | None, typer.Option(
+        "--trial", help="Deploy this trial's config instead of the recommendation.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace autotune's files in an existing, non-empty --out.")] = False,
+    json_out: Json = False,
+):
+    """Write the recommended config as files to deploy and re-measure it.
+
+    serve.sh (trtllm-serve), its extra_llm_api_options.yaml, bench.sh (trtllm-bench
+    re-measures it), config.json and README.txt.
+
+    Exits 1 when no config meets the SLO (it names the closest; --trial deploys one anyway)."""
+    from autotune import console
+    from autotune.atomic import check_out_dir
+    from autotune.launch import DEPLOY_FILES, write_deploy
+
+    target = check_out_dir(out, names=DEPLOY_FILES, force=force)
+    _, results = _results(storage, study)
+    if trial is not None:
+        rec = results.trial(trial)
+    else:
+        recs = results.best(1)
+        if not recs:
+            closest = results.closest()
+            hint = (f"; the closest is trial {closest.trial_number} ({closest.config.label()}): "
+                    f"--trial {closest.trial_number} deploys it anyway" if closest else "")
+            console.error(f"no configuration of study {results.study_name!r} meets the SLO "
+                          f"{results.slo}{hint}")
+            raise typer.Exit(1)
+        rec = recs[0]
+    files = write_deploy(target, rec, results.scenario, results.study_name, force=force,
+                         recommended=trial is None)
+    if json_out:
+        console.print_json({"study": results.study_name, "out": str(target),
+                            "files": sorted(files), "recommendation": rec.to_dict()})
+        return
+    console.wrote("deploy folder", target, f"{rec.config.label()} (trial {rec.trial_number})")
+    console.out.print(f"serve it:     {target / 'serve.sh'}", markup=False, soft_wrap=True)
+    console.out.print(f"re-measure:   {target / 'bench.sh'}", markup=False, soft_wrap=True)
+
+
+@app.command()
+@handles_errors
+def doctor(
+    trtllm_bench: Annotated[str | None, typer.Option(
+        "--trtllm-bench", help="Path to the trtllm-bench executable (default: on PATH).")] = None,
+    model_path: Annotated[str | None, typer.Option(
+        "--model-path", help="Local checkpoint folder to check.")] = None,
+    workspace: Annotated[str, typer.Option(
+        "--workspace", help="Folder for datasets, engines, reports, logs.")] = "autotune-workspace",
+    storage: Storage = DEFAULT_STORAGE,
+    min_free_gb: Annotated[float, typer.Option(
+        "--min-free-gb", help="Free GiB the workspace needs.")] = 50.0,
+    json_out: Json = False,
+):
+    """Check that this node is ready for `search --runner trtllm` (exit 0) or not (exit 1).
+
+    One line each: trtllm-bench and its version, GPUs, the model, workspace disk, the database."""
+    from autotune import console
+    from autotune.doctor import print_checks, ready, run_checks, verdict
+
+    checks = run_checks(trtllm_bench=trtllm_bench, model_path=model_path, workspace=workspace,
+                        storage=storage, min_free_gib=min_free_gb)
+    if json_out:
+        console.print_json({"ready": ready(checks), "verdict": verdict(checks),
+                            "checks": [c.to_dict() for c in checks]})
+    else:
+        print_checks(checks)
+    if not ready(checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def calibrate(
+    study: NewestStudy = None,
+    storage: Storage = DEFAULT_STORAGE,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Profile to save the fitted constants as (default: <study>-calibrated).")
+    ] = None,
+    json_out: Json = False,
+):
+    """Fit the built-in model's constants to a study's measurements and save them as a profile."""
+    from autotune import console
+    from autotune.calibrate import fit, observations_of, require_scipy
+    from autotune.perfmodel import load_calibration
+    from autotune.profile import Profile, load_profile
+    from autotune.scenario import Scenario
+
+    require_scipy()
+    db, results = _results(storage, study)
+    study = results.study_name
+    scen = Scenario.from_identity(results.scenario)
+    used = results.scenario.get("profile")  # the study's model already had a profile
+    start = (load_profile(db.store, used).apply(scen.gpu, scen.precision)[1] if used
+             else load_calibration(scen.gpu.name, scen.precision))
+    observations = observations_of(results.measurements)
+    if not observations:
+        raise UserError(f"study {study!r} has no measured configurations to calibrate on")
+    with console.err.status("fitting…") as status:
+        result = fit(scen, observations, start,
+                     progress=lambda n: status.update(f"fitting: {n} model evaluations"))
+    profile_name = name or f"{study}-calibrated"
+    db.store.save_profile(profile_name, Profile(
+        name=profile_name, gpu=scen.gpu.name, calibration=result.after,
+        source=f"calibrate --study {study}").to_dict())
+    if json_out:
+        console.print_json({"study": study, "profile": profile_name, **result.to_dict()})
+    else:
+        console.print_calibration(result, profile_name, db.safe_url)
 
 
 def main() -> None:

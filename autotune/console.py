@@ -169,14 +169,51 @@ def print_best(results, recs: Sequence, closest) -> None:
         print_recommendation(closest, heading="Closest configuration")
 
 
-def print_pareto(front) -> None:
-    t = Table(title="Pareto front (tok/s per GPU vs tok/s per user)", title_justify="left")
-    for col in ("config", "concurrency", "tok/s/GPU", "tok/s/user"):
-        t.add_column(col, justify="left" if col == "config" else "right")
-    for cfg, p in front:
-        t.add_row(cfg.label(), load_label(p.concurrency), f"{p.output_throughput_per_gpu:,.1f}",
-                  f"{p.output_throughput_per_user:,.1f}")
+def print_pareto(front, has_slo: bool = True) -> None:
+    """The front of all measured load points; the SLO column says which meet the SLO."""
+    t = Table(title="Pareto front of all measured load points (tok/s per GPU vs tok/s per user)",
+              title_justify="left")
+    cols = ("config", "trial", "concurrency", "tok/s/GPU", "tok/s/user") + (
+        ("SLO",) if has_slo else ())
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("config", "SLO") else "right")
+    for fp in front:
+        p = fp.point
+        row = [fp.config.label(), str(fp.trial_number), load_label(p.concurrency),
+               f"{p.output_throughput_per_gpu:,.1f}", f"{p.output_throughput_per_user:,.1f}"]
+        if has_slo:
+            row.append("[green]met[/]" if fp.slo_met else "[red]missed[/]")
+        t.add_row(*row)
     out.print(t)
+
+
+# ---- report / export / deploy ----------------------------------------------------------------
+@contextmanager
+def steps(total: int, label: str, enabled: bool = True) -> Iterator:
+    """A progress bar on stderr for ``total`` named steps; yields ``advance(description)``, to
+    call before each step."""
+    progress = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(bar_width=24),
+                        MofNCompleteColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), console=err, transient=True,
+                        disable=not enabled)
+    with progress:
+        task = progress.add_task("", total=total)
+        started = [False]
+
+        def advance(description: str) -> None:
+            progress.update(task, description=escape(description),
+                            advance=1 if started[0] else 0)
+            started[0] = True
+
+        yield advance
+        progress.update(task, completed=total)
+
+
+def wrote(kind: str, path, detail: str = "") -> None:
+    """One line on stderr naming a file or folder autotune wrote (stdout stays for --json)."""
+    err.print(f"wrote {kind} [bold]{escape(str(path))}[/]" + (f" — {escape(detail)}"
+                                                                   if detail else ""),
+              soft_wrap=True)
 
 
 # ---- estimate / studies -------------------------------------------------------------------
@@ -223,3 +260,34 @@ def print_probe(hw, safe_url: str) -> None:
     for note in hw.notes:
         out.print(f"note: {note}")
     out.print(f"stored in {safe_url}; use it with --profile {hw.name}")
+
+
+def print_calibration(result, profile: str, url: str) -> None:
+    """Errors before and after ``autotune calibrate``, the constants, and how to use them."""
+    table = Table(title="model error (mean absolute % error per load point)", title_justify="left")
+    table.add_column("configs")
+    for name in ("output tok/s", "TTFT mean", "TPOT mean", "all"):
+        table.add_column(name, justify="right")
+
+    def row(label, errors):
+        by = errors.by_metric
+        table.add_row(label, *(f"{by[k]:.1%}" for k in ("output_tok_s", "ttft_mean_ms",
+                                                        "tpot_mean_ms")), f"{errors.overall:.1%}")
+
+    row(f"fit ({result.fitted}), before", result.fit_before)
+    row(f"fit ({result.fitted}), after", result.fit_after)
+    if result.held_before is not None:
+        row(f"held out ({result.held}), before", result.held_before)
+        row(f"held out ({result.held}), after", result.held_after)
+    out.print(table)
+    consts = Table(title="constants", title_justify="left")
+    for col in ("constant", "before", "after"):
+        consts.add_column(col, justify="right" if col != "constant" else "left")
+    before, after = result.before.to_dict(), result.after.to_dict()
+    for k in before:
+        consts.add_row(k, f"{before[k]:.4g}", f"{after[k]:.4g}")
+    out.print(consts)
+    for note in result.notes:
+        out.print(f"note: {note}")
+    out.print(f"saved as profile [bold]{profile}[/] in {url}; use it with "
+              f"`--profile {profile}` on search and estimate")

@@ -3,6 +3,22 @@
 Everything here is a closed-form function of the model, the GPU, the precision, the layout and a
 handful of fitted constants (``Calibration``); ``scheduler.py`` turns iteration times into
 per-request latencies. Units: bytes, FLOPs, seconds.
+
+One iteration of one pipeline stage is the sum of, per layer:
+
+- the linear layers (QKV, O, MLP or the experts hit): a roofline, the larger of FLOPs at the
+  GEMM efficiency for this many tokens and the bytes of weights plus activations at the achieved
+  HBM bandwidth;
+- attention: decoding requests read their KV cache (memory-bound), prefill chunks do
+  ``4 * head_dim`` FLOPs per (query, key) pair and head (compute-bound);
+- element-wise work that tensor parallelism does not split (norms, residual adds, the gated
+  activation): memory traffic over the hidden state;
+- two all-reduces under tensor parallelism (after attention and after the MLP): a latency plus
+  the ring's ``2 (tp - 1) / tp`` share of the message over the NVLink bandwidth;
+
+plus the LM head on the last stage and a fixed cost per iteration and per request. Pipeline
+stages hand activations to the next one (latency plus bytes over one NVLink connection); the
+pipeline's round time is set by its slowest stage, a token's latency by the sum of all of them.
 """
 
 from __future__ import annotations
@@ -16,28 +32,44 @@ import yaml
 from autotune.config import EngineConfig
 from autotune.specs import PRECISIONS, GpuSpec, ModelSpec, ceil_div, layer_split
 
-#: GPU memory a TensorRT-LLM rank keeps for itself: CUDA context, NCCL buffers, CUDA graphs (bytes).
+#: GPU memory a TensorRT-LLM rank keeps for itself: CUDA context, NCCL and cuBLAS workspaces,
+#: CUDA graphs (bytes).
 RUNTIME_RESERVE_BYTES = 3.0 * 2**30
 #: KV-cache block size (tokens), TensorRT-LLM's default ``tokens_per_block``.
 KV_BLOCK_TOKENS = 32
-#: Activations travel between GPUs in 16-bit precision whatever the weights' precision (bytes).
+#: Activations are 16-bit whatever the weights' precision (bytes per element).
 ACT_BYTES = 2
 #: Embedding and LM head stay in 16-bit precision in FP8/FP4 checkpoints (bytes per element).
 EMBED_BYTES = 2
+#: Logits are gathered over the TP group and kept in FP32 (bytes per element).
+LOGIT_BYTES = 4
+#: Element-wise passes over the hidden state per layer and token (two RMSNorms and two residual
+#: adds: each reads and writes it) and over the per-GPU MLP width (the gated activation reads
+#: gate and up, writes their product).
+ELEMENTWISE_HIDDEN_PASSES = 8
+ELEMENTWISE_FFN_PASSES = 3
+#: The back end the shipped constants describe by default (TensorRT-LLM 1.x, PyTorch back end).
+DEFAULT_BACKEND = "pytorch"
+#: TensorRT-LLM generations a calibration file may hold overrides for.
+BACKENDS = ("pytorch", "trt", "pytorch-no-graphs")
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The fitted constants of the model for one GPU and precision (see data/calibration/)."""
+    """The fitted constants of the model for one GPU and precision (see data/calibration/).
 
-    gemm_eff: float = 0.70
-    gemm_half_tokens: float = 64.0
-    mem_eff: float = 0.80
-    attn_eff: float = 0.45
-    ar_latency_us: float = 8.0
-    ar_bw_eff: float = 0.80
-    iter_overhead_ms: float = 0.8
-    seq_overhead_us: float = 3.0
+    Efficiencies are fractions of the GPU's datasheet peaks; ``profile.py`` relies on
+    achieved = peak x efficiency for the GEMM, HBM and all-reduce rates.
+    """
+
+    gemm_eff: float = 0.70  # fraction of dense peak FLOP/s that large GEMMs reach
+    gemm_half_tokens: float = 64.0  # tokens (per expert for MoE) at which GEMMs reach half of it
+    mem_eff: float = 0.80  # fraction of HBM bandwidth that weight and KV-cache reads reach
+    attn_eff: float = 0.45  # fraction of 16-bit dense peak that prefill attention reaches
+    ar_latency_us: float = 8.0  # one all-reduce or stage-to-stage send (microseconds)
+    ar_bw_eff: float = 0.80  # fraction of per-direction NVLink bandwidth collectives reach
+    iter_overhead_ms: float = 0.8  # fixed cost of one scheduler iteration (milliseconds)
+    seq_overhead_us: float = 3.0  # cost per request in every iteration (microseconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,14 +83,46 @@ class Calibration:
         return cls(**{k: float(v) for k, v in data.items()})
 
 
+def _calibration_folder():
+    return resources.files("autotune").joinpath("data", "calibration")
+
+
+def calibration_file(gpu: str, precision: str) -> str | None:
+    """The file holding ``gpu``/``precision``'s constants, or None (then ``default.yaml``).
+
+    A precision without its own file borrows another precision's file of the same GPU (FP8
+    first): HBM, NVLink and overheads are the GPU's, only the GEMM rate is the precision's.
+    """
+    folder = _calibration_folder()
+    for p in (precision, "fp8", "bf16", "fp4"):
+        name = f"{gpu}-{p}.yaml"
+        if folder.joinpath(name).is_file():
+            return name
+    return None
+
+
 @cache
-def load_calibration(gpu: str, precision: str) -> Calibration:
-    """Constants for ``gpu``/``precision``: ``<gpu>-<precision>.yaml`` over ``default.yaml``."""
-    folder = resources.files("autotune").joinpath("data", "calibration")
+def load_calibration(gpu: str, precision: str, backend: str | None = None) -> Calibration:
+    """Constants for ``gpu``/``precision``: ``<gpu>-<precision>.yaml`` over ``default.yaml``.
+
+    A file's top-level constants describe ``DEFAULT_BACKEND``; its ``backends:`` map overrides
+    some of them for another TensorRT-LLM generation (``trt``: the TensorRT engines of 0.12-0.17,
+    ``pytorch-no-graphs``: the PyTorch back end without CUDA graphs).
+    """
+    folder = _calibration_folder()
     merged = yaml.safe_load(folder.joinpath("default.yaml").read_text())
-    specific = folder.joinpath(f"{gpu}-{precision}.yaml")
-    if specific.is_file():
-        merged.update(yaml.safe_load(specific.read_text()) or {})
+    merged.pop("backends", None)
+    name = calibration_file(gpu, precision)
+    overrides: dict = {}
+    if name:
+        specific = dict(yaml.safe_load(folder.joinpath(name).read_text()) or {})
+        overrides = specific.pop("backends", None) or {}
+        specific.pop("fit", None)  # provenance of the fit, not a constant
+        merged.update(specific)
+    if backend and backend != DEFAULT_BACKEND:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown back end {backend!r}: use one of {', '.join(BACKENDS)}")
+        merged.update(overrides.get(backend) or {})
     return Calibration.from_dict(merged)
 
 
@@ -89,48 +153,73 @@ class PerfModel:
     def __init__(self, model: ModelSpec, gpu: GpuSpec, config: EngineConfig,
                  calibration: Calibration | None = None):
         self.model, self.gpu, self.config = model, gpu, config
-        self.cal = calibration or load_calibration(gpu.name, config.precision)
+        self.cal = c = calibration or load_calibration(gpu.name, config.precision)
         self.w_bytes, self.kv_bytes = PRECISIONS[config.precision]
         self.stages = layer_split(model.layers, config.pp)
-        tp = config.tp
-        self.kv_heads_per_gpu = ceil_div(model.kv_heads, tp)  # replicated when tp > kv heads
-        self.heads_per_gpu = model.heads / tp
-        c = self.cal
-        self.peak = gpu.peak_flops(config.precision) * c.gemm_eff
+        m, tp = model, config.tp
+        hd = m.head_dim
+        self.kv_heads_per_gpu = ceil_div(m.kv_heads, tp)  # replicated when tp > KV heads
+        self.heads_per_gpu = m.heads / tp
+        q_width = m.heads * hd / tp
+        kv_width = 2 * self.kv_heads_per_gpu * hd
+        ffn_gpu = m.ffn / tp
+        mlp_mats = 3 if m.gated_mlp else 2
+
+        # Achieved rates.
+        peak = gpu.peak_flops(config.precision)
+        peak16 = gpu.peak_flops("bf16") if "bf16" in gpu.tflops else peak
+        self.gemm_rate = peak * c.gemm_eff  # FLOP/s of a large GEMM
+        self.head_rate = peak16 * c.gemm_eff  # the LM head runs in 16-bit
+        self.attn_rate = peak16 * c.attn_eff
         self.bw = gpu.mem_bw_tb_s * 1e12 * c.mem_eff
-        self.attn_flops_s = gpu.peak_flops(config.precision) * c.attn_eff
         self.link = gpu.nvlink_gb_s * 1e9 * c.ar_bw_eff
         self.lat = c.ar_latency_us * 1e-6
-        # Per-layer constants, per GPU.
-        m = model
-        self.attn_w = m.attn_params_per_layer / tp * self.w_bytes
-        self.expert_w = m.mlp_params_per_expert / tp * self.w_bytes
-        self.router_w = (m.hidden * m.experts * EMBED_BYTES) if m.is_moe else 0.0
-        self.flops_per_token_layer = 2 * m.active_params_per_token / tp
-        self.kv_per_token_layer = 2 * self.kv_heads_per_gpu * m.head_dim * self.kv_bytes
+        self.half = c.gemm_half_tokens
+
+        # Per layer and GPU: weights (elements) and the FLOPs of one token (attention GEMMs and
+        # one expert's MLP).
+        self.attn_params = m.hidden * (q_width + kv_width) + q_width * m.hidden
+        self.expert_params = mlp_mats * m.hidden * ffn_gpu
+        self.attn_w = self.attn_params * self.w_bytes
+        self.expert_w = self.expert_params * self.w_bytes
+        self.router_w = m.hidden * m.experts * EMBED_BYTES if m.is_moe else 0.0
+        self.attn_flops_tok = 2 * self.attn_params
+        self.expert_flops_tok = 2 * self.expert_params
+        # Activation bytes in and out of the GEMMs per token (attention; one expert's MLP).
+        self.attn_io_tok = (m.hidden + q_width + kv_width + q_width + m.hidden) * ACT_BYTES
+        self.mlp_io_tok = (m.hidden + (mlp_mats - 1) * ffn_gpu + ffn_gpu + m.hidden) * ACT_BYTES
+        self.elementwise_tok = (ELEMENTWISE_HIDDEN_PASSES * m.hidden
+                                + ELEMENTWISE_FFN_PASSES * ffn_gpu * m.experts_per_token) * ACT_BYTES
+        self.kv_per_token_layer = kv_width * self.kv_bytes
+        self.prefill_flops_pair = 4 * self.heads_per_gpu * hd
+        self.ar_bytes_tok = m.hidden * ACT_BYTES * 2 * (tp - 1) / tp  # ring all-reduce traffic
         self.lm_head_w = m.vocab * m.hidden / tp * EMBED_BYTES
         self.lm_head_flops = 2 * m.vocab * m.hidden / tp
+        self.xfer_tok = m.hidden * ACT_BYTES  # stage-to-stage activation per token
+        self.overhead = c.iter_overhead_ms * 1e-3
+        self.seq_overhead = c.seq_overhead_us * 1e-6
 
     # ---- memory -------------------------------------------------------------------------
     def memory(self) -> MemoryPlan:
         m, cfg = self.model, self.config
         layer_w = self.attn_w + m.experts * self.expert_w + self.router_w
-        embed = m.vocab * m.hidden / cfg.tp * EMBED_BYTES
+        embed = m.vocab * m.hidden / cfg.tp * EMBED_BYTES  # vocab-parallel over the TP group
         worst_weights = 0.0
         worst_kv_per_token = 0.0
+        last = len(self.stages) - 1
         for i, n in enumerate(self.stages):
             w = n * layer_w
             if i == 0:
                 w += embed
-            if i == len(self.stages) - 1 and not (m.tied_embeddings and len(self.stages) == 1):
+            if i == last and not (m.tied_embeddings and last == 0):
                 w += self.lm_head_w
             worst_weights = max(worst_weights, w)
             worst_kv_per_token = max(worst_kv_per_token, n * self.kv_per_token_layer)
-        # Activations and workspace sized for a full iteration of max_num_tokens, plus fp32
-        # logits for one token per request in the batch.
-        ffn_per_gpu = m.ffn * (m.experts_per_token if m.is_moe else 1) / cfg.tp
-        act = cfg.max_num_tokens * (8 * m.hidden + 3 * ffn_per_gpu) * ACT_BYTES
-        act += min(cfg.max_batch_size, cfg.max_num_tokens) * m.vocab / cfg.tp * 4
+        # Activations and workspace sized for a full iteration of max_num_tokens, plus the
+        # gathered FP32 logits of one token per request in the batch.
+        ffn_gpu = m.ffn * m.experts_per_token / cfg.tp
+        act = cfg.max_num_tokens * (8 * m.hidden + 3 * ffn_gpu) * ACT_BYTES
+        act += min(cfg.max_batch_size, cfg.max_num_tokens) * m.vocab * LOGIT_BYTES
         free = self.gpu.memory_bytes - worst_weights - act - RUNTIME_RESERVE_BYTES
         kv = max(0.0, free) * cfg.kv_fraction
         kv_tokens = int(kv // worst_kv_per_token) if worst_kv_per_token else 0
@@ -141,8 +230,11 @@ class PerfModel:
         )
 
     # ---- time ---------------------------------------------------------------------------
-    def _gemm_eff(self, tokens: float) -> float:
-        return tokens / (tokens + self.cal.gemm_half_tokens)
+    def _gemm(self, flops: float, nbytes: float, tokens: float, rate: float) -> float:
+        """A roofline: FLOPs at the efficiency ``tokens`` rows reach, or bytes at HBM speed."""
+        compute = flops * (tokens + self.half) / (tokens * rate)
+        memory = nbytes / self.bw
+        return compute if compute > memory else memory
 
     def layer_time(self, tokens: float, ctx_sum: float, prefill_attn: float) -> float:
         """One transformer layer on one GPU for one (micro-)batch (seconds).
@@ -150,58 +242,62 @@ class PerfModel:
         ``tokens``: tokens in the batch; ``ctx_sum``: KV-cache tokens read by decoding requests;
         ``prefill_attn``: sum over prefill chunks of chunk * (prefix + chunk / 2) (token pairs).
         """
-        m = self.model
         if tokens <= 0:
             return 0.0
-        # GEMMs: a roofline of FLOPs vs weight bytes; MoE reads only the experts some token hits.
+        m = self.model
+        t = self._gemm(self.attn_flops_tok * tokens, self.attn_w + self.attn_io_tok * tokens,
+                       tokens, self.gemm_rate)
         if m.is_moe:
+            # Only the experts some token is routed to are read; each sees its share of tokens.
             k, e = m.experts_per_token, m.experts
+            routed = tokens * k
             active = e * (1.0 - (1.0 - k / e) ** tokens)
-            weight_bytes = self.attn_w + active * self.expert_w + self.router_w
+            t += self._gemm(self.expert_flops_tok * routed,
+                            active * self.expert_w + self.router_w + self.mlp_io_tok * routed,
+                            routed / active, self.gemm_rate)
         else:
-            weight_bytes = self.attn_w + self.expert_w
-        flops = self.flops_per_token_layer * tokens
-        gemm = max(flops / (self.peak * self._gemm_eff(tokens)), weight_bytes / self.bw)
-        # Attention: decode reads its KV cache (memory-bound); prefill is compute-bound.
-        attn = ctx_sum * self.kv_per_token_layer / self.bw
-        attn += 4 * prefill_attn * self.heads_per_gpu * m.head_dim / self.attn_flops_s
-        # Two all-reduces per layer (after attention and after the MLP) under TP.
-        comm = 0.0
+            t += self._gemm(self.expert_flops_tok * tokens, self.expert_w + self.mlp_io_tok * tokens,
+                            tokens, self.gemm_rate)
+        # Attention: decode reads the KV cache; prefill is compute-bound.
+        t += (ctx_sum * self.kv_per_token_layer + tokens * self.elementwise_tok) / self.bw
+        t += prefill_attn * self.prefill_flops_pair / self.attn_rate
         if self.config.tp > 1:
-            tp = self.config.tp
-            size = tokens * m.hidden * ACT_BYTES
-            comm = 2 * (self.lat + size * 2 * (tp - 1) / tp / self.link)
-        return gemm + attn + comm
+            t += 2 * (self.lat + tokens * self.ar_bytes_tok / self.link)
+        return t
 
     def lm_head_time(self, seqs: float) -> float:
         """LM head on the last stage for ``seqs`` sequences producing a token (seconds)."""
         if seqs <= 0:
             return 0.0
-        flops = self.lm_head_flops * seqs
-        return max(flops / (self.peak * self._gemm_eff(seqs)), self.lm_head_w / self.bw)
+        return self._gemm(self.lm_head_flops * seqs, self.lm_head_w, seqs, self.head_rate)
 
     def iteration_time(self, tokens: float, seqs: int, ctx_sum: float, prefill_attn: float) -> float:
         """Wall time of one scheduler iteration of the replica (seconds).
 
-        The batch is split into up to ``pp`` micro-batches; the pipeline's throughput is set by
-        its slowest stage, a token's latency by the sum of all stages and transfers.
+        The batch is split into up to ``pp`` micro-batches that follow each other through the
+        stages; the round ends when every micro-batch has been through every stage: ``mb``
+        passes of the slowest stage, and never less than one micro-batch's trip through all
+        stages and the transfers between them.
         """
         if seqs <= 0:
             return 0.0
+        overhead = self.overhead + self.seq_overhead * seqs
         pp = self.config.pp
-        mb = min(pp, seqs)
-        t, c, a, s = tokens / mb, ctx_sum / mb, prefill_attn / mb, seqs / mb
-        per_layer = self.layer_time(t, c, a)
-        stage_times = [n * per_layer for n in self.stages]
-        stage_times[-1] += self.lm_head_time(s)
-        c = self.cal
-        overhead = c.iter_overhead_ms * 1e-3 + c.seq_overhead_us * 1e-6 * seqs
         if pp == 1:
-            return stage_times[0] + overhead
-        xfer = self.lat + t * self.model.hidden * ACT_BYTES / (self.link / c.ar_bw_eff)
-        through = mb * max(stage_times)
-        latency = sum(stage_times) + (pp - 1) * xfer
-        return max(through, latency) + overhead
+            return self.model.layers * self.layer_time(tokens, ctx_sum, prefill_attn) \
+                + self.lm_head_time(seqs) + overhead
+        mb = min(pp, seqs)
+        t = tokens / mb
+        per_layer = self.layer_time(t, ctx_sum / mb, prefill_attn / mb)
+        head = self.lm_head_time(seqs / mb)
+        slowest = self.stages[0] * per_layer  # earlier stages take the extra layers
+        last = self.stages[-1] * per_layer + head
+        if last > slowest:
+            slowest = last
+        xfer = self.lat + t * self.xfer_tok / self.link
+        trip = self.model.layers * per_layer + head + (pp - 1) * xfer
+        through = mb * (slowest + xfer)
+        return (through if through > trip else trip) + overhead
 
 
 def with_constants(cal: Calibration, **changes: float) -> Calibration:
@@ -210,11 +306,14 @@ def with_constants(cal: Calibration, **changes: float) -> Calibration:
 
 
 __all__ = [
+    "BACKENDS",
     "Calibration",
+    "DEFAULT_BACKEND",
     "KV_BLOCK_TOKENS",
     "MemoryPlan",
     "PerfModel",
     "RUNTIME_RESERVE_BYTES",
+    "calibration_file",
     "load_calibration",
     "with_constants",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autotune.config import EngineConfig
 from autotune.db import Store, StoredMeasurement
@@ -83,6 +83,24 @@ def slo_terms(slo: SLO, point: LoadPoint) -> tuple[SloTerm, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class FrontPoint:
+    """One measured load point on the Pareto front, and whether it meets the study's SLO."""
+
+    config: EngineConfig
+    point: LoadPoint
+    slo_met: bool
+    trial_number: int
+    measurement_id: int
+
+    def to_dict(self) -> dict:
+        p = self.point
+        return {"config": self.config.to_dict(), "label": self.config.label(),
+                "trial": self.trial_number, "concurrency": p.concurrency,
+                "output_tok_s_per_gpu": p.output_throughput_per_gpu,
+                "output_tok_s_per_user": p.output_throughput_per_user, "slo_met": self.slo_met}
+
+
 class Results:
     """A study's measurements, read once, and the answers ``best`` gives from them."""
 
@@ -94,6 +112,9 @@ class Results:
             raise UserError(f"no study named {study_name!r} in this database{hint}")
         self.study_name = study_name
         self.scenario: dict = row.scenario
+        self.space: dict = row.space or {}
+        self.versions: dict = row.versions or {}
+        self.created_at = row.created_at
         self.slo = parse_slo(self.scenario.get("slo") or None)
         self.model_ref = (self.scenario.get("model_spec", {}).get("hf_name")
                           or self.scenario["model"])
@@ -122,28 +143,55 @@ class Results:
             return None
         return min(recs, key=lambda r: max((-t.margin for t in r.terms), default=0.0))
 
+    def trial(self, number: int) -> Recommendation:
+        """Trial ``number``'s config at its operating point (a reused trial's measurement is
+        the one it reused); UserError when the trial has no measured load points."""
+        by_id = {m.id: m for m in self.measurements}
+        rows = [m for m in self.measurements if m.trial_number == number]
+        if not rows:
+            raise UserError(f"study {self.study_name!r} has no trial {number}")
+        m = rows[-1]
+        if m.status == "reused" and m.reused_from in by_id:
+            m = replace(by_id[m.reused_from], trial_number=m.trial_number)
+        if not m.load_points:
+            raise UserError(f"trial {number} of study {self.study_name!r} has no measured load "
+                            f"points (status {m.status}"
+                            + (f", {m.failure_class}" if m.failure_class else "") + ")")
+        return self._recommend(m)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for m in self.measurements:
             out[m.status] = out.get(m.status, 0) + 1
         return out
 
-    def pareto(self) -> list[tuple[EngineConfig, LoadPoint]]:
-        """Load points no other point beats on both tok/s per GPU and tok/s per user."""
-        return pareto_front([(m.config, p) for m in self.measured for p in m.load_points])
+    def points(self) -> list[FrontPoint]:
+        """Every measured load point of the study, each marked with whether it meets the SLO."""
+        return [FrontPoint(config=m.config, point=p, slo_met=self.slo.met(p),
+                           trial_number=m.trial_number, measurement_id=m.id)
+                for m in self.measured for p in m.load_points]
+
+    def pareto(self, *, slo_met_only: bool = False) -> list[FrontPoint]:
+        """Load points no other point beats on both tok/s per GPU and tok/s per user, sorted by
+        tok/s per user (fastest first). Over all measured points, each marked ``slo_met``; with
+        ``slo_met_only``, the front of the points that meet the SLO."""
+        pts = [fp for fp in self.points() if fp.slo_met or not slo_met_only]
+        return pareto_front(pts, key=lambda fp: fp.point)
 
 
-def pareto_front(points: Sequence[tuple[EngineConfig, LoadPoint]]
-                 ) -> list[tuple[EngineConfig, LoadPoint]]:
-    """The non-dominated (per-GPU, per-user) throughput pairs, sorted by per-user speed."""
-    ranked = sorted(points, key=lambda cp: (-cp[1].output_throughput_per_user,
-                                            -cp[1].output_throughput_per_gpu))
+def pareto_front(items: Sequence, key=lambda item: item[1]) -> list:
+    """The items whose load point (``key(item)``) is non-dominated on (tok/s per GPU, tok/s per
+    user), sorted by tok/s per user, fastest first."""
+    ranked = sorted(items, key=lambda it: (-key(it).output_throughput_per_user,
+                                           -key(it).output_throughput_per_gpu))
     front, best_gpu = [], float("-inf")
-    for cfg, p in ranked:
+    for it in ranked:
+        p = key(it)
         if p.output_throughput_per_gpu > best_gpu:
-            front.append((cfg, p))
+            front.append(it)
             best_gpu = p.output_throughput_per_gpu
     return front
 
 
-__all__ = ["Recommendation", "Results", "SCHEMA", "SloTerm", "pareto_front", "slo_terms"]
+__all__ = ["SCHEMA", "FrontPoint", "Recommendation", "Results", "SloTerm", "pareto_front",
+           "slo_terms"]

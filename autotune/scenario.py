@@ -52,6 +52,7 @@ class Scenario:
             "model": self.model.name,
             "model_spec": self.model.to_dict(),
             "gpu": self.gpu.name,
+            "gpu_spec": self.gpu.to_dict(),  # informative: not compared when workers join
             "num_gpus": self.num_gpus,
             "precision": self.precision,
             "workload": self.workload.to_dict(),
@@ -59,6 +60,17 @@ class Scenario:
             "runner": self.runner,
             "profile": self.profile,
         }
+
+    @classmethod
+    def from_identity(cls, identity: dict) -> "Scenario":
+        """The scenario a study was created with (``identity()`` read back from the database)."""
+        from autotune.specs import GpuSpec, ModelSpec
+
+        gpu = (GpuSpec(**identity["gpu_spec"]) if identity.get("gpu_spec")
+               else load_gpu(identity["gpu"]))
+        return cls(ModelSpec(**identity["model_spec"]), gpu, identity["num_gpus"],
+                   identity["precision"], Workload.from_dict(identity["workload"]),
+                   parse_slo(identity.get("slo") or None), identity.get("runner", "sim"))
 
     def default_study_name(self) -> str:
         slo = str(self.slo).replace(":", "-").replace("<=", "le").replace("<", "lt") or "maxtput"

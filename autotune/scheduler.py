@@ -2,9 +2,16 @@
 
 Requests are admitted first come, first served while a batch slot and KV-cache blocks for their
 whole sequence are free (``GUARANTEED_NO_EVICT``). Each iteration runs every decoding request for
-one token plus prefill chunks that fill the rest of the token budget. Stretches of iterations in
-which nothing but decoding happens are advanced in one step (their cost is linear in the context
-length), so a load point costs O(requests · log requests), not O(tokens).
+one token plus prefill chunks that fill the rest of the token budget (``max_num_tokens``).
+
+Two things keep a load point cheap (O(events), not O(tokens) or O(requests)):
+
+- stretches of iterations in which nothing but decoding happens are advanced in one step (their
+  cost is linear in the context length, so the mean of the first and last iteration is exact);
+- requests with the same lengths that are issued, admitted and prefilled together move as one
+  *cohort* (a count), split only where the scheduler treats them differently (a batch slot or
+  the KV cache runs out, a prefill chunk ends mid-cohort). A cohort behaves exactly like that
+  many requests simulated one by one.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ class Limits:
 
 @dataclass
 class Trace:
-    """Per-request timestamps (seconds) and the token gaps seen while decoding."""
+    """Per-request timestamps (seconds) and the token gaps seen while decoding.
+
+    The order of requests is not meaningful (cohorts are expanded at the end).
+    """
 
     start: np.ndarray
     first_token: np.ndarray
@@ -44,6 +54,25 @@ class Trace:
     output_tokens: np.ndarray
     itl_values_ms: np.ndarray
     itl_weights: np.ndarray
+    iterations: int = 0  # scheduler iterations simulated
+
+
+class _Cohort:
+    """``count`` requests with the same lengths and the same history so far."""
+
+    __slots__ = ("count", "isl", "osl", "need", "start", "first", "end", "done")
+
+    def __init__(self, count: int, isl: int, osl: int, need: int, start: float):
+        self.count, self.isl, self.osl, self.need, self.start = count, isl, osl, need, start
+        self.first = self.end = math.nan
+        self.done = 0  # prompt tokens prefilled so far (per request)
+
+    def split(self, count: int) -> "_Cohort":
+        """Detach ``count`` requests into a new cohort with the same history."""
+        other = _Cohort(count, self.isl, self.osl, self.need, self.start)
+        other.first, other.done = self.first, self.done
+        self.count -= count
+        return other
 
 
 def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *,
@@ -51,72 +80,97 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
     """Run all requests through the scheduler.
 
     Closed loop (``concurrency``): that many requests are issued at t=0 and each completion issues
-    the next. Open loop (``arrivals``): request i is issued at ``arrivals[i]`` seconds.
+    the next (``None`` or <= 0: all at once). Open loop (``arrivals``, seconds, ascending):
+    request i is issued at ``arrivals[i]``.
     """
-    n = len(isl)
     isl = np.asarray(isl, dtype=np.int64)
     osl = np.asarray(osl, dtype=np.int64)
+    n = len(isl)
     bt = limits.block_tokens
-    need = [-(-int(a + b) // bt) for a, b in zip(isl, osl)]
-    if max(need) > limits.kv_blocks:
+    need_all = -(-(isl + osl) // bt)
+    if int(need_all.max()) > limits.kv_blocks:
         raise OutOfMemory(
-            f"one request of {int(isl.max() + osl.max())} tokens needs {max(need)} KV blocks; "
-            f"the cache holds {limits.kv_blocks}"
+            f"one request of {int((isl + osl).max())} tokens needs {int(need_all.max())} KV "
+            f"blocks; the cache holds {limits.kv_blocks}"
         )
     if not limits.chunked_prefill and int(isl.max()) > limits.token_budget:
         raise InvalidConfig(
             f"prompts of {int(isl.max())} tokens exceed max_num_tokens ({limits.token_budget}) "
             "without chunked prefill"
         )
-    start = np.full(n, np.nan)
-    first = np.full(n, np.nan)
-    end = np.full(n, np.nan)
+    isl_l, osl_l, need_l = isl.tolist(), osl.tolist(), need_all.tolist()
+    uniform = bool((isl == isl[0]).all() and (osl == osl[0]).all())
+    chunked = limits.chunked_prefill
+    max_in_flight, budget_total, kv_blocks = limits.max_in_flight, limits.token_budget, limits.kv_blocks
+
+    cohorts: list[_Cohort] = []  # every cohort ever made, for the trace
+    waiting: deque[_Cohort] = deque()
+    prefilling: deque[_Cohort] = deque()
+    decoding: list[tuple[int, int, _Cohort]] = []  # heap of (last iteration, tie, cohort)
     gaps: list[float] = []
     weights: list[float] = []
-
     t = 0.0
     issued = 0
-    waiting: deque[int] = deque()
+
+    def issue(count: int, start: float) -> None:
+        """Queue the next ``count`` requests, issued at ``start``, as few cohorts as possible."""
+        nonlocal issued
+        end = issued + count
+        if uniform:
+            c = _Cohort(count, isl_l[0], osl_l[0], need_l[0], start)
+            cohorts.append(c)
+            waiting.append(c)
+        else:
+            i = issued
+            while i < end:
+                j = i + 1
+                while j < end and isl_l[j] == isl_l[i] and osl_l[j] == osl_l[i]:
+                    j += 1
+                c = _Cohort(j - i, isl_l[i], osl_l[i], need_l[i], start)
+                cohorts.append(c)
+                waiting.append(c)
+                i = j
+        issued = end
+
     if arrivals is None:
-        c = n if concurrency is None or concurrency <= 0 else min(concurrency, n)
-        for i in range(c):
-            start[i] = 0.0
-            waiting.append(i)
-        issued = c
-    prefilling: deque[list[int]] = deque()  # [request, prompt tokens done]
-    decoding: list[tuple[int, int]] = []  # heap of (iteration it finishes at, request)
-    it = 0  # decode iterations so far
-    n_dec = 0
-    ctx_sum = 0.0
+        issue(n if concurrency is None or concurrency <= 0 else min(concurrency, n), 0.0)
+    it = 0  # iterations so far
+    n_dec = 0  # requests decoding
+    ctx_sum = 0.0  # KV tokens the decoding requests read per iteration
     kv_used = 0
     in_flight = 0
     done = 0
-    max_in_flight, budget_total = limits.max_in_flight, limits.token_budget
+    tie = 0
 
-    def finish(i: int) -> None:
-        nonlocal n_dec, ctx_sum, kv_used, in_flight, done, issued
-        end[i] = t
-        n_dec -= 1
-        ctx_sum -= isl[i] + osl[i]
-        kv_used -= need[i]
-        in_flight -= 1
-        done += 1
+    def finish(c: _Cohort) -> None:
+        nonlocal n_dec, ctx_sum, kv_used, in_flight, done
+        c.end = t
+        n_dec -= c.count
+        ctx_sum -= (c.isl + c.osl) * c.count
+        kv_used -= c.need * c.count
+        in_flight -= c.count
+        done += c.count
         if arrivals is None and issued < n:
-            start[issued] = t
-            waiting.append(issued)
-            issued += 1
+            issue(min(c.count, n - issued), t)
 
     while done < n:
         if arrivals is not None:
             while issued < n and arrivals[issued] <= t:
-                start[issued] = arrivals[issued]
-                waiting.append(issued)
-                issued += 1
-        while waiting and in_flight < max_in_flight and kv_used + need[waiting[0]] <= limits.kv_blocks:
-            i = waiting.popleft()
-            prefilling.append([i, 0])
-            in_flight += 1
-            kv_used += need[i]
+                issue(1, float(arrivals[issued]))
+        # Admission: FCFS while a slot and the blocks of the whole sequence are free.
+        while waiting and in_flight < max_in_flight:
+            c = waiting[0]
+            fit = min(c.count, max_in_flight - in_flight, (kv_blocks - kv_used) // c.need)
+            if fit <= 0:
+                break
+            if fit < c.count:
+                c = c.split(fit)
+                cohorts.append(c)
+            else:
+                waiting.popleft()
+            prefilling.append(c)
+            in_flight += fit
+            kv_used += fit * c.need
         if in_flight == 0:
             # Nothing to run: only an open loop gets here, waiting for the next arrival.
             t = max(t, float(arrivals[issued]))
@@ -126,47 +180,59 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
         if prefilling and budget > 0:
             tokens = 0
             attn = 0.0
-            finished: list[int] = []
-            for entry in prefilling:
-                i, done_tokens = entry
-                remaining = int(isl[i]) - done_tokens
-                if limits.chunked_prefill:
-                    take = min(remaining, budget - tokens)
-                elif remaining <= budget - tokens:
-                    take = remaining
-                else:
+            finished: list[_Cohort] = []
+            whole_cohorts = 0  # finished cohorts at the front of ``prefilling``
+            for c in prefilling:
+                remaining = c.isl - c.done
+                whole = min(c.count, (budget - tokens) // remaining)
+                if whole <= 0:
                     break
-                if take <= 0:
+                attn += whole * remaining * (c.done + remaining / 2)
+                tokens += whole * remaining
+                if whole < c.count:
+                    head = c.split(whole)  # the first ``whole`` requests finish their prompt
+                    cohorts.append(head)
+                    head.done = head.isl
+                    finished.append(head)
                     break
-                attn += take * (done_tokens + take / 2)
-                tokens += take
-                entry[1] += take
-                if entry[1] >= isl[i]:
-                    finished.append(i)
-                if tokens >= budget:
-                    break
+                c.done = c.isl
+                finished.append(c)
+                whole_cohorts += 1
+            room = budget - tokens
+            if chunked and room > 0 and len(prefilling) > whole_cohorts:
+                # A chunk of the next prompt fills what is left of the budget.
+                c = prefilling[whole_cohorts]
+                if c.count > 1:
+                    part = c.split(1)  # the partial request goes ahead of the rest of its cohort
+                    cohorts.append(part)
+                    prefilling.insert(whole_cohorts, part)
+                    c = part
+                attn += room * (c.done + room / 2)
+                tokens += room
+                c.done += room
             if tokens:
-                d = step(n_dec + tokens, n_dec + len(finished), ctx_sum, attn)
+                produced = sum(c.count for c in finished)
+                d = step(n_dec + tokens, n_dec + produced, ctx_sum, attn)
                 t += d
                 if n_dec:
                     gaps.append(d)
                     weights.append(n_dec)
                 it += 1
                 ctx_sum += n_dec
-                for _ in finished:
-                    prefilling.popleft()  # FCFS: the finished ones are at the front
-                for i in finished:
-                    first[i] = t
-                    if osl[i] <= 1:
-                        n_dec += 1
-                        ctx_sum += isl[i] + osl[i]
-                        finish(i)
+                for _ in range(whole_cohorts):
+                    prefilling.popleft()
+                for c in finished:
+                    c.first = t
+                    n_dec += c.count
+                    if c.osl <= 1:
+                        ctx_sum += (c.isl + c.osl) * c.count
+                        finish(c)
                     else:
-                        heapq.heappush(decoding, (it + int(osl[i]) - 1, i))
-                        n_dec += 1
-                        ctx_sum += isl[i] + 1
+                        ctx_sum += (c.isl + 1) * c.count
+                        tie += 1
+                        heapq.heappush(decoding, (it + c.osl - 1, tie, c))
                 while decoding and decoding[0][0] <= it:
-                    finish(heapq.heappop(decoding)[1])
+                    finish(heapq.heappop(decoding)[2])
                 continue
 
         if not decoding:
@@ -188,9 +254,19 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
         it += k
         ctx_sum += n_dec * k
         while decoding and decoding[0][0] <= it:
-            finish(heapq.heappop(decoding)[1])
+            finish(heapq.heappop(decoding)[2])
 
-    return Trace(start, first, end, osl.astype(float), np.asarray(gaps) * 1e3, np.asarray(weights, float))
+    counts = np.fromiter((c.count for c in cohorts), dtype=np.int64, count=len(cohorts))
+    keep = counts > 0
+    counts = counts[keep]
+    live = [c for c, k in zip(cohorts, keep) if k]
+
+    def expand(attr: str) -> np.ndarray:
+        return np.repeat(np.fromiter((getattr(c, attr) for c in live), dtype=float,
+                                     count=len(live)), counts)
+
+    return Trace(expand("start"), expand("first"), expand("end"), expand("osl"),
+                 np.asarray(gaps) * 1e3, np.asarray(weights, float), iterations=it)
 
 
 __all__ = ["Limits", "StepTime", "Trace", "simulate"]

@@ -1,0 +1,329 @@
+"""How close the ``sim`` runner is to what TensorRT-LLM measured.
+
+Runs the performance model on every H100/H200/B200 max-throughput row of NVIDIA's published
+numbers (``../shared/data/published_perf.csv``) that it can model, and prints the error per row,
+per (GPU, model, version) group and overall (mean absolute percentage error), for the rows the
+constants were fitted on and for the held-out rows; then which rows were skipped and why; then
+Llama 3.1 405B FP8 on 8xH200 at ISL 2048 / OSL 128 under TP8, PP8, TP4xPP2 and TP2xPP4.
+
+A row is an offline max-throughput run: every request of NVIDIA's data set issued at once, the
+engine's batch and token limits chosen for throughput. The model reproduces it at unlimited
+concurrency with the same number of requests, and takes the best of a few limit settings
+(``LIMITS``), as NVIDIA tuned them. Usage:
+
+    python benchmarks/accuracy.py [--csv PATH] [--rows] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import zlib
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+
+from autotune.config import EngineConfig
+from autotune.errors import TrialFailure
+from autotune.measurement import MAX_CONCURRENCY
+from autotune.perfmodel import Calibration, load_calibration
+from autotune.runners.sim import SimRunner
+from autotune.scenario import Scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CSV = ROOT.parent / "shared" / "data" / "published_perf.csv"
+
+GPUS = {"H100-SXM-80GB": "h100", "H200-SXM-141GB": "h200", "B200-180GB (DGX B200)": "b200"}
+PRECISIONS = {"FP8": "fp8", "FP4": "fp4", "BF16": "bf16", "FP16": "bf16",
+              "Mixed(FP16/BF16)": "bf16"}
+MODELS = {
+    "Llama-2-7B": "llama-2-7b", "Llama-2-70B": "llama-2-70b",
+    "Llama-3-8B": "llama-3-8b", "Llama-3-70B": "llama-3-70b",
+    "Llama-3.1-8B": "llama-3.1-8b", "Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "Llama-3.1-70B": "llama-3.1-70b", "Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "Llama-3.3-70B-Instruct": "llama-3.3-70b",
+    "Llama-3.1-405B": "llama-3.1-405b", "Llama-3.1-405B-Instruct": "llama-3.1-405b",
+    "Mistral-7B": "mistral-7b", "Mixtral-8x7B": "mixtral-8x7b", "Mixtral-8x22B": "mixtral-8x22b",
+    "GPT-J-6B": "gpt-j-6b", "Falcon-180B": "falcon-180b", "Qwen3-30B-A3B": "qwen3-30b-a3b",
+}
+#: Models of the CSV the catalog cannot describe, and why.
+UNMODELLED = {
+    "Llama-4-Maverick-17B-128E-Instruct": "Llama 4: MoE interleaved with dense layers, a shared "
+                                          "expert and chunked attention (not Mixtral-style)",
+    "Llama-4-Scout-17B-16E-Instruct": "Llama 4: MoE with a shared expert and chunked attention "
+                                      "(not Mixtral-style)",
+    "GPT-OSS-120B": "GPT-OSS: sliding-window attention with sinks, MXFP4 experts",
+    "GPT-OSS-20B": "GPT-OSS: sliding-window attention with sinks, MXFP4 experts",
+    "DeepSeek-R1-0528": "DeepSeek-R1: multi-head latent attention and shared experts",
+    "Qwen3-235B-A22B": "run with attention data parallelism + expert parallelism (NVIDIA's MoE "
+                       "command), which the model does not describe",
+    "Llama-7B": "Llama 1 (pre-in-flight-batching v0.6.1 page)",
+    "Llama-70B": "Llama 1 (pre-in-flight-batching v0.6.1 page)",
+}
+#: Requests in NVIDIA's data set per (ISL, OSL) (perf-overview.md, "Preparing a Dataset").
+NUM_REQUESTS = {(128, 128): 30000, (128, 2048): 3000, (128, 4096): 1500, (1000, 2000): 1500,
+                (2048, 128): 3000, (2048, 2048): 1500, (5000, 500): 1500, (1000, 1000): 3000,
+                (500, 2000): 3000, (20000, 2000): 1000, (1024, 1024): 3000, (8192, 1024): 1500,
+                (1024, 8192): 1500, (32768, 1024): 1000, (1024, 32768): 1000}
+#: Engine limits tried per row (max_batch_size, max_num_tokens); the best one is reported.
+LIMITS = ((512, 2048), (2048, 2048), (2048, 8192), (4096, 8192), (4096, 16384))
+KV_FRACTION = 0.95  # NVIDIA's "--kv_cache_free_gpu_mem_fraction 0.95 in most cases"
+HELD_OUT_EVERY = 4  # one (model, ISL/OSL) combination in four is never fitted on
+
+
+@dataclass(frozen=True)
+class Row:
+    index: int  # row of the CSV (0-based, header excluded)
+    version: str
+    backend: str  # trt | pytorch | pytorch-no-graphs
+    gpu: str
+    model: str
+    precision: str
+    tp: int
+    pp: int
+    dp: int
+    isl: int
+    osl: int
+    measured: float  # output tokens/s of all GPUs of the row
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return (self.gpu, self.model, self.version)
+
+    @property
+    def held_out(self) -> bool:
+        key = f"{self.model}|{self.isl}|{self.osl}".encode()
+        return zlib.crc32(key) % HELD_OUT_EVERY == 0
+
+    @property
+    def num_requests(self) -> int:
+        if (self.isl, self.osl) in NUM_REQUESTS:
+            return NUM_REQUESTS[(self.isl, self.osl)]
+        seq = self.isl + self.osl
+        return 30000 if seq <= 256 else 3000 if seq <= 2500 else 1500 if seq <= 10000 else 1000
+
+
+def version_of(source_version: str) -> tuple[str | None, str | None]:
+    """(short version, back end) of a CSV ``source_version``; back end None: not comparable."""
+    v = source_version.strip()
+    for prefix, short, backend in (
+        ("0.12", "0.12", "trt"), ("0.13", "0.13", "trt"), ("0.14", "0.14", "trt"),
+        ("0.15", "0.15", "trt"), ("0.17", "0.17", "trt"), ("0.19", "0.19", "pytorch"),
+        ("0.20-0.21", "0.21", "pytorch"), ("0.20", "0.20", "pytorch-no-graphs"),
+        ("1.0", "1.0", "pytorch"), ("1.1", "1.1", "pytorch"),
+    ):
+        if v.startswith(prefix):
+            return short, backend
+    return v.split()[0], None
+
+
+def load_rows(csv: Path) -> tuple[list[Row], list[tuple[int, str, str]]]:
+    """The rows the model can be compared on, and (index, label, reason) for every other one."""
+    df = pd.read_csv(csv)
+    rows: list[Row] = []
+    skipped: list[tuple[int, str, str]] = []
+    for i, r in df.iterrows():
+        label = (f"{r.source_version.split()[0]} {r.gpu} {r.model} {r.precision} tp{r.tp}"
+                 f"{'' if r.pp == 1 else f'pp{r.pp}'} {r.isl}/{r.osl} {r.metric}")
+        short, backend = version_of(str(r.source_version))
+        notes = str(r.notes)
+        if r.gpu not in GPUS:
+            why = ("Grace superchip (GH200/GB200), not in the GPU catalog"
+                   if r.gpu.startswith("G") else "PCIe card without NVLink, not in the GPU catalog")
+        elif backend is None:
+            why = "pre-in-flight-batching page (static batch or batch-1 latency)"
+        elif r.metric not in ("output_tok_s_total", "output_tok_s_per_gpu"):
+            why = "online-serving sweep at a fixed request rate, not a max-throughput row"
+        elif r.model in UNMODELLED:
+            why = UNMODELLED[r.model]
+        elif r.model not in MODELS:
+            why = "model not in the catalog"
+        elif "attention-DP" in notes and f"{r.model}" in notes:
+            why = "attention data parallelism + expert parallelism"
+        elif PRECISIONS.get(r.precision) == "fp4" and GPUS[r.gpu] != "b200":
+            why = "FP4 needs Blackwell tensor cores"
+        else:
+            why = ""
+        if why:
+            skipped.append((int(i), label, why))
+            continue
+        gpus = int(r.num_gpus)
+        total = float(r.value) * (gpus if r.metric == "output_tok_s_per_gpu" else 1)
+        tp, pp = int(r.tp), int(r.pp)
+        rows.append(Row(index=int(i), version=short, backend=backend, gpu=GPUS[r.gpu],
+                        model=MODELS[r.model], precision=PRECISIONS[r.precision], tp=tp, pp=pp,
+                        dp=max(1, gpus // (tp * pp)), isl=int(r.isl), osl=int(r.osl),
+                        measured=total))
+    return rows, skipped
+
+
+@cache
+def _scenario(gpu: str, model: str, precision: str, gpus: int, isl: int, osl: int) -> Scenario:
+    return Scenario.build(model=model, gpu=gpu, num_gpus=gpus, precision=precision, isl=isl,
+                          osl=osl, slo=None)
+
+
+def throughput(row: Row, calibration: Calibration, limits: tuple[int, int]) -> float:
+    """Modelled output tokens/s of ``row`` under one pair of engine limits (0: does not fit)."""
+    b, t = limits
+    scen = _scenario(row.gpu, row.model, row.precision, row.tp * row.pp * row.dp, row.isl,
+                     row.osl)
+    config = EngineConfig(tp=row.tp, pp=row.pp, dp=row.dp, max_batch_size=b, max_num_tokens=t,
+                          kv_fraction=KV_FRACTION, chunked_prefill=True, precision=row.precision)
+    runner = SimRunner(scen, calibration, num_requests=row.num_requests)
+    try:
+        (point,) = runner.measure(config, scen.workload, [MAX_CONCURRENCY]).load_points
+    except TrialFailure:
+        return 0.0
+    return point.output_throughput
+
+
+def predict(row: Row, calibration: Calibration | None = None,
+            limits: tuple[tuple[int, int], ...] = LIMITS) -> tuple[float, tuple[int, int] | None]:
+    """Modelled output tokens/s of ``row`` (best over ``limits``) and the limits that gave it."""
+    cal = calibration or load_calibration(row.gpu, row.precision, row.backend)
+    best, best_limits = 0.0, None
+    for lim in limits:
+        tput = throughput(row, cal, lim)
+        if tput > best:
+            best, best_limits = tput, lim
+    return best, best_limits
+
+
+def case_key(row: Row) -> tuple:
+    """Rows with the same key get the same prediction (the same run in another version)."""
+    return (row.gpu, row.model, row.precision, row.tp, row.pp, row.dp, row.isl, row.osl,
+            row.backend)
+
+
+def _predict_one(args):
+    row, cal = args
+    return predict(row, cal)
+
+
+def predict_all(rows: list[Row], calibrations: dict | None = None,
+                jobs: int = 1) -> list[tuple[float, tuple[int, int] | None]]:
+    """(prediction, best limits) for ``rows``; ``calibrations`` maps (gpu, precision, back end)
+    to constants (default: the shipped files)."""
+    firsts: dict[tuple, Row] = {}
+    for r in rows:
+        firsts.setdefault(case_key(r), r)
+    work = [(r, calibrations.get((r.gpu, r.precision, r.backend)) if calibrations else None)
+            for r in firsts.values()]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            out = list(pool.map(_predict_one, work, chunksize=4))
+    else:
+        out = [_predict_one(w) for w in work]
+    by_key = dict(zip(firsts, out))
+    return [by_key[case_key(r)] for r in rows]
+
+
+def ape(pred: float, measured: float) -> float:
+    return abs(pred - measured) / measured * 100
+
+
+def mape(errors: list[float]) -> float:
+    return statistics.fmean(errors) if errors else float("nan")
+
+
+def report(rows: list[Row], preds: list[float], skipped, *, show_rows: bool) -> dict:
+    errs = [ape(p, r.measured) for r, p in zip(rows, preds)]
+    if show_rows:
+        print(f"{'row':>5} {'ver':>4} {'gpu':4} {'model':15} {'prec':4} {'layout':8} "
+              f"{'isl/osl':>11} {'measured':>9} {'model':>9} {'err%':>6}  split")
+        for r, p, e in zip(rows, preds, errs):
+            lay = f"tp{r.tp}" + (f"pp{r.pp}" if r.pp > 1 else "")
+            print(f"{r.index + 2:>5} {r.version:>4} {r.gpu:4} {r.model:15} {r.precision:4} "
+                  f"{lay:8} {f'{r.isl}/{r.osl}':>11} {r.measured:>9.0f} {p:>9.0f} "
+                  f"{(p - r.measured) / r.measured * 100:>+6.1f}  "
+                  f"{'held-out' if r.held_out else 'fit'}")
+        print()
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[r.group].append(i)
+    print(f"{'gpu':4} {'model':15} {'ver':>4} {'rows':>4} {'MAPE%':>6} {'bias%':>6}")
+    worst = (None, 0.0)
+    for key in sorted(groups, key=lambda k: (k[0], k[1], float(k[2]))):
+        idx = groups[key]
+        m = mape([errs[i] for i in idx])
+        bias = statistics.fmean((preds[i] - rows[i].measured) / rows[i].measured * 100
+                                for i in idx)
+        print(f"{key[0]:4} {key[1]:15} {key[2]:>4} {len(idx):>4} {m:>6.1f} {bias:>+6.1f}")
+        if m > worst[1]:
+            worst = (key, m)
+    print()
+    summary = {}
+    for name, sel in (("all", lambda r: True),
+                      ("H100+H200", lambda r: r.gpu in ("h100", "h200")),
+                      ("h100", lambda r: r.gpu == "h100"), ("h200", lambda r: r.gpu == "h200"),
+                      ("b200", lambda r: r.gpu == "b200")):
+        fit = [e for r, e in zip(rows, errs) if sel(r) and not r.held_out]
+        held = [e for r, e in zip(rows, errs) if sel(r) and r.held_out]
+        both = fit + held
+        summary[name] = (mape(both), mape(fit), mape(held), len(both))
+        print(f"MAPE {name:10} {mape(both):5.1f}%  (fit {mape(fit):5.1f}% on {len(fit)} rows, "
+              f"held-out {mape(held):5.1f}% on {len(held)} rows)")
+    if worst[0]:
+        print(f"worst group: {' '.join(worst[0])} {worst[1]:.1f}%")
+    within = sum(e <= 10 for e in errs) / len(errs) * 100
+    print(f"rows within 10%: {within:.0f}%, within 25%: "
+          f"{sum(e <= 25 for e in errs) / len(errs) * 100:.0f}%")
+    return summary
+
+
+def print_skipped(skipped) -> None:
+    by_reason: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for i, label, why in skipped:
+        by_reason[why].append((i, label))
+    print(f"\nSkipped {len(skipped)} rows:")
+    for why, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        print(f"  {len(items):4} {why}")
+
+
+def layouts_405b() -> None:
+    """Llama 3.1 405B FP8 on 8xH200, ISL 2048 / OSL 128: per-user speed and max throughput."""
+    scen = Scenario.build(model="llama-3.1-405b", gpu="h200", num_gpus=8, precision="fp8",
+                          isl=2048, osl=128, slo=None)
+    runner = SimRunner(scen, num_requests=3000)
+    print("\nLlama 3.1 405B FP8, 8xH200, ISL 2048 / OSL 128 (PyTorch back-end constants)")
+    print(f"{'layout':10} {'tok/s/user @ c=1':>17} {'TTFT ms @ c=1':>14} {'output tok/s @ max':>19}")
+    for tp, pp in ((8, 1), (1, 8), (4, 2), (2, 4)):
+        best = 0.0
+        for b, t in LIMITS:
+            cfg = EngineConfig(tp=tp, pp=pp, max_batch_size=b, max_num_tokens=t,
+                               kv_fraction=KV_FRACTION, precision="fp8")
+            try:
+                (p,) = runner.measure(cfg, scen.workload, [MAX_CONCURRENCY]).load_points
+            except TrialFailure:
+                continue
+            best = max(best, p.output_throughput)
+        cfg = EngineConfig(tp=tp, pp=pp, kv_fraction=KV_FRACTION, precision="fp8")
+        (one,) = SimRunner(scen).measure(cfg, scen.workload, [1]).load_points
+        print(f"{f'TP{tp}xPP{pp}':10} {one.output_throughput_per_user:>17.1f} "
+              f"{one.latency('ttft', 'mean'):>14.0f} {best:>19.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    ap.add_argument("--rows", action="store_true", help="print every row's error")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    rows, skipped = load_rows(args.csv)
+    preds = [p for p, _ in predict_all(rows, jobs=args.jobs)]
+    report(rows, preds, skipped, show_rows=args.rows)
+    print_skipped(skipped)
+    layouts_405b()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

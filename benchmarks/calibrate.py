@@ -1,0 +1,286 @@
+"""Fit the performance model's constants to NVIDIA's published TensorRT-LLM throughput.
+
+For each GPU, fits the constants of ``autotune/data/calibration/<gpu>-<precision>.yaml`` on the
+*fit* rows of ``../shared/data/published_perf.csv`` (``accuracy.py`` decides which rows are
+comparable and which are held out: one (model, ISL/OSL) combination in four never takes part).
+The same constants serve every model and workload on that GPU; there are no per-model or
+per-scenario factors. What is fitted:
+
+- per GPU (shared by its precisions): HBM efficiency, prefill-attention efficiency, all-reduce
+  latency and bandwidth efficiency, per-request overhead;
+- per GPU and precision: the large-GEMM efficiency and the tokens at which GEMMs reach half of
+  it;
+- per GPU and TensorRT-LLM generation (``trt`` engines of 0.12-0.17, the ``pytorch`` back end,
+  0.20's PyTorch back end without CUDA graphs): the fixed cost of one scheduler iteration.
+
+The search is deterministic: Levenberg-Marquardt steps on log(model / measured) over the
+constants in log space (finite-difference Jacobian), reweighted each step so that it minimises
+the absolute log error (close to the mean absolute percentage error it reports). Between rounds
+the engine limits each row is modelled with are chosen again (the best of ``accuracy.LIMITS``).
+Usage (takes a few minutes per GPU on two cores):
+
+    python benchmarks/calibrate.py [--gpu h100 ...] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import accuracy
+from autotune.perfmodel import DEFAULT_BACKEND, Calibration
+
+CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
+SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_bw_eff", "seq_overhead_us")
+PER_PRECISION = ("gemm_eff", "gemm_half_tokens")
+PER_BACKEND = ("iter_overhead_ms",)
+BOUNDS = {
+    "gemm_eff": (0.2, 1.0), "gemm_half_tokens": (1.0, 4096.0), "mem_eff": (0.3, 1.0),
+    "attn_eff": (0.05, 1.0), "ar_latency_us": (1.0, 200.0), "ar_bw_eff": (0.05, 1.0),
+    "iter_overhead_ms": (0.01, 50.0), "seq_overhead_us": (0.01, 200.0),
+}
+START = Calibration()  # the defaults in autotune/perfmodel.py
+FD_STEP = 0.05  # finite-difference step in log space (5 %)
+
+
+class Params:
+    """The free constants of one GPU: name -> value, names like ``gemm_eff@fp8``."""
+
+    def __init__(self, precisions: list[str], backends: list[str], start: dict[str, float]):
+        self.names = [*SHARED, *(f"{p}@{q}" for q in precisions for p in PER_PRECISION),
+                      *(f"{p}@{b}" for b in backends for p in PER_BACKEND)]
+        self.values = {n: start.get(n, getattr(START, n.split("@")[0])) for n in self.names}
+
+    def calibration(self, precision: str, backend: str) -> Calibration:
+        v = {n: self.values[n] for n in SHARED}
+        v.update({p: self.values[f"{p}@{precision}"] for p in PER_PRECISION})
+        v.update({p: self.values[f"{p}@{backend}"] for p in PER_BACKEND})
+        return Calibration(**v)
+
+
+# ---- parallel evaluation of the cases ----------------------------------------------------
+_CASES: list = []
+
+
+def _init(cases):
+    global _CASES
+    _CASES = cases
+
+
+def _eval(args):
+    """Throughput of cases ``idx`` under ``cal_by_key`` with each case's limits (or the best)."""
+    idx, cals, limits = args
+    out = []
+    for i, lim in zip(idx, limits):
+        row = _CASES[i]
+        cal = cals[(row.precision, row.backend)]
+        if lim is None:
+            out.append(accuracy.predict(row, cal))
+        else:
+            out.append((accuracy.throughput(row, cal, lim), lim))
+    return out
+
+
+class Evaluator:
+    def __init__(self, cases: list, jobs: int):
+        self.cases = cases
+        self.pool = ProcessPoolExecutor(jobs, initializer=_init, initargs=(cases,)) \
+            if jobs > 1 else None
+        self.jobs = jobs
+        _init(cases)
+
+    def run(self, params: Params, limits: list | None) -> list[tuple[float, tuple | None]]:
+        keys = {(c.precision, c.backend) for c in self.cases}
+        cals = {k: params.calibration(*k) for k in keys}
+        n = len(self.cases)
+        lims = limits or [None] * n
+        if not self.pool:
+            return _eval((range(n), cals, lims))
+        # Interleaved chunks balance slow and fast cases between the workers.
+        parts = [list(range(j, n, self.jobs * 4)) for j in range(self.jobs * 4)]
+        results = self.pool.map(_eval, [(p, cals, [lims[i] for i in p]) for p in parts])
+        out: list = [None] * n
+        for p, res in zip(parts, results):
+            for i, r in zip(p, res):
+                out[i] = r
+        return out
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown()
+
+
+def residuals(preds, cases, measured) -> np.ndarray:
+    """log(model / measured) for every fit row (a case stands for all the rows of its run)."""
+    out = []
+    for (p, _), case in zip(preds, cases):
+        for m in measured[accuracy.case_key(case)]:
+            out.append(math.log(max(p, 1e-9) / m))
+    return np.asarray(out)
+
+
+def mape_of(res: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.expm1(res)))) * 100
+
+
+def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 2, iterations: int = 8,
+            start: dict | None = None) -> tuple[Params, float]:
+    """Levenberg-Marquardt on log(model / measured) over log-scaled constants, reweighted so
+    that it minimises the absolute (not squared) log error, close to the MAPE it reports."""
+    log = log or (lambda *a: print(*a, flush=True))
+    fit_rows = [r for r in rows if r.gpu == gpu and not r.held_out]
+    measured: dict[tuple, list[float]] = defaultdict(list)
+    cases = []
+    for r in fit_rows:
+        key = accuracy.case_key(r)
+        if key not in measured:
+            cases.append(r)
+        measured[key].append(r.measured)
+    precisions = sorted({r.precision for r in fit_rows})
+    backends = sorted({r.backend for r in fit_rows})
+    params = Params(precisions, backends, start or {})
+    names = params.names
+    lo = np.log([BOUNDS[n.split("@")[0]][0] for n in names])
+    hi = np.log([BOUNDS[n.split("@")[0]][1] for n in names])
+    ev = Evaluator(cases, jobs)
+    log(f"{gpu}: {len(fit_rows)} fit rows, {len(cases)} distinct runs, {len(names)} constants")
+
+    def at(theta, limits):
+        for n, v in zip(names, np.exp(theta)):
+            params.values[n] = float(v)
+        return residuals(ev.run(params, limits), cases, measured)
+
+    theta = np.clip(np.log([params.values[n] for n in names]), lo, hi)
+    try:
+        for rnd in range(rounds):
+            preds = ev.run(params, None)  # choose each case's limits again
+            limits = [lim for _, lim in preds]
+            res = residuals(preds, cases, measured)
+            log(f"  round {rnd + 1}: MAPE {mape_of(res):.2f}% with the best limits")
+            lam = 1e-2
+            for it in range(iterations):
+                w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
+                cost = float(np.sum(w * res**2))
+                jac = np.empty((res.size, theta.size))
+                for j in range(theta.size):
+                    h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
+                    t2 = theta.copy()
+                    t2[j] += h
+                    jac[:, j] = (at(t2, limits) - res) / h
+                g = jac.T @ (w * res)
+                a = jac.T @ (w[:, None] * jac)
+                moved = False
+                for _ in range(6):
+                    step = -np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), g)
+                    cand = np.clip(theta + step, lo, hi)
+                    r2 = at(cand, limits)
+                    if float(np.sum(w * r2**2)) < cost:
+                        theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
+                        break
+                    lam *= 4
+                at(theta, limits)  # leave params at theta
+                log(f"    iteration {it + 1}: MAPE {mape_of(res):.2f}%"
+                    + ("" if moved else " (no better step)"))
+                if not moved:
+                    break
+        preds = ev.run(params, None)
+        best = mape_of(residuals(preds, cases, measured))
+        log(f"  final: MAPE {best:.2f}% on the fit rows (best limits)")
+    finally:
+        ev.close()
+    return params, best
+
+
+def existing_values(gpu: str) -> dict[str, float]:
+    """The constants the shipped files hold now, as a starting point (name@precision/backend)."""
+    out: dict[str, float] = {}
+    for path in sorted(CALIBRATION_DIR.glob(f"{gpu}-*.yaml")):
+        precision = path.stem.split("-", 1)[1]
+        data = yaml.safe_load(path.read_text()) or {}
+        backends = data.pop("backends", None) or {}
+        data.pop("fit", None)
+        for name in SHARED:
+            if name in data:
+                out[name] = float(data[name])
+        for name in PER_PRECISION:
+            if name in data:
+                out[f"{name}@{precision}"] = float(data[name])
+        for name in PER_BACKEND:
+            if name in data:
+                out[f"{name}@{DEFAULT_BACKEND}"] = float(data[name])
+            for b, over in backends.items():
+                if name in (over or {}):
+                    out[f"{name}@{b}"] = float(over[name])
+    return out
+
+
+def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int) -> list[Path]:
+    precisions = sorted({n.split("@")[1] for n in params.names if n.startswith("gemm_eff@")})
+    backends = sorted({n.split("@")[1] for n in params.names if n.startswith("iter_overhead_ms@")})
+    default = DEFAULT_BACKEND if DEFAULT_BACKEND in backends else backends[0]
+    written = []
+    for precision in precisions:
+        cal = params.calibration(precision, default)
+        lines = [
+            f"# Constants of the performance model for {gpu} / {precision}, fitted by",
+            "# benchmarks/calibrate.py on the fit rows of shared/data/published_perf.csv",
+            f"# ({n_rows} rows of this GPU, MAPE {mape_fit:.1f}% on them; accuracy.py reports the",
+            "# held-out rows). Top-level values describe TensorRT-LLM's PyTorch back end (1.x);",
+            "# `backends` overrides them for the TensorRT engines of 0.12-0.17 (trt) and 0.20's",
+            "# PyTorch back end without CUDA graphs.",
+        ]
+        for name, value in cal.to_dict().items():
+            lines.append(f"{name}: {value:.4g}")
+        others = [b for b in backends if b != DEFAULT_BACKEND]
+        if default != DEFAULT_BACKEND:
+            lines.append(f"# no {DEFAULT_BACKEND} rows for this GPU: overheads are the {default} ones")
+        if others:
+            lines.append("backends:")
+            for b in others:
+                over = ", ".join(f"{p}: {params.values[f'{p}@{b}']:.4g}" for p in PER_BACKEND)
+                lines.append(f"  {b}: {{{over}}}")
+        path = CALIBRATION_DIR / f"{gpu}-{precision}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--csv", type=Path, default=accuracy.DEFAULT_CSV)
+    ap.add_argument("--gpu", action="append", help="GPUs to fit (default: h100 h200 b200)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="start from perfmodel.py's defaults, not the shipped files")
+    ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
+    args = ap.parse_args(argv)
+    rows, _ = accuracy.load_rows(args.csv)
+    for gpu in args.gpu or ["h100", "h200", "b200"]:
+        t0 = time.perf_counter()
+        start = {} if args.from_scratch else existing_values(gpu)
+        params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
+                               iterations=args.iterations, start=start)
+        n = sum(1 for r in rows if r.gpu == gpu and not r.held_out)
+        for name in params.names:
+            print(f"  {name:24} {params.values[name]:.4g}")
+        if not args.dry_run:
+            for path in write_files(gpu, params, value, n):
+                print(f"  wrote {path.relative_to(accuracy.ROOT)}")
+        print(f"  {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""`autotune deploy`: serve.sh / bench.sh run exactly the trtllm-serve and trtllm-bench argv
+autotune builds (checked with stand-in executables), the YAML and config.json match the
+recommendation, and the folder is written whole or not at all."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from sample_study import STUDY, sample_copy
+from typer.testing import CliRunner
+
+from autotune.cli import app
+from autotune.config import EngineConfig
+from autotune.launch import (
+    DEPLOY_FILES,
+    bench_argv,
+    bench_num_requests,
+    llm_api_options,
+    prepare_dataset_argv,
+    replica_concurrency,
+    serve_argv,
+)
+from autotune.measurement import MAX_CONCURRENCY
+from autotune.specs import Workload
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return sample_copy(tmp_path_factory, tmp_path_factory.mktemp("deploy"))
+
+
+@pytest.fixture(scope="module")
+def best(study):
+    r = cli("best", "--storage", study, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["best"][0]
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    """trtllm-serve and trtllm-bench stand-ins that log their argv and environment."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    script = textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        args = sys.argv[1:]
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + args,
+                                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                 "cwd": os.getcwd()}}) + "\\n")
+        if "prepare-dataset" in args:
+            open(args[args.index("--output") + 1], "w").write('{{"task_id": 0}}\\n')
+        """)
+    for name in ("trtllm-serve", "trtllm-bench"):
+        path = bin_dir / name
+        path.write_text(script)
+        path.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    return env, calls
+
+
+def test_deploy_folder_holds_the_recommendation(study, best, tmp_path):
+    out = tmp_path / "deploy"
+    r = cli("deploy", "--storage", study, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == sorted(DEPLOY_FILES)
+    for name in ("serve.sh", "bench.sh"):
+        assert os.stat(out / name).st_mode & stat.S_IXUSR, name
+        assert subprocess.run(["bash", "-n", out / name], check=False).returncode == 0, name
+    config = EngineConfig.from_dict(best["config"])
+    assert yaml.safe_load((out / "extra_llm_api_options.yaml").read_text()) == \
+        llm_api_options(config)
+    data = json.loads((out / "config.json").read_text())
+    assert data["schema"] == "autotune.deploy/1" and data["study"] == STUDY
+    assert data["config"] == best["config"] and data["trial"] == best["trial"]
+    assert data["expected"]["output_tok_s_per_gpu"] == best["throughput"]["output_tok_s_per_gpu"]
+    assert data["launch"] == best["launch"]
+    readme = (out / "README.txt").read_text()
+    assert best["label"] in readme and "./serve.sh" in readme and "./bench.sh" in readme
+
+
+@pytest.mark.parametrize("pick", ["best", "replicas"], ids=["recommended", "dp-replicas"])
+def test_serve_sh_runs_each_replica_exactly_as_planned(study, best, tmp_path, stand_ins, pick):
+    env, calls = stand_ins
+    out = tmp_path / "deploy"
+    extra = []
+    if pick == "replicas":  # a config with data-parallel replicas, started in the background
+        recs = json.loads(cli("best", "--storage", study, "--json", "--top", 20).stdout)["best"]
+        best = next(r for r in recs if r["config"]["dp"] > 1)
+        extra = ["--trial", best["trial"]]
+    assert cli("deploy", "--storage", study, "--out", out, *extra).exit_code == 0
+    model = "/models/my llama's checkpoint"  # spaces and quotes survive the script
+    r = subprocess.run([out / "serve.sh"], env=dict(env, MODEL=model), capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    config = EngineConfig.from_dict(best["config"])
+    got = sorted(calls(), key=lambda c: c["argv"])
+    want = sorted(({"argv": list(serve_argv(config, model, port=port)),
+                    "gpus": ",".join(map(str, gpus)) if config.dp > 1 else None,
+                    "cwd": str(out)}
+                   for port, gpus in zip(best["launch"]["ports"], best["launch"]["gpus"])),
+                  key=lambda c: c["argv"])
+    assert got == want
+
+
+def test_bench_sh_prepares_a_dataset_then_measures_one_replica(study, best, tmp_path,
+                                                               stand_ins):
+    env, calls = stand_ins
+    out = tmp_path / "deploy"
+    assert cli("deploy", "--storage", study, "--out", out).exit_code == 0
+    r = subprocess.run([out / "bench.sh"], env=env, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    config = EngineConfig.from_dict(best["config"])
+    model = best["launch"]["commands"][0][1]
+    load = replica_concurrency(config, best["concurrency"])
+    n = bench_num_requests(load)
+    prepare, bench = calls()
+    assert prepare["argv"] == list(prepare_dataset_argv(model, Workload(1024, 256), n))
+    assert bench["argv"] == list(bench_argv(config, model, load, num_requests=n))
+    assert bench["gpus"] == ",".join(map(str, range(config.tp * config.pp)))
+    assert (out / "dataset.jsonl").exists()
+    # A second run reuses the dataset.
+    subprocess.run([out / "bench.sh"], env=env, check=True, timeout=60)
+    assert [c["argv"][3] for c in calls()[2:]] == ["throughput"]
+
+
+@pytest.mark.parametrize("dp, load, per_replica", [
+    (1, 64, 64), (2, 64, 32), (4, 1, 1), (8, 100, 13), (2, MAX_CONCURRENCY, MAX_CONCURRENCY),
+], ids=["dp1", "dp2", "dp4-load1", "dp8-rounds-up", "max-stays-max"])
+def test_replica_concurrency(dp, load, per_replica):
+    assert replica_concurrency(EngineConfig(tp=1, dp=dp), load) == per_replica
+
+
+@pytest.mark.parametrize("load, has_flag", [(32, True), (MAX_CONCURRENCY, False)],
+                         ids=["fixed-load", "max-load"])
+def test_bench_argv_names_the_config_and_the_load(load, has_flag):
+    cfg = EngineConfig(tp=4, pp=2, dp=1, max_batch_size=256, max_num_tokens=4096,
+                       kv_fraction=0.85)
+    argv = bench_argv(cfg, "meta-llama/Llama-3.1-70B-Instruct", load, num_requests=500)
+    assert argv[:4] == ("trtllm-bench", "--model", "meta-llama/Llama-3.1-70B-Instruct",
+                        "throughput")
+    flags = dict(zip(argv[4::2], argv[5::2]))
+    assert flags["--tp"] == "4" and flags["--pp"] == "2" and flags["--backend"] == "pytorch"
+    assert flags["--max_batch_size"] == "256" and flags["--max_num_tokens"] == "4096"
+    assert flags["--kv_cache_free_gpu_mem_fraction"] == "0.85"
+    assert flags["--num_requests"] == "500"
+    assert flags["--extra_llm_api_options"] == "extra_llm_api_options.yaml"
+    assert ("--concurrency" in flags) is has_flag and flags.get("--concurrency") in (None, "32")
+
+
+def test_a_non_empty_folder_needs_force(study, tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = cli("deploy", "--storage", study, "--out", out)
+    assert r.exit_code == 2 and "not empty" in r.stderr and "--force" in r.stderr
+    assert os.listdir(out) == ["notes.txt"]
+    r = cli("deploy", "--storage", study, "--out", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == sorted([*DEPLOY_FILES, "notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p for p in os.listdir(tmp_path) if p != "deploy"] == []  # no staging left behind
+
+
+def test_trial_deploys_a_chosen_config(study, tmp_path):
+    rows = json.loads(cli("best", "--storage", study, "--json", "--top", 3).stdout)["best"]
+    third = rows[-1]
+    r = cli("deploy", "--storage", study, "--out", tmp_path / "d", "--trial", third["trial"],
+            "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["recommendation"]["config"] == third["config"]
+    assert "picked from an autotune study" in (tmp_path / "d" / "serve.sh").read_text()
+
+
+@pytest.mark.parametrize("trial, message", [(999, "has no trial 999"),
+                                            (1, "has no measured load points")],
+                         ids=["unknown-trial", "infeasible-trial"])
+def test_a_trial_without_a_measurement_is_a_user_error(study, tmp_path, trial, message):
+    r = cli("deploy", "--storage", study, "--out", tmp_path / "d", "--trial", trial)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_nothing_feasible_exits_1_names_the_closest_and_writes_nothing(tmp_path_factory,
+                                                                       tmp_path):
+    url = sample_copy(tmp_path_factory, tmp_path, "hopeless")
+    r = cli("deploy", "--storage", url, "--out", tmp_path / "d")
+    assert r.exit_code == 1 and "meets the SLO" in r.stderr and "--trial" in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "missing/d"], "does not exist"),
+    (["--out", "f.txt"], "is a file"),
+    (["--out", "d", "--study", "nope"], "no study named 'nope'"),
+], ids=["parent-missing", "out-is-a-file", "unknown-study"])
+def test_bad_input_is_one_line_exit_2(study, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    r = cli("deploy", "--storage", study, *args)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]
