@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +280,7 @@ def prior_job(args) -> dict:
     real = landscape(truth_table(model, gpu, isl, osl, perturb), model, gpu, isl, osl, slo)
     model_view = landscape(truth_table(model, gpu, isl, osl), model, gpu, isl, osl, slo)
     configs = {c.label(): c for c in _configs(scen, space)}
-    scored = [Scored(configs[label], o if f or not scen.slo else o, f)
+    scored = [Scored(configs[label], o, f)
               for label, (o, f, _) in model_view.outcomes.items()]
     prior = pick_prior(scored)
     without = [method_trials("autotune", scen, real, s, budget) for s in range(seeds)]

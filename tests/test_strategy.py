@@ -3,7 +3,6 @@
 import pytest
 
 from autotune.config import EngineConfig
-from autotune.measurement import MAX_CONCURRENCY
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
