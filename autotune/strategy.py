@@ -9,10 +9,11 @@ structure of the problem says where to look:
    batch limit: the load ladder picks the load anyway; TensorRT-LLM's default token budget and KV
    share; chunked prefill). With ``--prior sim`` the built-in model's best configurations, spread
    over layouts, take their place.
-2. **Hill climbing.** Then the best configuration so far (the incumbent) has its neighbours
-   tried: one step up and down each ordered setting (token budget, batch limit, KV share), the
-   other chunked-prefill choice, and its settings on the runner-up layouts. When a neighbour wins
-   it becomes the incumbent; when every neighbour is tried, the climb is over.
+2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
+   configuration (the incumbent) has its neighbours tried, one step down and up the token
+   budget, KV share and batch limit and the other chunked-prefill choice. A neighbour that beats
+   the incumbent by more than 0.5% becomes the incumbent (smaller gains are a real engine's
+   run-to-run noise); when no untried neighbour is left, the climb is over.
 3. **TPE** (multivariate, grouped, constant liar so that workers sharing a study don't all
    propose the same point; SLO terms as constraints), which has learned from every trial so far.
 
@@ -37,6 +38,10 @@ from autotune.space import Layout, SearchSpace
 PRIOR_TRIALS = 6
 
 
+#: Layouts climbed side by side after the first trials.
+CLIMBED_LAYOUTS = 2
+#: Smallest relative gain that moves a climb (below it is run-to-run noise on a real engine).
+MIN_GAIN = 0.005
 #: Study user attribute holding the first configurations' params (list of dicts).
 PLAN_ATTR = "autotune_plan"
 
@@ -67,37 +72,37 @@ class PlannedSampler(optuna.samplers.BaseSampler):
             if _key(params) not in proposed:
                 return params
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not done:
-            return None
-        incumbent = max(done, key=_rank)
-        for params in self.neighbours(incumbent.params, done):
-            if _key(params) not in proposed:
-                return params
-        return None
+        by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
+        for t in done:
+            by_layout.setdefault(t.params.get("layout"), []).append(t)
+        # Climb the best layouts side by side: a layout that starts a little behind at default
+        # settings is often the one that wins once its token budget and KV share are tuned.
+        leaders = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank,
+                         reverse=True)[:CLIMBED_LAYOUTS]
+        best_next, fewest = None, None
+        for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
+            around = self.neighbours(leader.params)
+            untried = [p for p in around if _key(p) not in proposed]
+            tried = len(around) - len(untried)
+            if untried and (fewest is None or tried < fewest):
+                best_next, fewest = untried[0], tried
+        return best_next
 
-    def neighbours(self, params: dict, done: Sequence[optuna.trial.FrozenTrial]) -> list[dict]:
-        """One step along each setting of ``params``, then its settings on runner-up layouts."""
+    def neighbours(self, params: dict) -> list[dict]:
+        """One step along each setting of ``params`` within its layout, the settings that
+        matter most first."""
         out = []
         for name, values in (("max_num_tokens", self.space.max_num_tokens),
-                             ("max_batch_size", self.space.max_batch_size),
                              ("kv_fraction", self.space.kv_fraction),
+                             ("max_batch_size", self.space.max_batch_size),
                              ("chunked_prefill", self.space.chunked_prefill)):
             ordered = sorted(values)
             if params.get(name) not in ordered:
                 continue
             i = ordered.index(params[name])
-            for j in (i + 1, i - 1):
+            for j in (i - 1, i + 1):
                 if 0 <= j < len(ordered):
                     out.append({**params, name: ordered[j]})
-        # The best other layouts so far, with the incumbent's scheduler settings.
-        best_by_layout: dict[str, optuna.trial.FrozenTrial] = {}
-        for t in done:
-            lay = t.params.get("layout")
-            if lay != params.get("layout") and (lay not in best_by_layout
-                                                or _rank(t) > _rank(best_by_layout[lay])):
-                best_by_layout[lay] = t
-        runners_up = sorted(best_by_layout.values(), key=_rank, reverse=True)[:2]
-        out += [{**params, "layout": t.params["layout"]} for t in runners_up]
         return out
 
     # -- the sampler interface
@@ -130,6 +135,21 @@ class PlannedSampler(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+def _incumbent(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    """The trial a climb starts from: the first one, replaced only by a trial that beats it by
+    more than ``MIN_GAIN`` (chasing 0.1% gains, within a real engine's run-to-run noise, would
+    spend the budget on one layout)."""
+    best = trials[0]
+    for t in trials[1:]:
+        (fa, va), (fb, vb) = _rank(t), _rank(best)
+        if fa != fb:
+            if fa:
+                best = t
+        elif va > vb + MIN_GAIN * max(abs(vb), 1e-9):
+            best = t
+    return best
 
 
 def _rank(trial: optuna.trial.FrozenTrial) -> tuple:

@@ -69,7 +69,7 @@ def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(sc
     tuner.open()
     tuner.optimize(1)
     (first,) = tuner.study.trials
-    climb = tuner.sampler.neighbours(first.params, tuner.study.trials)
+    climb = tuner.sampler.neighbours(first.params)
     # One step along each ordered setting (from the middle of the lists: both ways) and the
     # other chunked-prefill choice; no other layout exists.
     assert {tuple(sorted(set(n.items()) - set(first.params.items()))) for n in climb} == {
