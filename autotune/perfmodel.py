@@ -14,11 +14,15 @@ One iteration of one pipeline stage is the sum of, per layer:
 - element-wise work that tensor parallelism does not split (norms, residual adds, the gated
   activation): memory traffic over the hidden state;
 - two all-reduces under tensor parallelism (after attention and after the MLP): a latency plus
-  the ring's ``2 (tp - 1) / tp`` share of the message over the NVLink bandwidth;
+  the message over the all-reduce bus bandwidth (a ring's ``2 (tp - 1) / tp`` share of it, or a
+  full node's when the NVSwitch reduces in the switch);
 
 plus the LM head on the last stage and a fixed cost per iteration and per request. Pipeline
 stages hand activations to the next one (latency plus bytes over one NVLink connection); the
 pipeline's round time is set by its slowest stage, a token's latency by the sum of all of them.
+
+The constants are fitted per GPU by ``benchmarks/calibrate.py`` on NVIDIA's published
+TensorRT-LLM numbers; ``benchmarks/accuracy.py`` measures the error.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ LOGIT_BYTES = 4
 #: gate and up, writes their product).
 ELEMENTWISE_HIDDEN_PASSES = 8
 ELEMENTWISE_FFN_PASSES = 3
+#: Fraction of one NVLink connection's rate a stage-to-stage copy reaches (copy engines; no
+#: published pipeline-parallel run to fit it on).
+P2P_EFF = 0.8
 #: The back end the shipped constants describe by default (TensorRT-LLM 1.x, PyTorch back end).
 DEFAULT_BACKEND = "pytorch"
 #: TensorRT-LLM generations a calibration file may hold overrides for.
@@ -62,20 +69,20 @@ class Calibration:
     achieved = peak x efficiency for the GEMM, HBM and all-reduce rates.
     """
 
-    gemm_eff: float = 0.70  # fraction of dense peak FLOP/s that large GEMMs reach
-    gemm_half_tokens: float = 64.0  # tokens (per expert for MoE) at which GEMMs reach half of it
+    gemm_eff: float = 0.65  # fraction of dense peak FLOP/s that large GEMMs reach
+    gemm_half_tokens: float = 150.0  # tokens (per expert for MoE) at which GEMMs reach half of it
     mem_eff: float = 0.80  # fraction of HBM bandwidth that weight and KV-cache reads reach
-    attn_eff: float = 0.45  # fraction of 16-bit dense peak that prefill attention reaches
-    ar_latency_us: float = 8.0  # one all-reduce or stage-to-stage send (microseconds)
-    ar_bw_eff: float = 0.80  # fraction of per-direction NVLink bandwidth collectives reach
-    iter_overhead_ms: float = 0.8  # fixed cost of one scheduler iteration (milliseconds)
-    seq_overhead_us: float = 3.0  # cost per request in every iteration (microseconds)
+    attn_eff: float = 0.65  # fraction of 16-bit dense peak that prefill attention reaches
+    ar_latency_us: float = 40.0  # one all-reduce or stage-to-stage send (microseconds)
+    ar_bw_eff: float = 0.75  # all-reduce bus bandwidth / per-direction NVLink bandwidth
+    iter_overhead_ms: float = 0.5  # fixed cost of one scheduler iteration (milliseconds)
+    seq_overhead_us: float = 5.0  # cost per request in every iteration (microseconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Calibration":
+    def from_dict(cls, data: dict) -> Calibration:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -173,6 +180,7 @@ class PerfModel:
         self.attn_rate = peak16 * c.attn_eff
         self.bw = gpu.mem_bw_tb_s * 1e12 * c.mem_eff
         self.link = gpu.nvlink_gb_s * 1e9 * c.ar_bw_eff
+        self.p2p = gpu.nvlink_gb_s * 1e9 * P2P_EFF
         self.lat = c.ar_latency_us * 1e-6
         self.half = c.gemm_half_tokens
 
@@ -192,7 +200,13 @@ class PerfModel:
                                 + ELEMENTWISE_FFN_PASSES * ffn_gpu * m.experts_per_token) * ACT_BYTES
         self.kv_per_token_layer = kv_width * self.kv_bytes
         self.prefill_flops_pair = 4 * self.heads_per_gpu * hd
-        self.ar_bytes_tok = m.hidden * ACT_BYTES * 2 * (tp - 1) / tp  # ring all-reduce traffic
+        # All-reduce traffic per token, in "bus" bytes (nccl-tests' convention, so that
+        # nvlink x ar_bw_eff is a bus bandwidth): a ring moves 2 (tp - 1) / tp of the message
+        # per GPU; with in-switch reduction (NVLS) each GPU sends its partial sums once and
+        # receives the sum once whatever the TP size, which nccl-tests reports on a full node as
+        # a bus bandwidth 2 (n - 1) / n times the algorithm's.
+        n = gpu.gpus_per_node if gpu.nvls else tp
+        self.ar_bytes_tok = m.hidden * ACT_BYTES * 2 * (n - 1) / n
         self.lm_head_w = m.vocab * m.hidden / tp * EMBED_BYTES
         self.lm_head_flops = 2 * m.vocab * m.hidden / tp
         self.xfer_tok = m.hidden * ACT_BYTES  # stage-to-stage activation per token
@@ -294,7 +308,7 @@ class PerfModel:
         last = self.stages[-1] * per_layer + head
         if last > slowest:
             slowest = last
-        xfer = self.lat + t * self.xfer_tok / self.link
+        xfer = self.lat + t * self.xfer_tok / self.p2p
         trip = self.model.layers * per_layer + head + (pp - 1) * xfer
         through = mb * (slowest + xfer)
         return (through if through > trip else trip) + overhead
@@ -307,12 +321,12 @@ def with_constants(cal: Calibration, **changes: float) -> Calibration:
 
 __all__ = [
     "BACKENDS",
-    "Calibration",
     "DEFAULT_BACKEND",
     "KV_BLOCK_TOKENS",
+    "RUNTIME_RESERVE_BYTES",
+    "Calibration",
     "MemoryPlan",
     "PerfModel",
-    "RUNTIME_RESERVE_BYTES",
     "calibration_file",
     "load_calibration",
     "with_constants",

@@ -60,14 +60,14 @@ class Trace:
 class _Cohort:
     """``count`` requests with the same lengths and the same history so far."""
 
-    __slots__ = ("count", "isl", "osl", "need", "start", "first", "end", "done")
+    __slots__ = ("count", "done", "end", "first", "isl", "need", "osl", "start")
 
     def __init__(self, count: int, isl: int, osl: int, need: int, start: float):
         self.count, self.isl, self.osl, self.need, self.start = count, isl, osl, need, start
         self.first = self.end = math.nan
         self.done = 0  # prompt tokens prefilled so far (per request)
 
-    def split(self, count: int) -> "_Cohort":
+    def split(self, count: int) -> _Cohort:
         """Detach ``count`` requests into a new cohort with the same history."""
         other = _Cohort(count, self.isl, self.osl, self.need, self.start)
         other.first, other.done = self.first, self.done

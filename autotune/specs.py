@@ -100,6 +100,7 @@ class GpuSpec:
     nvlink_gb_s: float  # per direction per GPU
     gpus_per_node: int = 8
     description: str = ""
+    nvls: bool = False  # NVSwitch reduces all-reduces in the switch (NVLink SHARP, Hopper on)
 
     @property
     def memory_bytes(self) -> float:

@@ -6,10 +6,12 @@ per (GPU, model, version) group and overall (mean absolute percentage error), fo
 constants were fitted on and for the held-out rows; then which rows were skipped and why; then
 Llama 3.1 405B FP8 on 8xH200 at ISL 2048 / OSL 128 under TP8, PP8, TP4xPP2 and TP2xPP4.
 
-A row is an offline max-throughput run: every request of NVIDIA's data set issued at once, the
-engine's batch and token limits chosen for throughput. The model reproduces it at unlimited
-concurrency with the same number of requests, and takes the best of a few limit settings
-(``LIMITS``), as NVIDIA tuned them. Usage:
+A row is an offline max-throughput run: every request of NVIDIA's data set issued at once. The
+model reproduces it at unlimited concurrency with the same number of requests and the engine
+limits NVIDIA's runs got: NVIDIA "left many options at their default settings", and
+``trtllm-bench`` then picks ``max_batch_size`` and ``max_num_tokens`` itself from the model's size,
+the GPUs' memory and the data set's lengths (``tensorrt_llm/bench/build/tuning.py``), which
+``bench_limits`` reproduces. Usage:
 
     python benchmarks/accuracy.py [--csv PATH] [--rows] [--jobs 2]
 """
@@ -24,7 +26,7 @@ import sys
 import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from autotune.measurement import MAX_CONCURRENCY
 from autotune.perfmodel import Calibration, load_calibration
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
+from autotune.specs import PRECISIONS as PRECISIONS_BYTES
+from autotune.specs import load_gpu, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "published_perf.csv"
@@ -72,9 +76,9 @@ NUM_REQUESTS = {(128, 128): 30000, (128, 2048): 3000, (128, 4096): 1500, (1000, 
                 (2048, 128): 3000, (2048, 2048): 1500, (5000, 500): 1500, (1000, 1000): 3000,
                 (500, 2000): 3000, (20000, 2000): 1000, (1024, 1024): 3000, (8192, 1024): 1500,
                 (1024, 8192): 1500, (32768, 1024): 1000, (1024, 32768): 1000}
-#: Engine limits tried per row (max_batch_size, max_num_tokens); the best one is reported.
-LIMITS = ((512, 2048), (2048, 2048), (2048, 8192), (4096, 8192), (4096, 16384))
 KV_FRACTION = 0.95  # NVIDIA's "--kv_cache_free_gpu_mem_fraction 0.95 in most cases"
+#: Bytes per weight that trtllm-bench's heuristic assumes for each precision.
+BENCH_WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5}
 HELD_OUT_EVERY = 4  # one (model, ISL/OSL) combination in four is never fitted on
 
 
@@ -108,6 +112,80 @@ class Row:
             return NUM_REQUESTS[(self.isl, self.osl)]
         seq = self.isl + self.osl
         return 30000 if seq <= 256 else 3000 if seq <= 2500 else 1500 if seq <= 10000 else 1000
+
+
+@dataclass(frozen=True)
+class OnlineRow:
+    """One offered load of the 0.14 online-serving sweep (Triton, Poisson arrivals)."""
+
+    gpu: str
+    model: str
+    precision: str
+    tp: int
+    isl: int
+    osl: int
+    qps: float
+    ttft_ms: float  # mean time to first token
+    itl_ms: float  # mean inter-token latency
+    output_tok_s: float
+
+    @property
+    def held_out(self) -> bool:
+        key = f"{self.model}|{self.isl}|{self.osl}".encode()
+        return zlib.crc32(key) % HELD_OUT_EVERY == 0
+
+
+ONLINE_REQUESTS = 500  # "500 requests" per offered rate (the doc's online-serving table)
+
+
+def load_online(csv: Path) -> list[OnlineRow]:
+    """The online-serving rows (mean TTFT, mean ITL, output tokens/s at each offered rate)."""
+    df = pd.read_csv(csv)
+    df = df[df.notes.str.contains("online serving", na=False)].copy()
+    df["qps"] = df.notes.str.extract(r"QPS=(\d+)")[0].astype(float)
+    out = []
+    keys = ["gpu", "model", "precision", "tp", "isl", "osl", "qps"]
+    for key, g in df.groupby(keys, sort=True):
+        v = dict(zip(g.metric, g.value))
+        gpu, model, precision, tp, isl, osl, qps = key
+        if gpu not in GPUS or model not in MODELS or not {"mean_ttft_ms", "mean_itl_ms"} <= set(v):
+            continue
+        out.append(OnlineRow(GPUS[gpu], MODELS[model], PRECISIONS[precision], int(tp), int(isl),
+                             int(osl), float(qps), v["mean_ttft_ms"], v["mean_itl_ms"],
+                             v.get("output_throughput_tok_s", float("nan"))))
+    return out
+
+
+def predict_online(row: OnlineRow, calibration: Calibration | None = None) -> tuple[float, float, float]:
+    """Modelled (mean TTFT ms, mean ITL ms, output tokens/s) of an online-serving row.
+
+    The deployment's limits are not published: TensorRT-LLM's defaults are assumed.
+    """
+    cal = calibration or load_calibration(row.gpu, row.precision, "trt")
+    scen = _scenario(row.gpu, row.model, row.precision, row.tp, row.isl, row.osl)
+    config = EngineConfig(tp=row.tp, precision=row.precision)
+    (p,) = SimRunner(scen, cal).measure_rates(config, scen.workload, [row.qps],
+                                              num_requests=ONLINE_REQUESTS)
+    return p.latency("ttft", "mean"), p.latency("itl", "mean"), p.output_throughput
+
+
+def report_online(rows: list[OnlineRow]) -> None:
+    print("\nOnline serving: 0.14, Triton, BF16, Poisson arrivals at a fixed rate (calibrate.py "
+          "fits on the rows not held out; not part of the MAPE above)")
+    print(f"{'gpu':4} {'model':14} {'tp':>2} {'isl/osl':>8} {'qps':>4} {'TTFT ms':>8} {'model':>7} "
+          f"{'ITL ms':>7} {'model':>7}  split")
+    errs: dict[bool, list[float]] = {False: [], True: []}
+    for r in rows:
+        ttft, itl, _ = predict_online(r)
+        errs[r.held_out] += [ape(ttft, r.ttft_ms), ape(itl, r.itl_ms)]
+        print(f"{r.gpu:4} {r.model:14} {r.tp:>2} {f'{r.isl}/{r.osl}':>8} {r.qps:>4.0f} "
+              f"{r.ttft_ms:>8.0f} {ttft:>7.0f} {r.itl_ms:>7.0f} {itl:>7.1f}  "
+              f"{'held-out' if r.held_out else 'fit'}")
+    ttft_all = [ape(predict_online(r)[0], r.ttft_ms) for r in rows]
+    itl_all = [ape(predict_online(r)[1], r.itl_ms) for r in rows]
+    print(f"mean absolute error over {len(rows)} loads: TTFT {mape(ttft_all):.0f}%, "
+          f"ITL {mape(itl_all):.0f}% (TTFT and ITL together: fit {mape(errs[False]):.0f}%, "
+          f"held-out {mape(errs[True]):.0f}%)")
 
 
 def version_of(source_version: str) -> tuple[str | None, str | None]:
@@ -185,16 +263,53 @@ def throughput(row: Row, calibration: Calibration, limits: tuple[int, int]) -> f
     return point.output_throughput
 
 
+def bench_limits(model: str, gpu: str, precision: str, tp: int, pp: int, isl: int,
+                 osl: int) -> tuple[int, int]:
+    """(max_batch_size, max_num_tokens) as ``trtllm-bench`` chooses them when not given.
+
+    Its heuristic (``calc_engine_setting`` + ``finetune_setting``): the requests of ISL + OSL
+    tokens whose KV cache fits in 95 % of the memory the weights leave, capped at 4096 and split
+    over the pipeline stages, rounded up "optimistically"; tokens for them plus their prompts.
+    """
+    m, g = load_model(model), load_gpu(gpu)
+    kv_bytes = PRECISIONS_BYTES[precision][1]
+    per_token_gb = 2 * m.layers * max(tp, m.kv_heads) * m.head_dim * kv_bytes / 2**30
+    engine_gb = m.total_params * BENCH_WEIGHT_BYTES[precision] / 2**30
+    cache_gb = (g.memory_gib * tp * pp - engine_gb) * 0.95
+    requests = cache_gb / (per_token_gb * (isl + osl))
+    raw_bs = min(requests, 4096) / pp
+    raw_tokens = min(raw_bs * (1 + isl / osl), 32768)
+    if raw_bs < 256:
+        bs = max(64, 32 * math.ceil(raw_bs / 32))
+    elif raw_bs < 1024:
+        bs = 128 * math.ceil(raw_bs / 128)
+    else:
+        bs = 256 * math.ceil(raw_bs / 256)
+    if raw_tokens < 4096:
+        tokens = max(2048, 256 * math.ceil(raw_tokens / 256))
+    elif raw_tokens < 8192:
+        tokens = 512 * math.ceil(raw_tokens / 512)
+    else:
+        tokens = 1024 * math.ceil(raw_tokens / 1024)
+    return bs, tokens
+
+
+def limits_for(row: Row) -> list[tuple[int, int]]:
+    """trtllm-bench's limits, then smaller token limits (what one does when it runs out of
+    memory: the activations of ``max_num_tokens`` take room from the KV cache)."""
+    bs, tokens = bench_limits(row.model, row.gpu, row.precision, row.tp, row.pp, row.isl, row.osl)
+    return [(bs, tokens)] + [(bs, t) for t in (8192, 4096, 2048) if t < tokens]
+
+
 def predict(row: Row, calibration: Calibration | None = None,
-            limits: tuple[tuple[int, int], ...] = LIMITS) -> tuple[float, tuple[int, int] | None]:
-    """Modelled output tokens/s of ``row`` (best over ``limits``) and the limits that gave it."""
+            limits: list[tuple[int, int]] | None = None) -> tuple[float, tuple[int, int] | None]:
+    """Modelled output tokens/s of ``row`` and the limits it ran with (the first that fits)."""
     cal = calibration or load_calibration(row.gpu, row.precision, row.backend)
-    best, best_limits = 0.0, None
-    for lim in limits:
+    for lim in limits or limits_for(row):
         tput = throughput(row, cal, lim)
-        if tput > best:
-            best, best_limits = tput, lim
-    return best, best_limits
+        if tput > 0:
+            return tput, lim
+    return 0.0, None
 
 
 def case_key(row: Row) -> tuple:
@@ -292,23 +407,20 @@ def layouts_405b() -> None:
     """Llama 3.1 405B FP8 on 8xH200, ISL 2048 / OSL 128: per-user speed and max throughput."""
     scen = Scenario.build(model="llama-3.1-405b", gpu="h200", num_gpus=8, precision="fp8",
                           isl=2048, osl=128, slo=None)
-    runner = SimRunner(scen, num_requests=3000)
     print("\nLlama 3.1 405B FP8, 8xH200, ISL 2048 / OSL 128 (PyTorch back-end constants)")
-    print(f"{'layout':10} {'tok/s/user @ c=1':>17} {'TTFT ms @ c=1':>14} {'output tok/s @ max':>19}")
+    print(f"{'':9} {'--- concurrency 1 ---':^28} {'-- max throughput --':^24}")
+    print(f"{'layout':9} {'tok/s/user':>10} {'TPOT ms':>8} {'TTFT ms':>8} {'output tok/s':>13} "
+          f"{'tok/s/user':>10}")
     for tp, pp in ((8, 1), (1, 8), (4, 2), (2, 4)):
-        best = 0.0
-        for b, t in LIMITS:
-            cfg = EngineConfig(tp=tp, pp=pp, max_batch_size=b, max_num_tokens=t,
-                               kv_fraction=KV_FRACTION, precision="fp8")
-            try:
-                (p,) = runner.measure(cfg, scen.workload, [MAX_CONCURRENCY]).load_points
-            except TrialFailure:
-                continue
-            best = max(best, p.output_throughput)
         cfg = EngineConfig(tp=tp, pp=pp, kv_fraction=KV_FRACTION, precision="fp8")
         (one,) = SimRunner(scen).measure(cfg, scen.workload, [1]).load_points
-        print(f"{f'TP{tp}xPP{pp}':10} {one.output_throughput_per_user:>17.1f} "
-              f"{one.latency('ttft', 'mean'):>14.0f} {best:>19.0f}")
+        bs, tokens = bench_limits("llama-3.1-405b", "h200", "fp8", tp, pp, 2048, 128)
+        cfg = replace(cfg, max_batch_size=bs, max_num_tokens=tokens)
+        (top,) = SimRunner(scen, num_requests=3000).measure(
+            cfg, scen.workload, [MAX_CONCURRENCY]).load_points
+        print(f"{f'TP{tp}xPP{pp}':9} {one.output_throughput_per_user:>10.1f} "
+              f"{one.latency('tpot', 'mean'):>8.1f} {one.latency('ttft', 'mean'):>8.0f} "
+              f"{top.output_throughput:>13.0f} {top.output_throughput_per_user:>10.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     preds = [p for p, _ in predict_all(rows, jobs=args.jobs)]
     report(rows, preds, skipped, show_rows=args.rows)
     print_skipped(skipped)
+    report_online(load_online(args.csv))
     layouts_405b()
     return 0
 

@@ -13,11 +13,17 @@ per-scenario factors. What is fitted:
 - per GPU and TensorRT-LLM generation (``trt`` engines of 0.12-0.17, the ``pytorch`` back end,
   0.20's PyTorch back end without CUDA graphs): the fixed cost of one scheduler iteration.
 
+Besides the max-throughput rows, the fit takes the mean TTFT and ITL of the fit half of the 0.14
+online-serving sweep (H100/H200, Poisson arrivals): the only low-load measurements, they pin
+the fixed latencies (all-reduce, per iteration) that throughput alone trades off freely.
+
 The search is deterministic: Levenberg-Marquardt steps on log(model / measured) over the
 constants in log space (finite-difference Jacobian), reweighted each step so that it minimises
-the absolute log error (close to the mean absolute percentage error it reports). Between rounds
-the engine limits each row is modelled with are chosen again (the best of ``accuracy.LIMITS``).
-Usage (takes a few minutes per GPU on two cores):
+the absolute log error (close to the mean absolute percentage error it reports). Each row runs
+with the engine limits trtllm-bench chose for it (``accuracy.bench_limits``). It starts from
+``perfmodel.Calibration``'s defaults and runs a fixed number of steps, so running it again
+writes the same files (``--warm-start``: continue from the shipped files instead). Usage (about
+ten minutes on two cores):
 
     python benchmarks/calibrate.py [--gpu h100 ...] [--dry-run]
 """
@@ -31,13 +37,12 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-import accuracy
+import accuracy  # benchmarks/accuracy.py, next to this script
 from autotune.perfmodel import DEFAULT_BACKEND, Calibration
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
@@ -51,6 +56,9 @@ BOUNDS = {
 }
 START = Calibration()  # the defaults in autotune/perfmodel.py
 FD_STEP = 0.05  # finite-difference step in log space (5 %)
+#: Each online-serving latency counts as this many throughput rows: they are the only low-load
+#: measurements, and what pins the fixed latencies (all-reduce, per layer, per iteration).
+ONLINE_WEIGHT = 3
 
 
 class Params:
@@ -83,6 +91,10 @@ def _eval(args):
     out = []
     for i, lim in zip(idx, limits):
         row = _CASES[i]
+        if isinstance(row, accuracy.OnlineRow):
+            ttft, itl, _ = accuracy.predict_online(row, cals[(row.precision, "trt")])
+            out.append(((ttft, itl), None))
+            continue
         cal = cals[(row.precision, row.backend)]
         if lim is None:
             out.append(accuracy.predict(row, cal))
@@ -100,7 +112,7 @@ class Evaluator:
         _init(cases)
 
     def run(self, params: Params, limits: list | None) -> list[tuple[float, tuple | None]]:
-        keys = {(c.precision, c.backend) for c in self.cases}
+        keys = {(c.precision, getattr(c, "backend", "trt")) for c in self.cases}
         cals = {k: params.calibration(*k) for k in keys}
         n = len(self.cases)
         lims = limits or [None] * n
@@ -121,20 +133,27 @@ class Evaluator:
 
 
 def residuals(preds, cases, measured) -> np.ndarray:
-    """log(model / measured) for every fit row (a case stands for all the rows of its run)."""
-    out = []
+    """log(model / measured) for every fit row (a case stands for all the rows of its run),
+    then for the mean TTFT and ITL of every online-serving load."""
+    out, online = [], []
     for (p, _), case in zip(preds, cases):
+        if isinstance(case, accuracy.OnlineRow):
+            online.append(math.log(max(p[0], 1e-9) / case.ttft_ms))
+            online.append(math.log(max(p[1], 1e-9) / case.itl_ms))
+            continue
         for m in measured[accuracy.case_key(case)]:
             out.append(math.log(max(p, 1e-9) / m))
-    return np.asarray(out)
+    return np.asarray(out + online * ONLINE_WEIGHT)
 
 
-def mape_of(res: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.expm1(res)))) * 100
+def mape_of(res: np.ndarray, n: int | None = None) -> float:
+    """MAPE of the first ``n`` residuals (the throughput rows)."""
+    return float(np.mean(np.abs(np.expm1(res[:n])))) * 100
 
 
-def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 2, iterations: int = 8,
-            start: dict | None = None) -> tuple[Params, float]:
+def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iterations: int = 10,
+            start: dict | None = None, csv: Path = accuracy.DEFAULT_CSV,
+            fixed: dict | None = None) -> tuple[Params, float]:
     """Levenberg-Marquardt on log(model / measured) over log-scaled constants, reweighted so
     that it minimises the absolute (not squared) log error, close to the MAPE it reports."""
     log = log or (lambda *a: print(*a, flush=True))
@@ -146,14 +165,26 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 2, iteratio
         if key not in measured:
             cases.append(r)
         measured[key].append(r.measured)
-    precisions = sorted({r.precision for r in fit_rows})
-    backends = sorted({r.backend for r in fit_rows})
+    online = [o for o in accuracy.load_online(csv)
+              if o.gpu == gpu and not o.held_out]
+    n_tput = len(fit_rows)
+    precisions = sorted({r.precision for r in fit_rows} | {o.precision for o in online})
+    backends = sorted({r.backend for r in fit_rows} | ({"trt"} if online else set()))
     params = Params(precisions, backends, start or {})
-    names = params.names
+    for name, value in (fixed or {}).items():
+        params.values[name] = value
+    cases += online
+    names = [n for n in params.names if n not in (fixed or {})]
     lo = np.log([BOUNDS[n.split("@")[0]][0] for n in names])
     hi = np.log([BOUNDS[n.split("@")[0]][1] for n in names])
     ev = Evaluator(cases, jobs)
-    log(f"{gpu}: {len(fit_rows)} fit rows, {len(cases)} distinct runs, {len(names)} constants")
+    log(f"{gpu}: {len(fit_rows)} fit rows, {len(cases) - len(online)} distinct runs, "
+        f"{len(online)} online-serving loads, {len(names)} constants")
+
+    def report(res, what):
+        lat = np.abs(np.expm1(res[n_tput:n_tput + 2 * len(online)]))
+        extra = f", online TTFT/ITL {lat.mean() * 100:.1f}%" if online else ""
+        log(f"{what}: MAPE {mape_of(res, n_tput):.2f}%{extra}")
 
     def at(theta, limits):
         for n, v in zip(names, np.exp(theta)):
@@ -166,7 +197,7 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 2, iteratio
             preds = ev.run(params, None)  # choose each case's limits again
             limits = [lim for _, lim in preds]
             res = residuals(preds, cases, measured)
-            log(f"  round {rnd + 1}: MAPE {mape_of(res):.2f}% with the best limits")
+            report(res, f"  round {rnd + 1} (trtllm-bench limits)")
             lam = 1e-2
             for it in range(iterations):
                 w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
@@ -189,13 +220,13 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 2, iteratio
                         break
                     lam *= 4
                 at(theta, limits)  # leave params at theta
-                log(f"    iteration {it + 1}: MAPE {mape_of(res):.2f}%"
-                    + ("" if moved else " (no better step)"))
+                report(res, f"    iteration {it + 1}" + ("" if moved else " (no better step)"))
                 if not moved:
                     break
         preds = ev.run(params, None)
-        best = mape_of(residuals(preds, cases, measured))
-        log(f"  final: MAPE {best:.2f}% on the fit rows (best limits)")
+        res = residuals(preds, cases, measured)
+        best = mape_of(res, n_tput)
+        report(res, "  final (trtllm-bench limits)")
     finally:
         ev.close()
     return params, best
@@ -224,7 +255,8 @@ def existing_values(gpu: str) -> dict[str, float]:
     return out
 
 
-def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int) -> list[Path]:
+def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
+                n_online: int) -> list[Path]:
     precisions = sorted({n.split("@")[1] for n in params.names if n.startswith("gemm_eff@")})
     backends = sorted({n.split("@")[1] for n in params.names if n.startswith("iter_overhead_ms@")})
     default = DEFAULT_BACKEND if DEFAULT_BACKEND in backends else backends[0]
@@ -233,11 +265,12 @@ def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int) -> list[
         cal = params.calibration(precision, default)
         lines = [
             f"# Constants of the performance model for {gpu} / {precision}, fitted by",
-            "# benchmarks/calibrate.py on the fit rows of shared/data/published_perf.csv",
-            f"# ({n_rows} rows of this GPU, MAPE {mape_fit:.1f}% on them; accuracy.py reports the",
-            "# held-out rows). Top-level values describe TensorRT-LLM's PyTorch back end (1.x);",
-            "# `backends` overrides them for the TensorRT engines of 0.12-0.17 (trt) and 0.20's",
-            "# PyTorch back end without CUDA graphs.",
+            "# benchmarks/calibrate.py on the fit rows of shared/data/published_perf.csv:",
+            f"# {n_rows} max-throughput rows of this GPU (MAPE {mape_fit:.1f}% on them) and "
+            f"{n_online} online-",
+            "# serving loads; benchmarks/accuracy.py reports the held-out rows. Top-level values",
+            "# describe TensorRT-LLM's PyTorch back end (1.x); `backends` overrides them for the",
+            "# TensorRT engines of 0.12-0.17 (trt) and 0.20's PyTorch back end without CUDA graphs.",
         ]
         for name, value in cal.to_dict().items():
             lines.append(f"{name}: {value:.4g}")
@@ -260,23 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, default=accuracy.DEFAULT_CSV)
     ap.add_argument("--gpu", action="append", help="GPUs to fit (default: h100 h200 b200)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--iterations", type=int, default=8)
-    ap.add_argument("--from-scratch", action="store_true",
-                    help="start from perfmodel.py's defaults, not the shipped files")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--warm-start", action="store_true",
+                    help="start from the shipped files, not perfmodel.Calibration's defaults")
+    ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
+                    help="hold a constant (e.g. ar_latency_us=15) instead of fitting it")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     args = ap.parse_args(argv)
     rows, _ = accuracy.load_rows(args.csv)
     for gpu in args.gpu or ["h100", "h200", "b200"]:
         t0 = time.perf_counter()
-        start = {} if args.from_scratch else existing_values(gpu)
+        start = existing_values(gpu) if args.warm_start else {}
         params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
-                               iterations=args.iterations, start=start)
+                               iterations=args.iterations, start=start, csv=args.csv,
+                               fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)})
         n = sum(1 for r in rows if r.gpu == gpu and not r.held_out)
+        n_online = sum(1 for o in accuracy.load_online(args.csv) if o.gpu == gpu and not o.held_out)
         for name in params.names:
             print(f"  {name:24} {params.values[name]:.4g}")
         if not args.dry_run:
-            for path in write_files(gpu, params, value, n):
+            for path in write_files(gpu, params, value, n, n_online):
                 print(f"  wrote {path.relative_to(accuracy.ROOT)}")
         print(f"  {time.perf_counter() - t0:.0f} s")
     return 0

@@ -155,11 +155,12 @@ def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str) -
     space = SearchSpace.load()
     asc, bis = TableRunner(scen, table), TableRunner(scen, table)
     outcomes, measured = {}, 0
+    by_label = {c.label(): c for c in _configs(scen, space)}
     for label, entry in table.items():
         if "failure" in entry:
             outcomes[label] = (0.0, False, {FITS: 1.0, **{b.name: 1.0 for b in scen.slo.bounds}})
             continue
-        config = next(c for c in _configs(scen, space) if c.label() == label)
+        config = by_label[label]
         points = measure_ladder(asc, config, scen.workload, space.concurrency, scen.slo).points
         bpoints = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo).points
         point, feasible = operating_point(points, scen.slo)

@@ -12,10 +12,10 @@ from autotune.config import EngineConfig, stable_hash
 from autotune.errors import InvalidConfig, OutOfMemory
 from autotune.measurement import MAX_CONCURRENCY, LoadPoint, Measurement, load_point_from_requests
 from autotune.perfmodel import KV_BLOCK_TOKENS, Calibration, PerfModel
+from autotune.runners._base import Runner
 from autotune.scenario import Scenario
 from autotune.scheduler import Limits, simulate
 from autotune.specs import ModelSpec, Workload
-from autotune.runners._base import Runner
 
 #: Requests simulated per load point: a few waves of the concurrency, within these bounds.
 MIN_REQUESTS, MAX_REQUESTS, WAVES = 32, 3000, 3
@@ -112,6 +112,39 @@ class SimRunner(Runner):
             max_requests_in_flight=fit * config.dp,
             raw={"kv_tokens_per_replica": limits.kv_blocks * KV_BLOCK_TOKENS},
         )
+
+    def measure_rates(self, config: EngineConfig, workload: Workload, rates: Sequence[float],
+                      num_requests: int | None = None) -> list[LoadPoint]:
+        """Open loop: requests arrive as a Poisson process at each rate (requests/s over all
+        replicas), whatever the engine's progress, as in an online-serving benchmark.
+
+        One load point per rate, its ``concurrency`` 0 (not a closed loop); latencies include the
+        time a request waits for a batch slot or KV-cache blocks.
+        """
+        perf, limits, _ = self.capacity(config, workload)
+        points: list[LoadPoint] = []
+        for rate in rates:
+            if not rate > 0:
+                raise ValueError(f"request rates must be positive, got {rate!r}")
+            per_replica = rate / config.dp
+            n = num_requests or self.num_requests or MAX_REQUESTS // 3
+            isl, osl = self._lengths(workload, n, config)
+            seed = int(stable_hash(workload.to_dict(), config.to_dict(), f"rate={rate}"), 16)
+            gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
+            arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
+            trace = simulate(perf.iteration_time, isl, osl, limits, arrivals=arrivals)
+            point = load_point_from_requests(
+                concurrency=0, gpus=config.gpus_per_replica, start_s=trace.start,
+                first_token_s=trace.first_token, end_s=trace.end, output_tokens=trace.output_tokens,
+                itl_ms=(trace.itl_values_ms, trace.itl_weights),
+            )
+            points.append(replace(
+                point,
+                num_requests=point.num_requests * config.dp,
+                request_throughput=point.request_throughput * config.dp,
+                output_throughput=point.output_throughput * config.dp,
+            ))
+        return points
 
     @staticmethod
     def _lengths(workload: Workload, n: int, config: EngineConfig) -> tuple[np.ndarray, np.ndarray]:
