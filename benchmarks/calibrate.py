@@ -56,9 +56,10 @@ BOUNDS = {
 }
 START = Calibration()  # the defaults in autotune/perfmodel.py
 FD_STEP = 0.05  # finite-difference step in log space (5 %)
-#: Each online-serving latency counts as this many throughput rows: they are the only low-load
-#: measurements, and what pins the fixed latencies (all-reduce, per layer, per iteration).
-ONLINE_WEIGHT = 3
+#: Each online-serving latency counts as this many throughput rows, so that the 15 low-load
+#: measurements of a GPU (30 latencies) weigh about as much as its 400-700 throughput rows:
+#: they alone pin the fixed latencies (all-reduce, per iteration) that decide latency SLOs.
+ONLINE_WEIGHT = 10
 
 
 class Params:
