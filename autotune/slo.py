@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from autotune.errors import UserError
 from autotune.measurement import LATENCY_METRICS, STATISTICS, LoadPoint
 
+#: Name of the Optuna constraint saying whether a configuration could run at all (memory,
+#: layout: 0.0) or not (1.0); the other constraints are the SLO's terms, named by ``Bound.name``.
+FITS = "fits"
+
 _BOUND = re.compile(
     r"^\s*(?P<metric>[a-z0-9]+)\s*:\s*(?P<stat>[a-z0-9]+)\s*(?P<op><=|<)\s*"
     r"(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>ms|s)?\s*$"
@@ -119,4 +123,4 @@ def _check_consistent(text: str, bounds: list[Bound]) -> None:
                             f"below ttft:{stat} ({ttft:g}ms)")
 
 
-__all__ = ["Bound", "SLO", "parse_slo"]
+__all__ = ["FITS", "Bound", "SLO", "parse_slo"]

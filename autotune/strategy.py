@@ -8,7 +8,9 @@ structure of the problem says where to look:
    per layout, each with the scheduler settings that are good almost everywhere (the largest
    batch limit: the load ladder picks the load anyway; TensorRT-LLM's default token budget and KV
    share; chunked prefill). With ``--prior sim`` the built-in model's best configurations, spread
-   over layouts, take their place.
+   over layouts, take their place. A layout that missed the SLO even at its lowest load rules out
+   the planned layouts that can only be slower per request (as many or more pipeline stages, as
+   few or fewer tensor-parallel GPUs): under a tight SLO the plan goes straight to the wide ones.
 2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
    configuration (the incumbent) has its neighbours tried, one step down and up the token
    budget, KV share and batch limit and the other chunked-prefill choice. A neighbour that beats
@@ -32,6 +34,7 @@ import optuna
 from autotune.config import DEFAULT_KV_FRACTION, DEFAULT_MAX_NUM_TOKENS, EngineConfig
 from autotune.errors import TrialFailure
 from autotune.scenario import Scenario
+from autotune.slo import FITS
 from autotune.space import Layout, SearchSpace
 
 #: How many of the prior's best configurations become the first real trials.
@@ -68,10 +71,16 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         """The next planned params for ``study``, or None when the plan is done."""
         trials = study.get_trials(deepcopy=False)
         proposed = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
-        for params in study.user_attrs.get(PLAN_ATTR, []):
-            if _key(params) not in proposed:
-                return params
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        too_slow = [Layout.parse(t.params["layout"]) for t in done
+                    if "layout" in t.params and _too_slow(t)]
+        for params in study.user_attrs.get(PLAN_ATTR, []):
+            if _key(params) in proposed:
+                continue
+            layout = params.get("layout")
+            if layout and any(_slower(Layout.parse(layout), slow) for slow in too_slow):
+                continue  # TPE may still go there; the plan spends no trial on it
+            return params
         by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
         for t in done:
             by_layout.setdefault(t.params.get("layout"), []).append(t)
@@ -150,6 +159,26 @@ def _incumbent(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.Froze
         elif va > vb + MIN_GAIN * max(abs(vb), 1e-9):
             best = t
     return best
+
+
+def _too_slow(trial: optuna.trial.FrozenTrial) -> bool:
+    """The trial ran but missed the SLO at every load, the lowest included (latency only grows
+    with load), so its layout is too slow per request whatever the scheduler settings."""
+    c = trial.constraints
+    return c.get(FITS, 0.0) <= 0 and any(v > 0 for k, v in c.items() if k != FITS)
+
+
+def _slower(layout: Layout, than: Layout) -> bool:
+    """Whether ``layout``'s replicas are at best as fast per request as ``than``'s.
+
+    At the lowest load a request's tokens cross every pipeline stage in turn, so more stages
+    only add sends; fewer tensor-parallel GPUs leave each with more weights to read and more
+    FLOPs. The exception is tp=1, which has no all-reduces at all (a small model on one GPU can
+    beat it on two), so it is never ruled out by a wider layout.
+    """
+    if layout.pp < than.pp:
+        return False
+    return layout.tp == than.tp or 2 <= layout.tp < than.tp
 
 
 def _rank(trial: optuna.trial.FrozenTrial) -> tuple:

@@ -33,13 +33,11 @@ from autotune.errors import Interrupted, TrialFailure, UserError
 from autotune.measurement import MAX_CONCURRENCY, LoadPoint, Measurement
 from autotune.runners import Runner
 from autotune.scenario import Scenario
-from autotune.slo import SLO
+from autotune.slo import FITS, SLO
 from autotune.space import Layout, SearchSpace
 from autotune.specs import Workload
 from autotune.strategy import make_sampler, plan_study, sim_prior, startup_configs
 
-#: Constraint that says the configuration could run at all (memory, layout).
-FITS = "fits"
 #: Heartbeat of a running trial, and how long without one before it counts as dead (seconds).
 HEARTBEAT_S, GRACE_S = 30, 120
 

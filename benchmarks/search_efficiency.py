@@ -303,6 +303,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--methods", default="autotune,tpe,random,grid")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--no-prior", action="store_true", help="skip the warm-start section")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if args.quick:
@@ -362,7 +363,7 @@ def main() -> int:
               f"{statistics.mean(lad):.2f}, bisection {statistics.mean(bis):.2f}")
 
     prior_rows = []
-    if True:
+    if not args.no_prior:
         pcombos = [("llama-3.1-70b", "h100", 1024, 128, "medium", 11),
                    ("llama-3.1-405b", "h200", 2048, 512, "tight", 12),
                    ("llama-3.1-405b", "h200", 1024, 128, "none", 13),

@@ -84,6 +84,31 @@ def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(sc
     assert tuner.sampler.next_params(tuner.study) is None
 
 
+def test_a_layout_too_slow_for_the_slo_rules_out_the_planned_layouts_that_are_slower(tmp_path):
+    # 70B at a TPOT bound only 4 or 8 GPUs of tensor parallelism can meet.
+    tight = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
+                           isl=1024, osl=128, slo="tpot:p99<=16ms")
+    space = SearchSpace.from_dict({**SPACE, "pp": [1, 2, 4]})
+    tuner = Tuner(tight, space, SimRunner(tight), open_storage(f"sqlite:///{tmp_path / 't.db'}"),
+                  "t", seed=0)
+    tuner.open()
+    plan = [(c.tp, c.pp) for c in startup_configs(space, tuner.layouts, tight.precision)]
+    tuner.optimize(len(plan))
+    tried = [(t.user_attrs["config"]["tp"], t.user_attrs["config"]["pp"], t.constraints["tpot:p99"] <= 0)
+             for t in tuner.study.trials]
+    missed = [(tp, pp) for tp, pp, met in tried if not met]
+    # Every layout the plan skipped is one that can only be slower than a layout that missed.
+    skipped = [lay for lay in plan if lay not in [(tp, pp) for tp, pp, _ in tried[:len(plan)]]]
+    assert skipped, "nothing was ruled out"
+    # (tp=1 has no all-reduces, so only a miss at tp=1 rules it out.)
+    for tp, pp in skipped:
+        assert any(pp >= mpp and (tp == mtp or 2 <= tp < mtp) for mtp, mpp in missed)
+    # ... and the plan reached the layouts that meet the bound sooner than its full order would.
+    first_met = next(i for i, (_, _, met) in enumerate(tried) if met)
+    fastest = next(i for i, (tp, pp) in enumerate(plan) if tp >= 4 and pp == 1)
+    assert first_met < fastest
+
+
 def test_prior_spreads_over_layouts_best_first():
     def cfg(tp, pp, b):
         return EngineConfig(tp=tp, pp=pp, dp=8 // (tp * pp), max_batch_size=b)
