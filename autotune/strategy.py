@@ -207,16 +207,22 @@ def _nearest(choices: Iterable, target):
     return min(choices, key=lambda v: (abs(v - target), -v))
 
 
-def startup_configs(space: SearchSpace, layouts: Sequence[Layout], precision: str
-                    ) -> list[EngineConfig]:
-    """One configuration per layout with the settings that are good almost everywhere."""
+def startup_configs(space: SearchSpace, layouts: Sequence[Layout], precision: str,
+                    latency_bound: bool = True) -> list[EngineConfig]:
+    """One configuration per layout with the settings that are good almost everywhere.
+
+    ``latency_bound``: whether the SLO bounds latency at all (it orders the layouts).
+    """
     batch = max(space.max_batch_size)
     tokens = _nearest(space.max_num_tokens, DEFAULT_MAX_NUM_TOKENS)
     kv = _nearest(space.kv_fraction, DEFAULT_KV_FRACTION)
     chunked = True if True in space.chunked_prefill else space.chunked_prefill[0]
     # Fewest GPUs per replica first: when the trial budget runs out early, the cheap layouts
-    # (often the best throughput) have been seen.
-    ordered = sorted(layouts, key=lambda lay: (lay.tp * lay.pp, lay.pp))
+    # (often the best throughput) have been seen. Among replicas of one size, under a latency
+    # bound the fewest pipeline stages first (a request crosses them in turn); without one the
+    # most (a stage sends its activations once, where TP all-reduces twice per layer).
+    ordered = sorted(layouts, key=lambda lay: (lay.tp * lay.pp,
+                                               lay.pp if latency_bound else -lay.pp))
     return [EngineConfig(lay.tp, lay.pp, lay.dp, batch, tokens, kv, chunked, precision)
             for lay in ordered]
 

@@ -388,7 +388,8 @@ class Tuner:
         """The study's first trials: the model's prior, or one per layout."""
         if self.prior == "sim":
             return sim_prior(self.scenario, self.space, self.layouts)
-        return startup_configs(self.space, self.layouts, self.scenario.precision)
+        return startup_configs(self.space, self.layouts, self.scenario.precision,
+                               latency_bound=bool(self.scenario.slo.bounds))
 
     def space_dict(self) -> dict:
         return {"source": self.space.source, "layouts": [lay.label for lay in self.layouts],

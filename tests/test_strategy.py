@@ -39,9 +39,13 @@ def test_startup_plan_is_one_strong_config_per_layout(scenario):
     assert sorted((c.tp, c.pp, c.dp) for c in plan) == sorted((l.tp, l.pp, l.dp) for l in layouts)
     assert all(c.max_batch_size == 256 and c.max_num_tokens == 8192 and c.kv_fraction == 0.9
                and c.chunked_prefill for c in plan)
-    # Smallest replicas first.
-    sizes = [c.tp * c.pp for c in plan]
-    assert sizes == sorted(sizes)
+    # Smallest replicas first; of one size, the fewest pipeline stages first under a latency
+    # bound and the most without one (sends instead of all-reduces).
+    assert [(c.tp * c.pp, c.pp) for c in plan] == sorted((c.tp * c.pp, c.pp) for c in plan)
+    unbounded = startup_configs(space, layouts, scenario.precision, latency_bound=False)
+    assert [(c.tp * c.pp, -c.pp) for c in unbounded] == sorted(
+        (c.tp * c.pp, -c.pp) for c in unbounded)
+    assert sorted(unbounded, key=lambda c: (c.tp, c.pp)) == sorted(plan, key=lambda c: (c.tp, c.pp))
 
 
 def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(scenario, tmp_path):
