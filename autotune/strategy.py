@@ -13,11 +13,13 @@ structure of the problem says where to look:
    few or fewer tensor-parallel GPUs): under a tight SLO the plan goes straight to the wide ones.
 2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
    configuration (the incumbent) has its neighbours tried, one step down and up the token
-   budget, KV share and batch limit and the other chunked-prefill choice. A neighbour that beats
+   budget, KV share and batch limit, the other chunked-prefill choice, then the token budget one
+   or two steps away with the other chunked-prefill choice. A neighbour that beats
    the incumbent by more than 0.5% becomes the incumbent (smaller gains are a real engine's
    run-to-run noise); when no untried neighbour is left, the climb is over.
 3. **TPE** (multivariate, grouped, constant liar so that workers sharing a study don't all
-   propose the same point; SLO terms as constraints), which has learned from every trial so far.
+   propose the same point; SLO terms as constraints), which has learned from every trial so far;
+   asked again when it proposes a configuration already measured.
 
 The plan is a pure function of the study's trials (and the first configurations stored with the
 study), so every worker sharing a study follows the same one; a configuration already proposed
@@ -45,6 +47,8 @@ PRIOR_TRIALS = 6
 CLIMBED_LAYOUTS = 2
 #: Smallest relative gain that moves a climb (below it is run-to-run noise on a real engine).
 MIN_GAIN = 0.005
+#: Fresh draws asked of TPE when it proposes a configuration already tried.
+REDRAWS = 10
 #: Study user attribute holding the first configurations' params (list of dicts).
 PLAN_ATTR = "autotune_plan"
 
@@ -112,6 +116,17 @@ class PlannedSampler(optuna.samplers.BaseSampler):
             for j in (i - 1, i + 1):
                 if 0 <= j < len(ordered):
                     out.append({**params, name: ordered[j]})
+        # The token budget and chunked prefill act together (unchunked, a prompt must fit the
+        # budget whole, so a budget of one prompt admits one prompt per iteration): each alone
+        # can leave the objective flat where both at once move it.
+        chunked = params.get("chunked_prefill")
+        if len(self.space.chunked_prefill) > 1 and params.get("max_num_tokens") in self.space.max_num_tokens:
+            ordered = sorted(self.space.max_num_tokens)
+            i = ordered.index(params["max_num_tokens"])
+            for j in (i - 1, i + 1, i - 2, i + 2):
+                if 0 <= j < len(ordered):
+                    out.append({**params, "max_num_tokens": ordered[j],
+                                "chunked_prefill": not chunked})
         return out
 
     # -- the sampler interface
@@ -130,7 +145,23 @@ class PlannedSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial, search_space):
         if trial.number in self._planned:
             return {}
-        return self.base.sample_relative(study, trial, search_space)
+        params = self.base.sample_relative(study, trial, search_space)
+        if not params or set(params) != set(search_space):
+            return params
+        # TPE on a space of categoricals keeps proposing configurations already measured (a
+        # trial spent on a repeat, even a reused one, teaches nothing): draw again, and if it
+        # insists, step to an untried neighbour of its choice.
+        proposed = {_key(t.params or t.system_attrs.get("fixed_params", {}))
+                    for t in study.get_trials(deepcopy=False) if t.number != trial.number}
+        for _ in range(REDRAWS):
+            if _key(params) not in proposed:
+                return params
+            params = self.base.sample_relative(study, trial, search_space)
+        if _key(params) in proposed:
+            untried = [p for p in self.neighbours(params) if _key(p) not in proposed]
+            if untried:
+                params = untried[trial.number % len(untried)]
+        return params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         planned = self._planned.get(trial.number)

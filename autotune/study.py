@@ -265,6 +265,35 @@ class _Runs:
         return Sweep(tuple(ordered), self.capacity, self.raw)
 
 
+#: How finely a trial pins its operating point between two rungs of the load ladder: it halves
+#: the gap between the highest load meeting the SLO and the next rung (which misses it) until
+#: the gap is at most this share of the load (or one request). A power-of-two ladder alone can
+#: report half of what a configuration sustains, and makes configurations that differ by a hair
+#: at the SLO's edge look 2x apart; three more runs (8 -> 16: 12, 14, 15) fix both.
+REFINE_RESOLUTION = 0.125
+
+
+def _refine(runs: _Runs, slo: SLO) -> None:
+    """Bisect the loads between the highest measured load meeting ``slo`` and the lowest
+    higher one missing it (both numeric; "max" is not a load to bisect towards)."""
+    if not slo:
+        return
+    met = {c: slo.met(p) for c, p in runs.points.items() if c != MAX_CONCURRENCY}
+    good = max((c for c, ok in met.items() if ok), default=None)
+    bad = min((c for c, ok in met.items() if not ok and good is not None and c > good),
+              default=None)
+    if good is None or bad is None:
+        return
+    if runs.capacity:  # loads above what fits in flight at once behave like "max"
+        bad = min(bad, runs.capacity + 1)
+    while bad - good > max(1, int(good * REFINE_RESOLUTION)):
+        mid = (good + bad) // 2
+        if slo.met(runs.run(mid)):
+            good = mid
+        else:
+            bad = mid
+
+
 def _ascending(ladder: Sequence[int]) -> list[int]:
     finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
     return finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
@@ -285,6 +314,7 @@ def measure_ladder(runner: Runner, config: EngineConfig, workload: Workload,
         point = runs.run(load)
         if slo and not slo.met(point):
             break
+    _refine(runs, slo)
     return runs.sweep()
 
 
@@ -326,6 +356,7 @@ def bisect_ladder(runner: Runner, config: EngineConfig, workload: Workload,
             good = mid
         else:
             bad = mid
+    _refine(runs, slo)
     return runs.sweep()
 
 

@@ -119,13 +119,21 @@ def perturbed(cal: Calibration, seed: int | None) -> Calibration:
 
 
 class TableRunner(Runner):
-    """Answers from a truth table, counting the model runs (one per load) asked of it."""
+    """Answers from a truth table, counting the model runs (one per load) asked of it.
+
+    A load between the ladder's rungs (the operating point's refinement) is not in the table:
+    the sim with the table's constants measures it, once for all runners given the same
+    ``between`` (config label, load) -> LoadPoint.
+    """
 
     name = "table"
 
-    def __init__(self, scenario: Scenario, table: dict):
+    def __init__(self, scenario: Scenario, table: dict, calibration: Calibration | None = None,
+                 between: dict | None = None):
         super().__init__(scenario)
         self.table, self.runs = table, 0
+        self.sim = SimRunner(scenario, calibration=calibration)
+        self._between = {} if between is None else between
 
     def measure(self, config, workload, loads):
         entry = self.table[config.label()]
@@ -133,6 +141,12 @@ class TableRunner(Runner):
             from autotune.errors import OutOfMemory
             raise OutOfMemory(entry["failure"])
         by_load = {p["concurrency"]: LoadPoint.from_dict(p) for p in entry["points"]}
+        for c in loads:
+            if c not in by_load:
+                key = (config.label(), c)
+                if key not in self._between:
+                    (self._between[key],) = self.sim.measure(config, workload, [c]).load_points
+                by_load[c] = self._between[key]
         self.runs += len(loads)
         return Measurement(self.name, config, workload, tuple(by_load[c] for c in loads),
                            max_requests_in_flight=entry["fit"])
@@ -149,11 +163,14 @@ class Landscape:
     runs_bisect: float  # same with bisection
 
 
-def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str) -> Landscape:
+def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str,
+              perturb: int | None = None) -> Landscape:
     scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
                           slo=slo)
     space = SearchSpace.load()
-    asc, bis = TableRunner(scen, table), TableRunner(scen, table)
+    cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
+    between: dict = {}
+    asc, bis = TableRunner(scen, table, cal, between), TableRunner(scen, table, cal, between)
     outcomes, measured = {}, 0
     by_label = {c.label(): c for c in _configs(scen, space)}
     for label, entry in table.items():
@@ -165,8 +182,11 @@ def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str) -
         bpoints = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo).points
         point, feasible = operating_point(points, scen.slo)
         bpoint, bfeasible = operating_point(bpoints, scen.slo)
+        # Bisection must find the ladder's operating point. Without an SLO it measures only the
+        # top ("max": every request at once), which can come out up to ~1.5% below a closed-loop
+        # load just under it (its run ends in a drain); that is within a real engine's noise.
         assert bfeasible == feasible and (not feasible or bpoint.output_throughput_per_gpu
-                                          >= point.output_throughput_per_gpu * 0.999), label
+                                          >= point.output_throughput_per_gpu * 0.98), label
         outcomes[label] = (point.output_throughput_per_gpu, feasible,
                            {FITS: 0.0, **scen.slo.violations(point)})
         measured += 1
@@ -279,7 +299,8 @@ def prior_job(args) -> dict:
     scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
                           slo=slo)
     space = SearchSpace.load()
-    real = landscape(truth_table(model, gpu, isl, osl, perturb), model, gpu, isl, osl, slo)
+    real = landscape(truth_table(model, gpu, isl, osl, perturb), model, gpu, isl, osl, slo,
+                     perturb)
     model_view = landscape(truth_table(model, gpu, isl, osl), model, gpu, isl, osl, slo)
     configs = {c.label(): c for c in _configs(scen, space)}
     scored = [Scored(configs[label], o, f)

@@ -5,6 +5,8 @@ import math
 import pytest
 
 from autotune.config import EngineConfig
+from autotune.measurement import LoadPoint, Measurement
+from autotune.runners import Runner
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
@@ -76,11 +78,11 @@ def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(sc
     tuner.optimize(1)
     (first,) = tuner.study.trials
     climb = tuner.sampler.neighbours(first.params)
-    # One step along each ordered setting (from the middle of the lists: both ways) and the
-    # other chunked-prefill choice; no other layout exists.
-    assert {tuple(sorted(set(n.items()) - set(first.params.items()))) for n in climb} == {
-        (("max_num_tokens", 4096),), (("max_batch_size", 32),), (("kv_fraction", 0.85),),
-        (("chunked_prefill", False),)}
+    # One step along each ordered setting (from the middle of the lists: both ways), the
+    # other chunked-prefill choice, then the token budget moved with it; no other layout exists.
+    assert [tuple(sorted(set(n.items()) - set(first.params.items()))) for n in climb] == [
+        (("max_num_tokens", 4096),), (("kv_fraction", 0.85),), (("max_batch_size", 32),),
+        (("chunked_prefill", False),), (("chunked_prefill", False), ("max_num_tokens", 4096))]
     tuner.optimize(2)
     assert tuner.study.trials[1].params == climb[0]
     # The plan ends when the incumbent's neighbourhood is exhausted.
@@ -143,6 +145,43 @@ def test_sim_prior_picks_configs_the_model_rates_best(scenario):
     assert value(picked[0]) == pytest.approx(every[0])
 
 
+class Linear(Runner):
+    """A runner whose every latency is the load in milliseconds, and throughput the load."""
+
+    name = "linear"
+
+    def __init__(self, scenario):
+        super().__init__(scenario)
+        self.runs: list[int] = []
+
+    def measure(self, config, workload, loads):
+        (c,) = loads
+        self.runs.append(c)
+        stats = {s: float(c) for s in ("mean", "p50", "p90", "p95", "p99")}
+        return Measurement(self.name, config, workload, (LoadPoint(
+            concurrency=c, num_requests=10 * c, request_throughput=float(c),
+            output_throughput=float(c), output_throughput_per_gpu=float(c),
+            output_throughput_per_user=1.0, duration_s=1.0,
+            latency_ms={m: dict(stats) for m in ("ttft", "tpot", "itl", "e2e")}),))
+
+
+@pytest.mark.parametrize("walk", [measure_ladder, bisect_ladder])
+@pytest.mark.parametrize("limit, expected", [(11, 11), (43, 40), (700, 640), (1, 1)])
+def test_the_operating_point_is_pinned_between_the_ladders_rungs(walk, limit, expected):
+    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=1, precision="fp8",
+                          isl=128, osl=128, slo=f"tpot:p99<={limit}ms")
+    runner = Linear(scen)
+    ladder = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    point, ok = operating_point(walk(runner, EngineConfig(), scen.workload, ladder,
+                                     scen.slo).points, scen.slo)
+    # The highest load meeting the SLO, to within 12.5% of it (or one request).
+    assert ok and point.concurrency <= limit
+    assert point.concurrency == expected
+    assert limit - point.concurrency <= max(1, int(point.concurrency * 0.125))
+    # ... at no more than three runs past the ladder's own.
+    assert len([c for c in runner.runs if c not in ladder]) <= 3
+
+
 @pytest.mark.parametrize("slo", ["tpot:p99<=40ms", "tpot:p99<=12ms", "tpot:p99<=1ms", None])
 def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
     scen = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
@@ -158,10 +197,16 @@ def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
         assert fa == fb
         if fa:
             assert ob.output_throughput_per_gpu == pytest.approx(oa.output_throughput_per_gpu, rel=0.02)
-        assert {p.concurrency for p in pb} <= set(space.concurrency)
-        # Lowest load, top, then halving: never more than 2 + log2(ladder) runs. (A tight SLO
-        # can stop an ascending walk sooner; that is not where the runs go.)
-        assert b.runs <= 2 + math.ceil(math.log2(len(space.concurrency)))
+        # Off the ladder, only loads between the operating point's rung and the next one.
+        if fa:
+            rungs = sorted(c for c in space.concurrency if c > 0)
+            above = [c for c in rungs if c > ob.concurrency]
+            off = {p.concurrency for p in pb} - set(space.concurrency)
+            assert all(max(c for c in rungs if c < x) < x < min(above) for x in off)
+        # Lowest load, top, then halving, then refining between two rungs (at most 3 runs
+        # from 12.5% resolution): a handful of runs. (A tight SLO can stop an ascending walk
+        # sooner; that is not where the runs go.)
+        assert b.runs <= 2 + math.ceil(math.log2(len(space.concurrency))) + 3
         walked, bisected = walked + a.runs, bisected + b.runs
     if slo is None or slo.endswith("40ms"):
         assert bisected < walked * 0.75  # loose SLOs are where walking up the ladder costs most
