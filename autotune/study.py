@@ -211,7 +211,9 @@ def operating_point(points: Sequence[LoadPoint], slo: SLO) -> tuple[LoadPoint | 
         return None, False
     meeting = [p for p in points if slo.met(p)]
     if meeting:
-        return max(meeting, key=lambda p: p.output_throughput_per_gpu), True
+        # Ties go to the higher load: with dp replicas, loads below dp all put one request on
+        # each replica, and the highest of them says how many requests are really in flight.
+        return max(meeting, key=lambda p: (p.output_throughput_per_gpu, p.concurrency)), True
     return min(points, key=lambda p: max(slo.violations(p).values())), False
 
 
@@ -286,8 +288,12 @@ def _refine(runs: _Runs, slo: SLO) -> None:
         return
     if runs.capacity:  # loads above what fits in flight at once behave like "max"
         bad = min(bad, runs.capacity + 1)
-    while bad - good > max(1, int(good * REFINE_RESOLUTION)):
-        mid = (good + bad) // 2
+    # Loads are split evenly over the dp replicas (rounded up), so only multiples of dp differ.
+    step = runs.config.dp
+    while bad - good > max(step, int(good * REFINE_RESOLUTION)):
+        mid = (good + bad) // 2 // step * step
+        if mid <= good:
+            break
         if slo.met(runs.run(mid)):
             good = mid
         else:

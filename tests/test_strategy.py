@@ -166,20 +166,22 @@ class Linear(Runner):
 
 
 @pytest.mark.parametrize("walk", [measure_ladder, bisect_ladder])
-@pytest.mark.parametrize("limit, expected", [(11, 11), (43, 40), (700, 640), (1, 1)])
-def test_the_operating_point_is_pinned_between_the_ladders_rungs(walk, limit, expected):
-    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=1, precision="fp8",
+@pytest.mark.parametrize("limit, dp, expected", [(11, 1, 11), (43, 1, 40), (700, 1, 640),
+                                                 (1, 1, 1), (11, 4, 8), (27, 4, 24)])
+def test_the_operating_point_is_pinned_between_the_ladders_rungs(walk, limit, dp, expected):
+    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=4, precision="fp8",
                           isl=128, osl=128, slo=f"tpot:p99<={limit}ms")
     runner = Linear(scen)
     ladder = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-    point, ok = operating_point(walk(runner, EngineConfig(), scen.workload, ladder,
+    point, ok = operating_point(walk(runner, EngineConfig(dp=dp), scen.workload, ladder,
                                      scen.slo).points, scen.slo)
-    # The highest load meeting the SLO, to within 12.5% of it (or one request).
-    assert ok and point.concurrency <= limit
-    assert point.concurrency == expected
-    assert limit - point.concurrency <= max(1, int(point.concurrency * 0.125))
-    # ... at no more than three runs past the ladder's own.
-    assert len([c for c in runner.runs if c not in ladder]) <= 3
+    # The highest load meeting the SLO, to within 12.5% of it (or one request per replica).
+    assert ok and point.concurrency == expected <= limit
+    assert limit - point.concurrency <= max(dp, int(point.concurrency * 0.125))
+    # ... at no more than three runs past the ladder's own, each a multiple of the replicas
+    # (the load is split evenly over them).
+    extra = [c for c in runner.runs if c not in ladder]
+    assert len(extra) <= 3 and all(c % dp == 0 for c in extra)
 
 
 @pytest.mark.parametrize("slo", ["tpot:p99<=40ms", "tpot:p99<=12ms", "tpot:p99<=1ms", None])
