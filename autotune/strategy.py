@@ -10,7 +10,8 @@ structure of the problem says where to look:
    share; chunked prefill). With ``--prior sim`` the built-in model's best configurations, spread
    over layouts, take their place. A layout that missed the SLO even at its lowest load rules out
    the planned layouts that can only be slower per request (as many or more pipeline stages, as
-   few or fewer tensor-parallel GPUs): under a tight SLO the plan goes straight to the wide ones.
+   few or fewer tensor-parallel GPUs but at least two): under a tight SLO the plan goes straight
+   to the wide ones.
 2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
    configuration (the incumbent) has its neighbours tried, one step down and up the token
    budget, KV share and batch limit, the other chunked-prefill choice, then the token budget one
@@ -119,14 +120,13 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         # The token budget and chunked prefill act together (unchunked, a prompt must fit the
         # budget whole, so a budget of one prompt admits one prompt per iteration): each alone
         # can leave the objective flat where both at once move it.
-        chunked = params.get("chunked_prefill")
-        if len(self.space.chunked_prefill) > 1 and params.get("max_num_tokens") in self.space.max_num_tokens:
-            ordered = sorted(self.space.max_num_tokens)
-            i = ordered.index(params["max_num_tokens"])
+        tokens = sorted(self.space.max_num_tokens)
+        if len(self.space.chunked_prefill) > 1 and params.get("max_num_tokens") in tokens:
+            i = tokens.index(params["max_num_tokens"])
             for j in (i - 1, i + 1, i - 2, i + 2):
-                if 0 <= j < len(ordered):
-                    out.append({**params, "max_num_tokens": ordered[j],
-                                "chunked_prefill": not chunked})
+                if 0 <= j < len(tokens):
+                    out.append({**params, "max_num_tokens": tokens[j],
+                                "chunked_prefill": not params.get("chunked_prefill")})
         return out
 
     # -- the sampler interface

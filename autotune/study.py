@@ -269,9 +269,9 @@ class _Runs:
 
 #: How finely a trial pins its operating point between two rungs of the load ladder: it halves
 #: the gap between the highest load meeting the SLO and the next rung (which misses it) until
-#: the gap is at most this share of the load (or one request). A power-of-two ladder alone can
-#: report half of what a configuration sustains, and makes configurations that differ by a hair
-#: at the SLO's edge look 2x apart; three more runs (8 -> 16: 12, 14, 15) fix both.
+#: the gap is at most this share of the load (or one request per replica). A power-of-two ladder
+#: alone can report half of what a configuration sustains, and makes configurations that differ
+#: by a hair at the SLO's edge look 2x apart; three more runs (8 -> 16: 12, 14, 15) fix both.
 REFINE_RESOLUTION = 0.125
 
 

@@ -184,6 +184,18 @@ def test_the_operating_point_is_pinned_between_the_ladders_rungs(walk, limit, dp
     assert len(extra) <= 3 and all(c % dp == 0 for c in extra)
 
 
+def test_an_operating_point_tie_goes_to_the_higher_load(scenario):
+    # Eight replicas: loads 1, 2, 4 and 8 all put one request on each, so they measure the same;
+    # the point reported must say 8 requests are in flight, not 1.
+    config = EngineConfig(tp=1, dp=8)
+    runner = SimRunner(Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=8,
+                                      precision="fp8", isl=1024, osl=128, slo=None))
+    points = runner.measure(config, runner.scenario.workload, [1, 2, 4, 8]).load_points
+    assert len({p.output_throughput_per_gpu for p in points}) == 1
+    point, ok = operating_point(points, scenario.slo)
+    assert ok and point.concurrency == 8
+
+
 @pytest.mark.parametrize("slo", ["tpot:p99<=40ms", "tpot:p99<=12ms", "tpot:p99<=1ms", None])
 def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
     scen = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="fp8",
