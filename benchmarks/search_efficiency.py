@@ -19,6 +19,11 @@ early stop vs the bisection the study uses for expensive runners.
 
     python benchmarks/search_efficiency.py               # all 36 scenarios, 20 seeds
     python benchmarks/search_efficiency.py --quick       # 4 scenarios, 8 seeds
+    python benchmarks/search_efficiency.py --no-prior    # without the warm-start part
+
+The ground truth (every configuration's whole load ladder) is cached in benchmarks/.cache/ per
+model, GPU and mix, keyed by the model's code and constants; loads between the ladder's rungs
+(where a trial pins its operating point under an SLO) are measured with the sim as needed.
 """
 
 from __future__ import annotations
