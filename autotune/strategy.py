@@ -11,7 +11,8 @@ structure of the problem says where to look:
    over layouts, take their place. A layout that missed the SLO even at its lowest load rules out
    the planned layouts that can only be slower per request (as many or more pipeline stages, as
    few or fewer tensor-parallel GPUs but at least two): under a tight SLO the plan goes straight
-   to the wide ones.
+   to the wide ones. Under a latency SLO the order also follows the results: once the smallest
+   replicas meet it, the largest next, then the size nearest the best so far.
 2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
    configuration (the incumbent) has its neighbours tried, one step down and up the token
    budget, KV share and batch limit, the other chunked-prefill choice, then the token budget one
@@ -29,6 +30,7 @@ by any worker is never planned again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,8 @@ MIN_GAIN = 0.005
 REDRAWS = 10
 #: Study user attribute holding the first configurations' params (list of dicts).
 PLAN_ATTR = "autotune_plan"
+#: Study user attribute: whether the plan may reorder its first configurations.
+ADAPTIVE_ATTR = "autotune_plan_adaptive"
 
 
 def _key(params: dict) -> tuple:
@@ -79,13 +83,14 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         too_slow = [Layout.parse(t.params["layout"]) for t in done
                     if "layout" in t.params and _too_slow(t)]
-        for params in study.user_attrs.get(PLAN_ATTR, []):
-            if _key(params) in proposed:
-                continue
-            layout = params.get("layout")
-            if layout and any(_slower(Layout.parse(layout), slow) for slow in too_slow):
-                continue  # TPE may still go there; the plan spends no trial on it
-            return params
+        todo = [p for p in study.user_attrs.get(PLAN_ATTR, []) if _key(p) not in proposed
+                and not (p.get("layout") and any(_slower(Layout.parse(p["layout"]), slow)
+                                                 for slow in too_slow))]
+        # (A layout ruled out as too slow is left to TPE; the plan spends no trial on it.)
+        if todo:
+            if not study.user_attrs.get(ADAPTIVE_ATTR):
+                return todo[0]
+            return _closest_to_the_best(todo, [t for t in done if "layout" in t.params])
         by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
         for t in done:
             by_layout.setdefault(t.params.get("layout"), []).append(t)
@@ -192,6 +197,30 @@ def _incumbent(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.Froze
     return best
 
 
+def _replica_size(params: dict) -> int:
+    lay = Layout.parse(params["layout"])
+    return lay.tp * lay.pp
+
+
+def _closest_to_the_best(todo: list[dict], done: Sequence[optuna.trial.FrozenTrial]) -> dict:
+    """The next one-per-layout trial under a latency SLO.
+
+    Until some layout meets the SLO, the plan's order (smallest replicas first; the layouts
+    ruled out as too slow are already gone). If the very first one meets it, the largest
+    replicas next; then the replica size closest to the best trial's (in powers of two).
+    Throughput per GPU under an SLO peaks at one replica size and falls away on both sides
+    (small replicas are slow per request, large ones pay for their all-reduces), so the two
+    ends tell which way to go; ties keep the plan's order.
+    """
+    feasible = [t for t in done if _rank(t)[0]]
+    if not feasible:
+        return todo[0]
+    if len(done) == 1:
+        return max(todo, key=_replica_size)
+    target = math.log2(_replica_size(max(feasible, key=_rank).params))
+    return min(todo, key=lambda p: abs(math.log2(_replica_size(p)) - target))
+
+
 def _too_slow(trial: optuna.trial.FrozenTrial) -> bool:
     """The trial ran but missed the SLO at every load, the lowest included (latency only grows
     with load), so its layout is too slow per request whatever the scheduler settings."""
@@ -229,9 +258,16 @@ def make_sampler(space: SearchSpace, layouts: Sequence[Layout], seed: int | None
     return PlannedSampler(tpe, space, layouts)
 
 
-def plan_study(study: optuna.Study, configs: Sequence[EngineConfig]) -> None:
-    """Store the first configurations to try with the study (its creator does this once)."""
+def plan_study(study: optuna.Study, configs: Sequence[EngineConfig], adaptive: bool = False
+               ) -> None:
+    """Store the first configurations to try with the study (its creator does this once).
+
+    ``adaptive``: they are one per layout (``startup_configs``) under a latency SLO, and the
+    plan may take them in the order the results so far suggest; otherwise (no latency bound, or
+    the model's prior) in the order given.
+    """
     study.set_user_attr(PLAN_ATTR, [SearchSpace.params_of(c) for c in configs])
+    study.set_user_attr(ADAPTIVE_ATTR, adaptive)
 
 
 def _nearest(choices: Iterable, target):

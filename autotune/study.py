@@ -418,7 +418,8 @@ class Tuner:
         self.study = study
         if created:
             # Only the worker that created the study plans its first trials (see strategy.py).
-            plan_study(study, self.first_configs())
+            plan_study(study, self.first_configs(),
+                       adaptive=self.prior != "sim" and bool(self.scenario.slo.bounds))
         return study
 
     def first_configs(self) -> list[EngineConfig]:

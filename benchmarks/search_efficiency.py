@@ -223,12 +223,12 @@ def trials_to_reach(values: list[float], target: float) -> int | None:
 
 
 def run_optuna(scen: Scenario, space: SearchSpace, land: Landscape, sampler, budget: int,
-               first: list[EngineConfig] = ()) -> int | None:
-    """Trials a study with ``sampler`` (and ``first`` enqueued) needs to reach 1%."""
+               first: list[EngineConfig] = (), adaptive: bool = False) -> int | None:
+    """Trials a study with ``sampler`` (and ``first`` planned) needs to reach 1%."""
     layouts = space.layouts(scen)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     if first:
-        plan_study(study, first)
+        plan_study(study, first, adaptive=adaptive)
     target = land.optimum * (1 - WITHIN)
     values: list[float] = []
     for _ in range(budget):
@@ -258,7 +258,8 @@ def method_trials(method: str, scen: Scenario, land: Landscape, seed: int, budge
     if method == "autotune":
         plan = first if first is not None else startup_configs(
             space, layouts, scen.precision, latency_bound=bool(scen.slo.bounds))
-        return run_optuna(scen, space, land, make_sampler(space, layouts, seed), budget, plan)
+        return run_optuna(scen, space, land, make_sampler(space, layouts, seed), budget, plan,
+                          adaptive=first is None and bool(scen.slo.bounds))
     if method == "tpe":
         return run_optuna(scen, space, land, optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True), budget)

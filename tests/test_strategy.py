@@ -58,7 +58,9 @@ def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(sc
     plan = startup_configs(space, tuner.layouts, scenario.precision)
     tuner.optimize(len(plan) + 2)
     first = [EngineConfig.from_dict(t.user_attrs["config"]) for t in tuner.study.trials[:len(plan)]]
-    assert first == plan
+    # All of it first, the smallest replicas first; then, since that met the SLO, the largest
+    # replicas, and the rest nearest the best size so far (test below).
+    assert first[0] == plan[0] and sorted(first, key=str) == sorted(plan, key=str)
 
     # The plan was already run: a resumed search climbs from the best trial instead.
     again = Tuner(scenario, space, SimRunner(scenario), open_storage(url), "s", seed=1)
@@ -68,6 +70,26 @@ def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(sc
     assert following is not None and tuple(sorted(following.items())) not in planned
     done = {tuple(sorted(t.params.items())) for t in again.study.trials}
     assert tuple(sorted(following.items())) not in done
+
+
+def test_under_an_slo_the_plan_tries_both_ends_then_the_size_nearest_the_best(scenario, tmp_path):
+    space = SearchSpace.from_dict(SPACE)
+    tuner = Tuner(scenario, space, SimRunner(scenario), open_storage(f"sqlite:///{tmp_path / 'a.db'}"),
+                  "a", seed=0)
+    tuner.open()
+    plan = startup_configs(space, tuner.layouts, scenario.precision)
+    tuner.optimize(len(plan))
+    trials = tuner.study.trials
+    sizes = [t.user_attrs["config"]["tp"] * t.user_attrs["config"]["pp"] for t in trials]
+    assert trials[0].constraints["tpot:p99"] <= 0  # the smallest replicas meet this SLO ...
+    assert sizes[0] == min(sizes) and sizes[1] == max(sizes)  # ... so the largest go next
+    # Every later one is a size at least as close to the best so far as any size left.
+    for i in range(2, len(trials)):
+        met = [t for t in trials[:i] if max(t.constraints.values()) <= 0]
+        best = max(met, key=lambda t: t.value)
+        target = math.log2(best.user_attrs["config"]["tp"] * best.user_attrs["config"]["pp"])
+        left = [math.log2(s) for s in sizes[i:]]
+        assert abs(math.log2(sizes[i]) - target) == min(abs(x - target) for x in left)
 
 
 def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(scenario, tmp_path):
