@@ -62,6 +62,11 @@ def _key(params: dict) -> tuple:
     return tuple(sorted(params.items()))
 
 
+def _proposed(trials: Iterable[optuna.trial.FrozenTrial]) -> set[tuple]:
+    """Keys of the configurations ``trials`` stand for (an enqueued one by its fixed params)."""
+    return {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
+
+
 class PlannedSampler(optuna.samplers.BaseSampler):
     """Proposes the planned configurations (see the module's docstring), then defers to ``base``.
 
@@ -79,7 +84,7 @@ class PlannedSampler(optuna.samplers.BaseSampler):
     def next_params(self, study: optuna.Study) -> dict | None:
         """The next planned params for ``study``, or None when the plan is done."""
         trials = study.get_trials(deepcopy=False)
-        proposed = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
+        proposed = _proposed(trials)
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         too_slow = [Layout.parse(t.params["layout"]) for t in done
                     if "layout" in t.params and _too_slow(t)]
@@ -156,8 +161,8 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         # TPE on a space of categoricals keeps proposing configurations already measured (a
         # trial spent on a repeat, even a reused one, teaches nothing): draw again, and if it
         # insists, step to an untried neighbour of its choice.
-        proposed = {_key(t.params or t.system_attrs.get("fixed_params", {}))
-                    for t in study.get_trials(deepcopy=False) if t.number != trial.number}
+        proposed = _proposed(t for t in study.get_trials(deepcopy=False)
+                             if t.number != trial.number)
         for _ in range(REDRAWS):
             if _key(params) not in proposed:
                 return params

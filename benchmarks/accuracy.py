@@ -279,19 +279,15 @@ def bench_limits(model: str, gpu: str, precision: str, tp: int, pp: int, isl: in
     requests = cache_gb / (per_token_gb * (isl + osl))
     raw_bs = min(requests, 4096) / pp
     raw_tokens = min(raw_bs * (1 + isl / osl), 32768)
-    if raw_bs < 256:
-        bs = max(64, 32 * math.ceil(raw_bs / 32))
-    elif raw_bs < 1024:
-        bs = 128 * math.ceil(raw_bs / 128)
-    else:
-        bs = 256 * math.ceil(raw_bs / 256)
-    if raw_tokens < 4096:
-        tokens = max(2048, 256 * math.ceil(raw_tokens / 256))
-    elif raw_tokens < 8192:
-        tokens = 512 * math.ceil(raw_tokens / 512)
-    else:
-        tokens = 1024 * math.ceil(raw_tokens / 1024)
+    bs = max(64, _round_up(raw_bs, ((256, 32), (1024, 128), (math.inf, 256))))
+    tokens = max(2048, _round_up(raw_tokens, ((4096, 256), (8192, 512), (math.inf, 1024))))
     return bs, tokens
+
+
+def _round_up(x: float, tiers: tuple[tuple[float, int], ...]) -> int:
+    """``x`` rounded up to a multiple of the step of the first tier whose bound exceeds it."""
+    step = next(step for bound, step in tiers if x < bound)
+    return step * math.ceil(x / step)
 
 
 def limits_for(row: Row) -> list[tuple[int, int]]:

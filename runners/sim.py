@@ -95,18 +95,7 @@ class SimRunner(Runner):
             isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, limits,
                              concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
-            point = load_point_from_requests(
-                concurrency=load, gpus=config.gpus_per_replica, start_s=trace.start,
-                first_token_s=trace.first_token, end_s=trace.end, output_tokens=trace.output_tokens,
-                itl_ms=(trace.itl_values_ms, trace.itl_weights),
-            )
-            # dp replicas serve independent streams: throughput adds up, latency does not change.
-            points.append(replace(
-                point,
-                num_requests=point.num_requests * config.dp,
-                request_throughput=point.request_throughput * config.dp,
-                output_throughput=point.output_throughput * config.dp,
-            ))
+            points.append(_all_replicas(trace, load, config))
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
             max_requests_in_flight=fit * config.dp,
@@ -133,17 +122,7 @@ class SimRunner(Runner):
             gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
             arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
             trace = simulate(perf.iteration_time, isl, osl, limits, arrivals=arrivals)
-            point = load_point_from_requests(
-                concurrency=0, gpus=config.gpus_per_replica, start_s=trace.start,
-                first_token_s=trace.first_token, end_s=trace.end, output_tokens=trace.output_tokens,
-                itl_ms=(trace.itl_values_ms, trace.itl_weights),
-            )
-            points.append(replace(
-                point,
-                num_requests=point.num_requests * config.dp,
-                request_throughput=point.request_throughput * config.dp,
-                output_throughput=point.output_throughput * config.dp,
-            ))
+            points.append(_all_replicas(trace, 0, config))
         return points
 
     @staticmethod
@@ -157,3 +136,20 @@ class SimRunner(Runner):
         osl = np.clip(np.rint(rng.normal(workload.osl, workload.osl_std, n)), 1,
                       workload.osl + 3 * workload.osl_std)
         return isl.astype(np.int64), osl.astype(np.int64)
+
+
+def _all_replicas(trace, concurrency: int, config: EngineConfig) -> LoadPoint:
+    """The load point of all ``config.dp`` replicas, each serving what ``trace`` (one replica's
+    simulation) did: dp replicas serve independent streams, so throughput adds up and latency
+    does not change."""
+    point = load_point_from_requests(
+        concurrency=concurrency, gpus=config.gpus_per_replica, start_s=trace.start,
+        first_token_s=trace.first_token, end_s=trace.end, output_tokens=trace.output_tokens,
+        itl_ms=(trace.itl_values_ms, trace.itl_weights),
+    )
+    return replace(
+        point,
+        num_requests=point.num_requests * config.dp,
+        request_throughput=point.request_throughput * config.dp,
+        output_throughput=point.output_throughput * config.dp,
+    )
