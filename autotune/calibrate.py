@@ -21,7 +21,7 @@ import numpy as np
 from autotune.config import EngineConfig, stable_hash
 from autotune.errors import TrialFailure, UserError
 from autotune.measurement import LoadPoint
-from autotune.perfmodel import Calibration
+from autotune.model import Calibration, Simulator
 from autotune.scenario import Scenario
 from autotune.specs import Workload
 
@@ -106,10 +106,8 @@ def predict(scenario: Scenario, calibration: Calibration, obs: Observation
             ) -> tuple[LoadPoint, ...] | None:
     """The sim's load points for ``obs`` under ``calibration`` (None: the model says it can't
     run, which the fit treats as a large error)."""
-    from autotune.runners.sim import SimRunner
-
     try:
-        m = SimRunner(scenario, calibration=calibration).measure(
+        m = Simulator(scenario.model, scenario.gpu, calibration).measure(
             obs.config, obs.workload, [p.concurrency for p in obs.points])
     except TrialFailure:
         return None

@@ -72,13 +72,9 @@ def _concurrency(value: str) -> int:
     return n
 
 
-def _runner_options(runner: str, **given) -> dict:
-    """Runner-specific options the user set (a sim run refuses trtllm-only options)."""
-    chosen = {k: v for k, v in given.items() if v is not None}
-    if runner == "sim" and chosen:
-        flags = ", ".join("--" + k.replace("_", "-") for k in chosen)
-        raise UserError(f"{flags} only apply to --runner trtllm")
-    return chosen
+def _runner_options(**given) -> dict:
+    """The runner options the user set (the runner refuses those it does not take)."""
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @app.command()
@@ -143,7 +139,7 @@ def search(
         runner=runner, space=space, storage=storage, study=study, seed=seed, trials=trials,
         timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, profile=profile, prior=prior,
         runner_options=_runner_options(
-            runner, model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
+            model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
             trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
             run_timeout=run_timeout, build_timeout=build_timeout),
     )
@@ -174,7 +170,7 @@ def search(
     summary = {
         "study": tuner.study_name, "storage": db.safe_url, "trials": tuner.finished(),
         "statuses": results.counts(), "elapsed_s": round(elapsed, 3),
-        "best": best[0].to_dict() if best else None,
+        "best": _with_launch(best[0], results.scenario) if best else None,
     }
     if json_out:
         console.print_json(summary)
@@ -215,16 +211,26 @@ def best(
         console.print_json({
             "schema": SCHEMA, "study": name, "scenario": results.scenario,
             "statuses": results.counts(), "feasible": bool(recs),
-            "best": [r.to_dict() for r in recs],
-            "closest": closest.to_dict() if closest else None,
+            "best": [_with_launch(r, results.scenario) for r in recs],
+            "closest": _with_launch(closest, results.scenario) if closest else None,
             "pareto": [fp.to_dict() for fp in results.pareto()] if pareto else None,
         })
     else:
-        console.print_best(results, recs, closest)
+        from autotune.deploy import launch_plan, model_ref
+
+        plan = launch_plan(recs[0].config, model_ref(results.scenario)) if recs else None
+        console.print_best(results, recs, closest, plan)
         if pareto:
             console.print_pareto(results.pareto(), has_slo=bool(results.slo))
     if not recs:
         raise typer.Exit(1)
+
+
+def _with_launch(rec, scenario: dict) -> dict:
+    """A recommendation as ``best --json`` prints it: with the commands that deploy it."""
+    from autotune.deploy import launch_plan, model_ref
+
+    return {**rec.to_dict(), "launch": launch_plan(rec.config, model_ref(scenario)).to_dict()}
 
 
 def _results(storage: str, study: str | None):
@@ -276,7 +282,7 @@ def estimate(
     from autotune.config import EngineConfig
     from autotune.errors import OutOfMemory, TrialFailure
     from autotune.recommend import slo_terms
-    from autotune.runners.sim import SimRunner
+    from autotune.model import Simulator
     from autotune.scenario import Scenario
 
     load = _concurrency(concurrency)
@@ -295,7 +301,8 @@ def estimate(
                           max_num_tokens=max_num_tokens, kv_fraction=kv_fraction,
                           chunked_prefill=chunked_prefill, precision=scen.precision)
     try:
-        m = SimRunner(scen).measure(config, scen.workload, [load])
+        m = Simulator(scen.model, scen.gpu, scen.calibration).measure(config, scen.workload,
+                                                                      [load])
     except OutOfMemory as exc:
         if json_out:
             console.print_json({"config": config.to_dict(), "feasible": False,
@@ -457,7 +464,7 @@ def deploy(
     Exits 1 when no config meets the SLO (it names the closest; --trial deploys one anyway)."""
     from autotune import console
     from autotune.atomic import check_out_dir
-    from autotune.launch import DEPLOY_FILES, write_deploy
+    from autotune.deploy import DEPLOY_FILES, write_deploy
 
     target = check_out_dir(out, names=DEPLOY_FILES, force=force)
     _, results = _results(storage, study)
@@ -477,7 +484,8 @@ def deploy(
                          recommended=trial is None)
     if json_out:
         console.print_json({"study": results.study_name, "out": str(target),
-                            "files": sorted(files), "recommendation": rec.to_dict()})
+                            "files": sorted(files),
+                            "recommendation": _with_launch(rec, results.scenario)})
         return
     console.wrote("deploy folder", target, f"{rec.config.label()} (trial {rec.trial_number})")
     console.out.print(f"serve it:     {target / 'serve.sh'}", markup=False, soft_wrap=True)
@@ -528,7 +536,7 @@ def calibrate(
     """Fit the built-in model's constants to a study's measurements and save them as a profile."""
     from autotune import console
     from autotune.calibrate import fit, observations_of, require_scipy
-    from autotune.perfmodel import load_calibration
+    from autotune.model import load_calibration
     from autotune.profile import Profile, load_profile
     from autotune.scenario import Scenario
 

@@ -150,7 +150,9 @@ def print_launch(plan) -> None:
                   f"{', '.join(map(str, plan.ports))}: put a load balancer in front)")
 
 
-def print_best(results, recs: Sequence, closest) -> None:
+def print_best(results, recs: Sequence, closest, launch=None) -> None:
+    """The study's best configurations (and ``launch``, the plan that deploys the first), or
+    the closest miss."""
     counts = results.counts()
     slo = str(results.slo) or "none (maximum throughput)"
     out.print(f"study [bold]{results.study_name}[/]  SLO {slo}  "
@@ -160,7 +162,8 @@ def print_best(results, recs: Sequence, closest) -> None:
             heading = "Best configuration" if i == 0 else f"#{i + 1}"
             print_recommendation(rec, heading=heading)
             out.print()
-        print_launch(recs[0].launch)
+        if launch is not None:
+            print_launch(launch)
         return
     out.print("[bold red]No configuration meets the SLO.[/]")
     if closest is not None:

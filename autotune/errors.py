@@ -44,6 +44,15 @@ class OutOfMemory(TrialFailure):
     infeasible = True
 
 
+class PredictedOutOfMemory(OutOfMemory):
+    """The performance model says the weights alone cannot fit, so the engine was not started.
+
+    A prediction, recorded as one (status ``predicted_infeasible``), never as a measured OOM.
+    """
+
+    failure_class = "predicted_oom"
+
+
 class BuildOutOfMemory(OutOfMemory):
     """The engine build ran out of GPU memory."""
 

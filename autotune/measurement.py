@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -15,6 +17,58 @@ STATISTICS = ("mean", "p50", "p90", "p95", "p99")
 
 #: Concurrency value that means "every request issued at once" (trtllm-bench's max-throughput mode).
 MAX_CONCURRENCY = -1
+
+
+class Status(StrEnum):
+    """How one trial's measurement of a configuration ended (stored as its plain value)."""
+
+    OK = "ok"  # measured: load points recorded
+    REUSED = "reused"  # an earlier identical measurement stands for it (``reused_from``)
+    INFEASIBLE = "infeasible"  # the runner says it can never run (out of memory, invalid layout)
+    #: the performance model says it cannot run at all, so it was not run: a prediction, never
+    #: a measurement (not reused: the engine may be asked another time)
+    PREDICTED_INFEASIBLE = "predicted_infeasible"
+    FAILED = "failed"  # the run broke (crash, timeout, bad report); may be tried again
+    INTERRUPTED = "interrupted"  # stopped by the user; re-queued
+    LOST = "lost"  # its worker died (no heartbeat); re-queued
+
+
+#: Statuses whose result stands for the configuration (a later trial may reuse it).
+REUSABLE = (Status.OK, Status.INFEASIBLE)
+
+
+def replica_load(load: int, dp: int) -> int:
+    """Requests in flight per replica when ``load`` requests are spread over ``dp`` replicas:
+    ``ceil(load / dp)``, at least one (``MAX_CONCURRENCY`` stays "all at once")."""
+    if load == MAX_CONCURRENCY:
+        return MAX_CONCURRENCY
+    return max(1, math.ceil(load / dp))
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """How many requests one load point runs on one replica: ``waves`` times the load in flight
+    (capped at ``fit``, the requests the KV cache holds at once, when known), within
+    ``[least, most]``; "max" runs ``waves * fit`` (or ``most`` when ``fit`` is unknown).
+
+    A few waves of the load reach a steady state past the ramp-up and the drain.
+    """
+
+    least: int
+    waves: int
+    most: int
+
+    def requests(self, per_replica_load: int, fit: int | None = None) -> int:
+        if per_replica_load == MAX_CONCURRENCY:
+            n = self.waves * fit if fit else self.most
+        else:
+            n = self.waves * (min(per_replica_load, fit) if fit else per_replica_load)
+        return int(min(self.most, max(self.least, n)))
+
+
+#: A real engine's benchmark run (the trtllm runner, and the deploy folder's ``bench.sh`` that
+#: re-measures a recommendation the same way): every request costs real GPU time.
+BENCH_REQUESTS = RequestBudget(least=64, waves=4, most=1024)
 
 
 @dataclass(frozen=True)
@@ -124,11 +178,16 @@ def load_point_from_requests(
 
 
 __all__ = [
+    "BENCH_REQUESTS",
     "LATENCY_METRICS",
+    "REUSABLE",
+    "RequestBudget",
+    "Status",
     "LoadPoint",
     "MAX_CONCURRENCY",
     "Measurement",
     "STATISTICS",
     "load_point_from_requests",
+    "replica_load",
     "summarize",
 ]

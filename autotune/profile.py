@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from autotune.errors import UserError
-from autotune.perfmodel import Calibration, load_calibration
+from autotune.model.calibration import Calibration, load_calibration
 from autotune.probe import HardwareProfile
 from autotune.specs import GpuSpec
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass, replace
 from autotune.config import EngineConfig
 from autotune.db import Store, StoredMeasurement
 from autotune.errors import UserError
-from autotune.launch import LaunchPlan, launch_plan
-from autotune.measurement import LoadPoint
+from autotune.measurement import LoadPoint, Status
 from autotune.slo import SLO, parse_slo
-from autotune.study import operating_point
+from autotune.sweep import operating_point
 
 #: Version of the ``best --json`` layout (documented in the README).
 SCHEMA = "autotune.best/1"
@@ -45,7 +44,6 @@ class Recommendation:
     trial_number: int
     measurement_id: int
     runner: str
-    launch: LaunchPlan
 
     @property
     def failing(self) -> list[SloTerm]:
@@ -69,7 +67,6 @@ class Recommendation:
             },
             "latency_ms": p.latency_ms,
             "slo": [t.to_dict() for t in self.terms],
-            "launch": self.launch.to_dict(),
         }
 
 
@@ -116,18 +113,15 @@ class Results:
         self.versions: dict = row.versions or {}
         self.created_at = row.created_at
         self.slo = parse_slo(self.scenario.get("slo") or None)
-        self.model_ref = (self.scenario.get("model_spec", {}).get("hf_name")
-                          or self.scenario["model"])
         self.measurements = store.measurements(study_name)
         # Reused rows carry no load points of their own: each config counts once.
-        self.measured = [m for m in self.measurements if m.status == "ok" and m.load_points]
+        self.measured = [m for m in self.measurements if m.status == Status.OK and m.load_points]
 
     def _recommend(self, m: StoredMeasurement) -> Recommendation:
         point, feasible = operating_point(m.load_points, self.slo)
         return Recommendation(config=m.config, point=point, terms=slo_terms(self.slo, point),
                               feasible=feasible, trial_number=m.trial_number,
-                              measurement_id=m.id, runner=m.runner,
-                              launch=launch_plan(m.config, self.model_ref))
+                              measurement_id=m.id, runner=m.runner)
 
     def best(self, top: int = 1) -> list[Recommendation]:
         """The ``top`` feasible configs by output tok/s per GPU at their operating point."""
@@ -151,7 +145,7 @@ class Results:
         if not rows:
             raise UserError(f"study {self.study_name!r} has no trial {number}")
         m = rows[-1]
-        if m.status == "reused" and m.reused_from in by_id:
+        if m.status == Status.REUSED and m.reused_from in by_id:
             m = replace(by_id[m.reused_from], trial_number=m.trial_number)
         if not m.load_points:
             raise UserError(f"trial {number} of study {self.study_name!r} has no measured load "

@@ -196,7 +196,7 @@ def pareto_figure(results: Results, rec: Recommendation | None,
 
 def _config_rank(results: Results) -> list:
     """Measured configs, best first: feasible by objective, then by peak tok/s per GPU."""
-    from autotune.study import operating_point
+    from autotune.sweep import operating_point
 
     def score(m):
         point, feasible = operating_point(m.load_points, results.slo)

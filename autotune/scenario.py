@@ -10,7 +10,7 @@ from autotune.specs import GpuSpec, ModelSpec, Workload, load_gpu, load_model, r
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from autotune.perfmodel import Calibration
+    from autotune.model import Calibration
     from autotune.profile import Profile
 
 

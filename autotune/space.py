@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from autotune.config import EngineConfig
-from autotune.errors import UserError
+from autotune.errors import InvalidConfig, PredictedOutOfMemory, UserError
 from autotune.measurement import MAX_CONCURRENCY
 from autotune.scenario import Scenario
 
@@ -118,26 +118,39 @@ class SearchSpace:
         )
 
     # ---- layouts and configs ------------------------------------------------------------
-    def layouts(self, scenario: Scenario) -> list[Layout]:
-        """Valid layouts for the scenario, weights known to fit; UserError if there are none."""
-        from autotune.perfmodel import PerfModel  # the memory model decides what fits
+    def layouts(self, scenario: Scenario, *, weights_only: bool = False) -> list[Layout]:
+        """Valid layouts for the scenario that the model says can run; UserError if none is.
+
+        By default a layout must leave room for a KV cache at the space's smallest limits (the
+        model's whole memory plan: what the sim runner can simulate). ``weights_only``: only
+        the weights must fit, for a real engine, which decides itself near the edge.
+        """
+        # The model decides what fits; the layout rules are the engines' (one owner for both).
+        from autotune.model import PerfModel, check_layout, gate
 
         m, n = scenario.model, scenario.num_gpus
         out, reasons = [], []
         for tp, pp in itertools.product(sorted(self.tp), sorted(self.pp)):
             if n % (tp * pp):
                 continue
-            if m.heads % tp:
-                reasons.append(f"tp{tp}: {m.heads} heads not divisible")
-                continue
-            if pp > m.layers:
-                continue
             cfg = EngineConfig(tp=tp, pp=pp, dp=n // (tp * pp), precision=scenario.precision,
                                max_num_tokens=min(self.max_num_tokens),
                                max_batch_size=min(self.max_batch_size),
                                kv_fraction=max(self.kv_fraction))
-            if not PerfModel(m, scenario.gpu, cfg, scenario.calibration).memory().fits:
+            try:
+                check_layout(m, cfg)
+            except InvalidConfig as exc:
+                if m.heads % tp:  # the one rule worth naming: the others only trim the space
+                    reasons.append(f"tp{tp}: {exc}")
+                continue
+            perf = PerfModel(m, scenario.gpu, cfg, scenario.calibration)
+            try:
+                gate(perf)
+            except PredictedOutOfMemory:
                 reasons.append(f"tp{tp}-pp{pp}: weights do not fit")
+                continue
+            if not weights_only and not perf.memory().fits:
+                reasons.append(f"tp{tp}-pp{pp}: no room for a KV cache")
                 continue
             out.append(Layout(tp, pp, n // (tp * pp)))
         if not out:

@@ -31,16 +31,19 @@ by any worker is never planned again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
 
 from autotune.config import DEFAULT_KV_FRACTION, DEFAULT_MAX_NUM_TOKENS, EngineConfig
 from autotune.errors import TrialFailure
+from autotune.model import Simulator
 from autotune.scenario import Scenario
 from autotune.slo import FITS
 from autotune.space import Layout, SearchSpace
+from autotune.sweep import measure_ladder, operating_point
 
 #: How many of the prior's best configurations become the first real trials.
 PRIOR_TRIALS = 6
@@ -56,6 +59,16 @@ REDRAWS = 10
 PLAN_ATTR = "autotune_plan"
 #: Study user attribute: whether the plan may reorder its first configurations.
 ADAPTIVE_ATTR = "autotune_plan_adaptive"
+
+
+def quiet_optuna() -> None:
+    """Silence what Optuna prints about the features a study relies on deliberately: its
+    per-trial INFO lines, and the ExperimentalWarnings of heartbeats, their retry callback and
+    grouped TPE (and the warning about heartbeats kept around ask/tell, which autotune does).
+    Called when a study is opened, not on import: reading results changes no global state."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 def _key(params: dict) -> tuple:
@@ -83,34 +96,7 @@ class PlannedSampler(optuna.samplers.BaseSampler):
     # -- the plan
     def next_params(self, study: optuna.Study) -> dict | None:
         """The next planned params for ``study``, or None when the plan is done."""
-        trials = study.get_trials(deepcopy=False)
-        proposed = _proposed(trials)
-        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        too_slow = [Layout.parse(t.params["layout"]) for t in done
-                    if "layout" in t.params and _too_slow(t)]
-        todo = [p for p in study.user_attrs.get(PLAN_ATTR, []) if _key(p) not in proposed
-                and not (p.get("layout") and any(_slower(Layout.parse(p["layout"]), slow)
-                                                 for slow in too_slow))]
-        # (A layout ruled out as too slow is left to TPE; the plan spends no trial on it.)
-        if todo:
-            if not study.user_attrs.get(ADAPTIVE_ATTR):
-                return todo[0]
-            return _closest_to_the_best(todo, [t for t in done if "layout" in t.params])
-        by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
-        for t in done:
-            by_layout.setdefault(t.params.get("layout"), []).append(t)
-        # Climb the best layouts side by side: a layout that starts a little behind at default
-        # settings is often the one that wins once its token budget and KV share are tuned.
-        leaders = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank,
-                         reverse=True)[:CLIMBED_LAYOUTS]
-        best_next, fewest = None, None
-        for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
-            around = self.neighbours(leader.params)
-            untried = [p for p in around if _key(p) not in proposed]
-            tried = len(around) - len(untried)
-            if untried and (fewest is None or tried < fewest):
-                best_next, fewest = untried[0], tried
-        return best_next
+        return next_planned(study.get_trials(deepcopy=False), study.user_attrs, self.neighbours)
 
     def neighbours(self, params: dict) -> list[dict]:
         """One step along each setting of ``params`` within its layout, the settings that
@@ -187,6 +173,40 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         self.base.reseed_rng()
 
 
+def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
+                 neighbours: Callable[[dict], list[dict]]) -> dict | None:
+    """The plan as a pure function: the next planned params given a study's ``trials`` and its
+    user attributes ``attrs`` (the first configurations, ``PLAN_ATTR``), or None when the plan
+    is done. ``neighbours(params)`` lists the one-step neighbours of a configuration."""
+    proposed = _proposed(trials)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    too_slow = [Layout.parse(t.params["layout"]) for t in done
+                if "layout" in t.params and _too_slow(t)]
+    todo = [p for p in attrs.get(PLAN_ATTR, []) if _key(p) not in proposed
+            and not (p.get("layout") and any(_slower(Layout.parse(p["layout"]), slow)
+                                             for slow in too_slow))]
+    # (A layout ruled out as too slow is left to TPE; the plan spends no trial on it.)
+    if todo:
+        if not attrs.get(ADAPTIVE_ATTR):
+            return todo[0]
+        return _closest_to_the_best(todo, [t for t in done if "layout" in t.params])
+    by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in done:
+        by_layout.setdefault(t.params.get("layout"), []).append(t)
+    # Climb the best layouts side by side: a layout that starts a little behind at default
+    # settings is often the one that wins once its token budget and KV share are tuned.
+    leaders = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank,
+                     reverse=True)[:CLIMBED_LAYOUTS]
+    best_next, fewest = None, None
+    for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
+        around = neighbours(leader.params)
+        untried = [p for p in around if _key(p) not in proposed]
+        tried = len(around) - len(untried)
+        if untried and (fewest is None or tried < fewest):
+            best_next, fewest = untried[0], tried
+    return best_next
+
+
 def _incumbent(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     """The trial a climb starts from: the first one, replaced only by a trial that beats it by
     more than ``MIN_GAIN`` (chasing 0.1% gains, within a real engine's run-to-run noise, would
@@ -256,6 +276,7 @@ def _rank(trial: optuna.trial.FrozenTrial) -> tuple:
 def make_sampler(space: SearchSpace, layouts: Sequence[Layout], seed: int | None = None
                  ) -> PlannedSampler:
     """The study's sampler (the same for every worker, each with its own seed)."""
+    quiet_optuna()
     tpe = optuna.samplers.TPESampler(
         seed=seed, multivariate=True, group=True, constant_liar=True,
         n_startup_trials=min(10, max(4, space.size(list(layouts)) // 20)),
@@ -354,10 +375,7 @@ def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
               k: int = PRIOR_TRIALS, progress: Callable[[int], None] | None = None
               ) -> list[EngineConfig]:
     """Score the whole space with the built-in model and pick the first real trials."""
-    from autotune.runners.sim import SimRunner
-    from autotune.study import measure_ladder, operating_point
-
-    sim = SimRunner(scenario)
+    sim = Simulator(scenario.model, scenario.gpu, scenario.calibration)
 
     def evaluate(config: EngineConfig) -> tuple[float, bool]:
         swept = measure_ladder(sim, config, scenario.workload, space.concurrency, scenario.slo)
@@ -368,5 +386,6 @@ def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
     return pick_prior(scored, k)
 
 
-__all__ = ["PLAN_ATTR", "PRIOR_TRIALS", "PlannedSampler", "Scored", "make_sampler", "pick_prior",
-           "plan_study", "score_space", "sim_prior", "startup_configs"]
+__all__ = ["PLAN_ATTR", "PRIOR_TRIALS", "PlannedSampler", "Scored", "make_sampler",
+           "next_planned", "pick_prior", "plan_study", "quiet_optuna", "score_space", "sim_prior",
+           "startup_configs"]

@@ -13,10 +13,9 @@ import platform
 import socket
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 
 import optuna
@@ -24,29 +23,22 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from autotune.config import EngineConfig, stable_hash
-from autotune.db._models import utcnow
 from autotune.db import (
-    Store, StoredMeasurement, check_sqlite_file, engine_kwargs,
-    install_sqlite_write_lock, parse_url, redact, sqlite_path,
+    Store, StoredMeasurement, check_sqlite_file, engine_kwargs, install_sqlite_write_lock,
+    parse_url, redact, sqlite_path, utcnow,
 )
 from autotune.errors import Interrupted, TrialFailure, UserError
-from autotune.measurement import MAX_CONCURRENCY, LoadPoint, Measurement
+from autotune.measurement import REUSABLE, Status
+from autotune.model import PerfModel, gate
 from autotune.runners import Runner
 from autotune.scenario import Scenario
-from autotune.slo import FITS, SLO
 from autotune.space import Layout, SearchSpace
 from autotune.specs import Workload
-from autotune.strategy import make_sampler, plan_study, sim_prior, startup_configs
+from autotune.strategy import make_sampler, plan_study, quiet_optuna, sim_prior, startup_configs
+from autotune.sweep import Gate, Outcome, evaluate, failed_outcome, outcome_of
 
 #: Heartbeat of a running trial, and how long without one before it counts as dead (seconds).
 HEARTBEAT_S, GRACE_S = 30, 120
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# Heartbeats, their retry callback and grouped TPE are marked experimental; they are what we rely
-# on deliberately, so their warnings would only be noise for users.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# autotune keeps heartbeats itself around ask/tell (see Heartbeat), which Optuna warns about.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 def versions() -> dict[str, str]:
@@ -79,6 +71,7 @@ class Storage:
 def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_S,
                  grace_s: int = GRACE_S) -> Storage:
     """Open (and with ``create``, initialise) the database; UserError with one line if not."""
+    quiet_optuna()
     parsed = parse_url(url)
     path = sqlite_path(parsed)
     if path is not None:
@@ -104,6 +97,19 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
     return Storage(url=url, optuna=storage, store=store, heartbeat_s=heartbeat_s, grace_s=grace_s)
 
 
+def _record_lost(store: Store, study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+    """A ``lost`` row for a trial whose worker died after it proposed a config (once)."""
+    if "config" in trial.user_attrs and "measurement_id" not in trial.user_attrs:
+        scenario = study.user_attrs.get("scenario", {})
+        store.add_measurement(StoredMeasurement(
+            study_name=study.study_name, trial_number=trial.number,
+            runner=scenario.get("runner", "?"), key=trial.user_attrs.get("key", ""),
+            config=EngineConfig.from_dict(trial.user_attrs["config"]),
+            workload=Workload.from_dict(scenario["workload"]),
+            status=Status.LOST, failure_class="worker_lost", message=why,
+            started_at=trial.datetime_start, finished_at=utcnow()))
+
+
 def _on_stale_trial(store: Store, grace_s: int) -> Callable[[optuna.Study, FrozenTrial], None]:
     """What happens to a trial whose worker stopped sending heartbeats (Optuna has failed it):
     its slot and key claim are freed, a ``lost`` row records it, and it is re-queued once."""
@@ -111,39 +117,43 @@ def _on_stale_trial(store: Store, grace_s: int) -> Callable[[optuna.Study, Froze
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         store.release_trial(study.study_name, trial._trial_id)
-        if "config" in trial.user_attrs and "measurement_id" not in trial.user_attrs:
-            store.add_measurement(StoredMeasurement(
-                study_name=study.study_name, trial_number=trial.number,
-                runner=study.user_attrs.get("scenario", {}).get("runner", "?"),
-                key=trial.user_attrs.get("key", ""),
-                config=EngineConfig.from_dict(trial.user_attrs["config"]),
-                workload=Workload.from_dict(study.user_attrs["scenario"]["workload"]),
-                status="lost", failure_class="worker_lost",
-                message=f"no heartbeat from its worker for over {grace_s} s; re-queued",
-                started_at=trial.datetime_start, finished_at=utcnow()))
-        retry(study, trial)
+        _record_lost(store, study, trial,
+                     f"no heartbeat from its worker for over {grace_s} s; re-queued")
+        if trial.params:  # a trial that proposed nothing yet leaves nothing to re-run
+            retry(study, trial)
 
     return on_stale
 
 
 class Heartbeat:
-    """Records a trial's heartbeat every ``interval_s`` seconds from a daemon thread."""
+    """Records a trial's heartbeat (Optuna's, and the slot's ``claimed_at`` through ``touch``)
+    every ``interval_s`` seconds from a daemon thread.
 
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval_s: float):
+    The first beat is synchronous, inside ``__enter__``: once it returns, the trial can only
+    end, be finished by its worker, or go stale and be reclaimed; never stay RUNNING unseen.
+    """
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval_s: float,
+                 touch: Callable[[], None] | None = None):
         self.storage, self.trial_id, self.interval_s = storage, trial_id, interval_s
+        self.touch = touch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="autotune-heartbeat")
 
-    def _beat(self) -> None:
-        while True:
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except SQLAlchemyError:
-                pass  # a busy database: the next beat will do; the grace period covers it
-            if self._stop.wait(self.interval_s):
-                return
+    def beat(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.touch is not None:
+                self.touch()
+        except SQLAlchemyError:
+            pass  # a busy database: the next beat will do; the grace period covers it
 
-    def __enter__(self) -> "Heartbeat":
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
         self._thread.start()
         return self
 
@@ -188,191 +198,6 @@ class StopRequest:
             self._depth -= 1
 
 
-# ---- operating point ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    """What one trial concluded about one configuration."""
-
-    status: str  # ok | infeasible | failed | interrupted (see MeasurementRow)
-    load_points: tuple[LoadPoint, ...] = ()
-    point: LoadPoint | None = None  # operating point when feasible, else the closest point
-    feasible: bool = False
-    objective: float = 0.0  # output tok/s per GPU at ``point`` (0 when nothing ran)
-    constraints: dict[str, float] = field(default_factory=dict)
-    max_requests_in_flight: int | None = None
-    failure: TrialFailure | None = None
-    raw: dict = field(default_factory=dict)  # runner records per load (reports, logs)
-
-
-def operating_point(points: Sequence[LoadPoint], slo: SLO) -> tuple[LoadPoint | None, bool]:
-    """The highest-throughput point meeting ``slo`` (feasible=True), else the one that misses it
-    by the least (its worst term's relative excess is smallest)."""
-    if not points:
-        return None, False
-    meeting = [p for p in points if slo.met(p)]
-    if meeting:
-        # Ties go to the higher load: with dp replicas, loads below dp all put one request on
-        # each replica, and the highest of them says how many requests are really in flight.
-        return max(meeting, key=lambda p: (p.output_throughput_per_gpu, p.concurrency)), True
-    return min(points, key=lambda p: max(slo.violations(p).values())), False
-
-
-def outcome_of(points: Sequence[LoadPoint], slo: SLO, max_in_flight: int | None,
-               raw: dict | None = None) -> Outcome:
-    point, feasible = operating_point(points, slo)
-    constraints = {FITS: 0.0, **slo.violations(point)}
-    return Outcome(status="ok", load_points=tuple(points), point=point, feasible=feasible,
-                   objective=point.output_throughput_per_gpu, constraints=constraints,
-                   max_requests_in_flight=max_in_flight, raw=raw or {})
-
-
-def failed_outcome(failure: TrialFailure, slo: SLO) -> Outcome:
-    status = "infeasible" if failure.infeasible else (
-        "interrupted" if isinstance(failure, Interrupted) else "failed")
-    return Outcome(status=status, constraints={FITS: 1.0, **{b.name: 1.0 for b in slo.bounds}},
-                   failure=failure)
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """The load points one trial measured (ascending load, "max" last), the requests that fit in
-    flight, and each run's runner-specific record (reports, logs) keyed by its load."""
-
-    points: tuple[LoadPoint, ...]
-    capacity: int | None
-    raw: dict[str, dict] = field(default_factory=dict)
-
-
-class _Runs:
-    """Runs one load at a time and keeps what a sweep returns."""
-
-    def __init__(self, runner: Runner, config: EngineConfig, workload: Workload):
-        self.runner, self.config, self.workload = runner, config, workload
-        self.points: dict[int, LoadPoint] = {}
-        self.raw: dict[str, dict] = {}
-        self.capacity: int | None = None
-
-    def run(self, load: int) -> LoadPoint:
-        m: Measurement = self.runner.measure(self.config, self.workload, [load])
-        point = m.load_points[-1]
-        self.points[load] = point
-        if m.raw:
-            self.raw[str(load)] = m.raw
-        self.capacity = self.capacity or m.max_requests_in_flight or None
-        return point
-
-    def sweep(self) -> Sweep:
-        ordered = sorted(self.points.values(),
-                         key=lambda p: (p.concurrency == MAX_CONCURRENCY, p.concurrency))
-        return Sweep(tuple(ordered), self.capacity, self.raw)
-
-
-#: How finely a trial pins its operating point between two rungs of the load ladder: it halves
-#: the gap between the highest load meeting the SLO and the next rung (which misses it) until
-#: the gap is at most this share of the load (or one request per replica). A power-of-two ladder
-#: alone can report half of what a configuration sustains, and makes configurations that differ
-#: by a hair at the SLO's edge look 2x apart; three more runs (8 -> 16: 12, 14, 15) fix both.
-REFINE_RESOLUTION = 0.125
-
-
-def _refine(runs: _Runs, slo: SLO) -> None:
-    """Bisect the loads between the highest measured load meeting ``slo`` and the lowest
-    higher one missing it (both numeric; "max" is not a load to bisect towards)."""
-    if not slo:
-        return
-    met = {c: slo.met(p) for c, p in runs.points.items() if c != MAX_CONCURRENCY}
-    good = max((c for c, ok in met.items() if ok), default=None)
-    bad = min((c for c, ok in met.items() if not ok and good is not None and c > good),
-              default=None)
-    if good is None or bad is None:
-        return
-    if runs.capacity:  # loads above what fits in flight at once behave like "max"
-        bad = min(bad, runs.capacity + 1)
-    # Loads are split evenly over the dp replicas (rounded up), so only multiples of dp differ.
-    step = runs.config.dp
-    while bad - good > max(step, int(good * REFINE_RESOLUTION)):
-        mid = (good + bad) // 2 // step * step
-        if mid <= good:
-            break
-        if slo.met(runs.run(mid)):
-            good = mid
-        else:
-            bad = mid
-
-
-def _ascending(ladder: Sequence[int]) -> list[int]:
-    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
-    return finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
-
-
-def measure_ladder(runner: Runner, config: EngineConfig, workload: Workload,
-                   ladder: Sequence[int], slo: SLO) -> Sweep:
-    """Measure ``config`` up the load ladder (ascending, then "max"), one load per run.
-
-    Stops at the first load that misses the SLO: latency only grows with load, so higher loads
-    would miss it too. Loads above what the KV cache holds at once behave like "max" and are
-    skipped.
-    """
-    runs = _Runs(runner, config, workload)
-    for load in _ascending(ladder):
-        if runs.capacity and load != MAX_CONCURRENCY and load > runs.capacity:
-            continue
-        point = runs.run(load)
-        if slo and not slo.met(point):
-            break
-    _refine(runs, slo)
-    return runs.sweep()
-
-
-def bisect_ladder(runner: Runner, config: EngineConfig, workload: Workload,
-                  ladder: Sequence[int], slo: SLO) -> Sweep:
-    """Find the operating point with as few runs as possible (for runners whose every run is
-    costly): the same answer as ``measure_ladder`` when latency and throughput grow with load.
-
-    Without an SLO the top of the ladder is the answer (one run). With one: the lowest load
-    first (if it misses, nothing will meet the SLO), then the top, then bisection between the
-    highest load known to meet the SLO and the lowest known to miss it.
-    """
-    runs = _Runs(runner, config, workload)
-    loads = _ascending(ladder)
-
-    def meets(index: int) -> bool:
-        nonlocal loads
-        load = loads[index]
-        met = slo.met(runs.run(load))
-        if runs.capacity:
-            # Loads beyond what the KV cache holds at once behave like "max".
-            loads = [c for c in loads if c == MAX_CONCURRENCY or c <= runs.capacity or c == load]
-        return met
-
-    if not slo:
-        meets(len(loads) - 1)
-        return runs.sweep()
-    if not meets(0):
-        return runs.sweep()
-    good, bad = 0, len(loads)
-    if len(loads) > 1:
-        if meets(len(loads) - 1):
-            good = len(loads) - 1
-        else:
-            bad = len(loads) - 1
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if meets(mid):
-            good = mid
-        else:
-            bad = mid
-    _refine(runs, slo)
-    return runs.sweep()
-
-
-def static_check(scenario: Scenario, config: EngineConfig) -> None:
-    """Reject, before any run, a config the memory model says cannot work (raises TrialFailure)."""
-    from autotune.runners.sim import SimRunner  # the model decides what fits
-
-    SimRunner(scenario).capacity(config, scenario.workload)
-
-
 # ---- the study ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrialReport:
@@ -380,10 +205,19 @@ class TrialReport:
 
     number: int
     config: EngineConfig
-    status: str
+    status: Status
     feasible: bool
     objective: float
     reused: bool
+
+
+def memory_gate(scenario: Scenario) -> Gate:
+    """The gate in front of a real engine: the model rules out only configs whose weights alone
+    cannot fit (recorded as ``predicted_infeasible``); the engine decides near the edge."""
+    def check(config: EngineConfig) -> None:
+        gate(PerfModel(scenario.model, scenario.gpu, config, scenario.calibration))
+
+    return check
 
 
 class Tuner:
@@ -394,10 +228,15 @@ class Tuner:
                  sampler: optuna.samplers.BaseSampler | None = None, prior: str | None = None):
         self.scenario, self.space, self.runner, self.storage = scenario, space, runner, storage
         self.study_name = study_name or scenario.default_study_name()
-        self.layouts: list[Layout] = space.layouts(scenario)  # UserError when none is valid
+        # UserError when none is valid; a real engine is offered every layout its weights fit.
+        self.layouts: list[Layout] = space.layouts(scenario, weights_only=not runner.predicts)
         self.sampler = sampler or make_sampler(space, self.layouts, seed)
         self.prior = prior  # "sim" or None (checked by SearchJob before anything is opened)
         self.store: Store = storage.store
+        # The model's own runner needs no gate (it is the model); a real engine gets only the
+        # "cannot run at all" one.
+        self.gate: Gate | None = None if runner.predicts else memory_gate(scenario)
+        self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
         self._versions = versions()
         self._host = socket.gethostname()
         self.stop = StopRequest()
@@ -448,10 +287,11 @@ class Tuner:
         """Run trials until the study holds ``n_trials`` finished ones — its total, shared with
         every other worker on the same study, never exceeded.
 
-        Each trial first claims a slot (``autotune_slots``), then asks Optuna for a trial and
-        keeps its heartbeat while it runs. A dead worker's trial goes stale after the grace
-        period; whichever worker notices fails it, frees its slot and re-queues it once. When
-        no slot is free but other workers' trials are still running, this worker waits for them
+        Each trial first claims a slot (``autotune_slots``), then asks Optuna for a trial, binds
+        it to the slot and keeps its heartbeat while it runs (the first beat before anything
+        else). A dead worker's trial goes stale after the grace period, whether or not it ever
+        beat; whichever worker notices fails it, frees its slot and re-queues it once. When no
+        slot is free but other workers' trials are still running, this worker waits for them
         (one of them may die and free its slot).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -459,8 +299,8 @@ class Tuner:
         storage = self.storage
         while deadline is None or time.monotonic() < deadline:
             self.stop.check()
-            optuna.storages.fail_stale_trials(self.study)
-            slot = self.store.claim_slot(self.study_name, n_trials, worker, storage.grace_s)
+            self.reap()
+            slot = self.store.claim_slot(self.study_name, n_trials, worker)
             if slot is None:
                 if self.store.slot_counts(self.study_name)[1] == 0:
                     return
@@ -471,14 +311,14 @@ class Tuner:
             self.store.bind_slot(slot, trial._trial_id)
             counted = False
             try:
-                with Heartbeat(storage.optuna, trial._trial_id, storage.heartbeat_s):
-                    try:
-                        value = self.objective(trial)
-                    except TrialFailure:
+                with Heartbeat(storage.optuna, trial._trial_id, storage.heartbeat_s,
+                               touch=lambda: self.store.touch_slot(slot)):
+                    report = self.run_trial(trial)
+                    if report.status in (Status.FAILED, Status.INTERRUPTED):
                         # Recorded with its class and message; the search goes on.
                         self.study.tell(trial, state=TrialState.FAIL)
                     else:
-                        self.study.tell(trial, value)
+                        self.study.tell(trial, report.objective)
                 counted = True
             except BaseException:
                 # Interrupted (Ctrl-C, SIGTERM) or broken: the trial ends FAIL, its place is
@@ -493,14 +333,34 @@ class Tuner:
             finally:
                 self.store.finish_slot(slot, counted=counted)
             if on_trial is not None:
-                attrs = self.study._storage.get_trial(trial._trial_id).user_attrs
-                on_trial(TrialReport(
-                    number=trial.number, config=EngineConfig.from_dict(attrs["config"]),
-                    status=attrs.get("status", "failed"), feasible=bool(attrs.get("feasible")),
-                    objective=attrs.get("objective", 0.0),
-                    reused=attrs.get("reused_from") is not None))
+                on_trial(report)
 
-    def objective(self, trial: Trial) -> float:
+    def reap(self) -> None:
+        """Fail the trials of dead workers: those whose Optuna heartbeat went stale, and those
+        whose slot shows no sign of life for the grace period (a worker killed before its first
+        heartbeat, which Optuna's stale check never sees)."""
+        optuna.storages.fail_stale_trials(self.study)
+        grace = self.storage.grace_s
+        for trial_id in self.store.reap_slots(self.study_name, grace):
+            frozen = self.storage.optuna.get_trial(trial_id)
+            if frozen.state != TrialState.RUNNING:
+                continue
+            try:
+                self.study.tell(frozen.number, state=TrialState.FAIL)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+                continue  # another worker got there first
+            _record_lost(self.store, self.study, frozen,
+                         f"its worker showed no sign of life for over {grace} s; re-queued")
+            # Re-queued once, as Optuna's stale-heartbeat path does (the copy names the trial
+            # it retries), so the two paths leave the same study.
+            if frozen.params:
+                self._retry(self.study, self.storage.optuna.get_trial(trial_id))
+
+    def run_trial(self, trial: Trial) -> TrialReport:
+        """Propose, measure (or reuse) and record one configuration; what the trial concluded.
+
+        Raises KeyboardInterrupt (the trial recorded as interrupted) when stopped.
+        """
         config = self.space.suggest(trial, self.layouts, self.scenario.precision)
         trial.set_user_attr("config", config.to_dict())
         started = utcnow()
@@ -511,19 +371,11 @@ class Tuner:
             if earlier is not None:
                 outcome = self._outcome_from(earlier)
                 return self._finish(trial, config, key, outcome, started, reused_from=earlier.id)
-            try:
-                static_check(self.scenario, config)
-                # A costly runner bisects the load ladder; a cheap one walks up all of it, which
-                # keeps the whole load curve for the Pareto front and the report.
-                sweep = bisect_ladder if self.runner.expensive else measure_ladder
-                with self.stop.interruptible():
-                    swept = sweep(self.runner, config, self.scenario.workload,
-                                  self.space.concurrency, self.scenario.slo)
-                outcome = outcome_of(swept.points, self.scenario.slo, swept.capacity, swept.raw)
-            except TrialFailure as failure:
-                outcome = failed_outcome(failure, self.scenario.slo)
-            if outcome.status in ("failed", "interrupted"):
-                # A later trial may try this configuration again.
+            with self.stop.interruptible():
+                outcome = evaluate(self.runner, config, self.scenario.workload,
+                                   self.space.concurrency, self.scenario.slo, gate=self.gate)
+            if outcome.status not in REUSABLE:
+                # Not a result that stands for the config: a later trial may try it again.
                 self.store.release_key(self.study_name, key, trial._trial_id)
             return self._finish(trial, config, key, outcome, started)
         except KeyboardInterrupt:
@@ -549,13 +401,13 @@ class Tuner:
                 return earlier
             if self.store.claim_key(self.study_name, key, trial._trial_id):
                 return None
-            optuna.storages.fail_stale_trials(self.study)
+            self.reap()
             with self.stop.interruptible():
                 time.sleep(0.2)
 
     # -- recording
     def _outcome_from(self, stored: StoredMeasurement) -> Outcome:
-        if stored.status == "infeasible":
+        if stored.status == Status.INFEASIBLE:
             failure = TrialFailure(stored.message or "infeasible")
             failure.infeasible = True
             failure.failure_class = stored.failure_class or "infeasible"
@@ -563,18 +415,19 @@ class Tuner:
         return outcome_of(stored.load_points, self.scenario.slo, stored.max_requests_in_flight)
 
     def _finish(self, trial: Trial, config: EngineConfig, key: str, outcome: Outcome,
-                started, reused_from: int | None = None) -> float:
+                started, reused_from: int | None = None) -> TrialReport:
         self._record(trial, config, key, outcome, started, reused_from)
         for name, value in outcome.constraints.items():
             trial.set_constraint(name, value)
-        if outcome.status in ("failed", "interrupted"):
-            raise outcome.failure  # Optuna marks the trial FAIL (caught) and the search goes on
-        return outcome.objective
+        return TrialReport(number=trial.number, config=config,
+                           status=Status.REUSED if reused_from is not None else outcome.status,
+                           feasible=outcome.feasible, objective=outcome.objective,
+                           reused=reused_from is not None)
 
     def _record(self, trial: Trial, config: EngineConfig, key: str, outcome: Outcome, started,
                 reused_from: int | None = None) -> None:
         f = outcome.failure
-        status = "reused" if reused_from is not None else outcome.status
+        status = Status.REUSED if reused_from is not None else outcome.status
         mid = self.store.add_measurement(StoredMeasurement(
             study_name=self.study_name, trial_number=trial.number, runner=self.runner.name,
             key=key, config=config, workload=self.scenario.workload, status=status,
@@ -589,7 +442,7 @@ class Tuner:
             runner_settings=self.runner.settings(), versions=self._versions, raw=outcome.raw,
             reused_from=reused_from, host=self._host, started_at=started, finished_at=utcnow(),
         ))
-        trial.set_user_attr("status", status)
+        trial.set_user_attr("status", str(status))
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("measurement_id", mid)
         if reused_from is not None:
@@ -605,16 +458,7 @@ class Tuner:
             trial.set_user_attr("tok_s_per_user", round(p.output_throughput_per_user, 2))
 
 
-def trial_counts(measurements: Sequence[StoredMeasurement]) -> dict[str, int]:
-    """How many measurements ended in each status."""
-    out: dict[str, int] = {}
-    for m in measurements:
-        out[m.status] = out.get(m.status, 0) + 1
-    return out
-
-
 __all__ = [
-    "FITS", "Outcome", "StopRequest", "Storage", "Sweep", "TrialReport", "Tuner",
-    "bisect_ladder", "measure_ladder", "open_storage",
-    "operating_point", "static_check", "trial_counts", "versions",
+    "GRACE_S", "HEARTBEAT_S", "Heartbeat", "StopRequest", "Storage", "TrialReport", "Tuner",
+    "memory_gate", "open_storage", "versions",
 ]

@@ -73,7 +73,8 @@ class SearchJob:
         runner_cls = get_runner(self.runner)
         runner_cls.check_options(scen, **self.runner_options)
         space = SearchSpace.load(self.space)
-        space.layouts(scen)  # UserError when no layout of the space can work
+        # UserError when no layout of the space can work
+        space.layouts(scen, weights_only=not runner_cls.predicts)
         return scen, runner_cls, space
 
     def tuner(self, worker_index: int = 0):

@@ -35,7 +35,7 @@ import pandas as pd
 from autotune.config import EngineConfig
 from autotune.errors import TrialFailure
 from autotune.measurement import MAX_CONCURRENCY
-from autotune.perfmodel import Calibration, load_calibration
+from autotune.model import Calibration, load_calibration
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.specs import PRECISIONS as PRECISIONS_BYTES

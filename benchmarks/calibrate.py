@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 import accuracy  # benchmarks/accuracy.py, next to this script
-from autotune.perfmodel import DEFAULT_BACKEND, Calibration
+from autotune.model import DEFAULT_BACKEND, Calibration
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
 SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_bw_eff", "seq_overhead_us")

@@ -45,7 +45,7 @@ import optuna
 from autotune.config import EngineConfig
 from autotune.errors import TrialFailure
 from autotune.measurement import LoadPoint, Measurement
-from autotune.perfmodel import Calibration, load_calibration
+from autotune.model import Calibration, load_calibration
 from autotune.runners import Runner
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario

@@ -3,11 +3,11 @@
 from autotune.db._engine import (
     check_sqlite_file, engine_kwargs, install_sqlite_write_lock, parse_url, redact, sqlite_path,
 )
-from autotune.db._models import SCHEMA_VERSION
-from autotune.db._store import REUSABLE, Store, StoredMeasurement, StudySummary
+from autotune.db._models import SCHEMA_VERSION, utcnow
+from autotune.db._store import Store, StoredMeasurement, StudySummary
 
 __all__ = [
-    "REUSABLE", "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
+    "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
     "check_sqlite_file", "engine_kwargs", "install_sqlite_write_lock", "parse_url", "redact",
-    "sqlite_path",
+    "sqlite_path", "utcnow",
 ]

@@ -48,9 +48,11 @@ class StudyRow(Base):
 class MeasurementRow(Base):
     """One trial's result: its config, how it ended and (through load points) its load curve.
 
-    ``status``: ``ok`` (measured), ``reused`` (the result of an earlier identical measurement,
-    ``reused_from``), ``infeasible`` (cannot run: out of memory, invalid layout),
-    ``failed`` (the run broke: crash, timeout, bad report) or ``interrupted``.
+    ``status``: an ``autotune.measurement.Status`` value: ``ok`` (measured), ``reused`` (the
+    result of an earlier identical measurement, ``reused_from``), ``infeasible`` (the runner says
+    it cannot run: out of memory, invalid layout), ``predicted_infeasible`` (the model says the
+    weights cannot fit: not run), ``failed`` (the run broke: crash, timeout, bad report),
+    ``interrupted`` or ``lost`` (its worker died).
     """
 
     __tablename__ = "autotune_measurements"

@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 
 from autotune.config import EngineConfig
 from autotune.errors import ScenarioMismatch, UserError
-from autotune.measurement import LoadPoint
+from autotune.measurement import REUSABLE, LoadPoint, Status
 from autotune.scenario import identity_differences
 from autotune.specs import Workload
 from autotune.db._models import (
@@ -20,8 +20,6 @@ from autotune.db._models import (
     ProfileRow, SlotRow, StudyRow, utcnow,
 )
 
-#: Statuses whose result stands for the configuration (a later trial may reuse it).
-REUSABLE = ("ok", "infeasible")
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class StoredMeasurement:
     key: str
     config: EngineConfig
     workload: Workload
-    status: str
+    status: Status
     load_points: tuple[LoadPoint, ...] = ()
     feasible: bool = False
     objective: float | None = None
@@ -74,7 +72,27 @@ class StudySummary:
 
 
 class Store:
-    """autotune's tables in the database behind ``engine`` (shared with Optuna's)."""
+    """autotune's tables in the database behind ``engine`` (shared with Optuna's).
+
+    Concurrency contract
+    --------------------
+    Any number of workers (threads or processes, on any machines) may share one Store's
+    database; every method is one transaction and safe to call from all of them at once.
+
+    - **Slots** (a study's ``--trials`` places). ``claim_slot`` hands each slot to one worker at
+      a time: claims are serialised per study (the study row is locked), so ``total`` is never
+      exceeded. Only the worker holding a slot binds it (``bind_slot``), shows it alive
+      (``touch_slot``) and finishes it (``finish_slot``: done, or released for another trial).
+    - **Dead workers.** A worker that dies leaves its slot neither done nor released. Any worker
+      may release it once it has shown no sign of life (claim, bind or touch) for the grace
+      period (``reap_slots``), or once Optuna has failed its trial for a stale heartbeat
+      (``release_trial``); the slot's key claims go with it and the slot is claimed again.
+      Exactly one caller reaps each slot.
+    - **Key claims** (one measurement per configuration). ``claim_key`` succeeds for exactly
+      one trial per key; only the holder releases it (``release_key``) when its result does
+      not stand for the configuration, and a reaped trial's claims are released with its slot.
+    - **Measurements** are append-only; ``find_reusable`` returns the first reusable one.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -141,7 +159,7 @@ class Store:
                 r.study_name: r for r in s.execute(
                     select(m.study_name, func.count(m.id).label("trials"),
                            func.sum(m.feasible.cast(int_type())).label("feasible"),
-                           func.sum((m.status == "failed").cast(int_type())).label("failed"),
+                           func.sum((m.status == Status.FAILED.value).cast(int_type())).label("failed"),
                            func.max(func.nullif(m.objective * m.feasible.cast(int_type()), 0))
                            .label("best"))
                     .group_by(m.study_name))
@@ -162,7 +180,7 @@ class Store:
         row = MeasurementRow(
             study_name=rec.study_name, trial_number=rec.trial_number, runner=rec.runner,
             key=rec.key, config=rec.config.to_dict(), workload=rec.workload.to_dict(),
-            runner_settings=rec.runner_settings, status=rec.status,
+            runner_settings=rec.runner_settings, status=Status(rec.status).value,
             failure_class=rec.failure_class, message=rec.message, log_tail=rec.log_tail,
             log_path=rec.log_path, feasible=rec.feasible, objective=rec.objective,
             operating_concurrency=rec.operating_concurrency,
@@ -185,7 +203,7 @@ class Store:
             row = s.scalar(
                 select(MeasurementRow)
                 .where(MeasurementRow.study_name == study_name, MeasurementRow.key == key,
-                       MeasurementRow.status.in_(REUSABLE))
+                       MeasurementRow.status.in_([s.value for s in REUSABLE]))
                 .order_by(MeasurementRow.id).limit(1))
             return _to_value(row) if row is not None else None
 
@@ -195,18 +213,14 @@ class Store:
         with self._session() as s:
             q = select(MeasurementRow).where(MeasurementRow.study_name == study_name)
             if statuses:
-                q = q.where(MeasurementRow.status.in_(statuses))
+                q = q.where(MeasurementRow.status.in_([str(st) for st in statuses]))
             rows = s.scalars(q.order_by(MeasurementRow.id)).all()
             return [_to_value(r) for r in rows]
 
     # ---- slots: the study's total number of trials, shared by all workers ------------------
-    def claim_slot(self, study_name: str, total: int, worker: str, stale_after_s: float
-                   ) -> int | None:
-        """Claim a place for one more trial (its slot id), or None when all ``total`` are taken.
-
-        A new slot while fewer than ``total`` exist; else a released one, or one claimed by a
-        worker that never bound a trial to it within ``stale_after_s``.
-        """
+    def claim_slot(self, study_name: str, total: int, worker: str) -> int | None:
+        """Claim a place for one more trial (its slot id), or None when all ``total`` are taken:
+        a new slot while fewer than ``total`` exist, else a released one."""
         for _ in range(5):  # PostgreSQL: a concurrent claim of the same slot number → retry
             try:
                 with self._session.begin() as s:
@@ -221,12 +235,9 @@ class Store:
                         s.add(row)
                         s.flush()
                         return row.id
-                    cutoff = utcnow().timestamp() - stale_after_s
                     for row in slots:
-                        orphan = (row.trial_id is None and not row.done
-                                  and _ts(row.claimed_at) < cutoff)
-                        if row.slot < total and (row.released or orphan):
-                            row.released, row.done, row.trial_id = False, False, None
+                        if row.slot < total and row.released and not row.done:
+                            row.released, row.trial_id = False, None
                             row.worker, row.claimed_at = worker, utcnow()
                             return row.id
                     return None
@@ -235,8 +246,44 @@ class Store:
         return None
 
     def bind_slot(self, slot_id: int, trial_id: int) -> None:
+        """Record the Optuna trial that holds the slot (and a sign of life)."""
         with self._session.begin() as s:
-            s.execute(update(SlotRow).where(SlotRow.id == slot_id).values(trial_id=trial_id))
+            s.execute(update(SlotRow).where(SlotRow.id == slot_id)
+                      .values(trial_id=trial_id, claimed_at=utcnow()))
+
+    def touch_slot(self, slot_id: int) -> None:
+        """A sign of life of the slot's worker (its trial's heartbeat)."""
+        with self._session.begin() as s:
+            s.execute(update(SlotRow).where(SlotRow.id == slot_id, SlotRow.done.is_(False),
+                                            SlotRow.released.is_(False))
+                      .values(claimed_at=utcnow()))
+
+    def reap_slots(self, study_name: str, stale_after_s: float) -> list[int]:
+        """Release the slots whose worker showed no sign of life for ``stale_after_s`` (claimed,
+        bound or touched longer ago), with their trials' key claims; the Optuna trial ids that
+        were bound to them (the caller fails those trials).
+
+        Each orphan is released by exactly one caller, however many reap at once: the release
+        is a conditional update, and only the caller whose update took it gets its trial id.
+        """
+        cutoff = utcnow().timestamp() - stale_after_s
+        with self._session() as s:
+            live = s.execute(select(SlotRow.id, SlotRow.claimed_at)
+                             .where(SlotRow.study_name == study_name, SlotRow.done.is_(False),
+                                    SlotRow.released.is_(False))).all()
+        stale = [slot_id for slot_id, at in live if _ts(at) < cutoff]
+        reaped: list[int] = []
+        for slot_id in stale:
+            with self._session.begin() as s:
+                row = s.get(SlotRow, slot_id)
+                if row is None or row.done or row.released or _ts(row.claimed_at) >= cutoff:
+                    continue  # finished, reaped by another worker, or alive after all
+                row.released = True
+                if row.trial_id is not None:
+                    s.execute(delete(KeyClaimRow).where(KeyClaimRow.study_name == study_name,
+                                                        KeyClaimRow.trial_id == row.trial_id))
+                    reaped.append(row.trial_id)
+        return reaped
 
     def finish_slot(self, slot_id: int, *, counted: bool) -> None:
         """The slot's trial ended: it counts (``done``) or its place is given back."""
@@ -319,7 +366,7 @@ def _to_value(row: MeasurementRow) -> StoredMeasurement:
     return StoredMeasurement(
         id=row.id, study_name=row.study_name, trial_number=row.trial_number, runner=row.runner,
         key=row.key, config=EngineConfig.from_dict(row.config),
-        workload=Workload.from_dict(row.workload), status=row.status,
+        workload=Workload.from_dict(row.workload), status=Status(row.status),
         load_points=tuple(
             LoadPoint(concurrency=p.concurrency, num_requests=p.num_requests,
                       request_throughput=p.request_throughput,
@@ -338,4 +385,4 @@ def _to_value(row: MeasurementRow) -> StoredMeasurement:
     )
 
 
-__all__ = ["REUSABLE", "Store", "StoredMeasurement", "StudySummary"]
+__all__ = ["Store", "StoredMeasurement", "StudySummary"]

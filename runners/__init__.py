@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from autotune.errors import UserError
-from autotune.runners._base import EngineBuilder, Runner
+from autotune.runners._base import EngineBuilder, NoOptions, Runner
 
 #: Runner name -> "module:Class". Heavy runners are imported lazily.
 RUNNERS: dict[str, str] = {
@@ -31,4 +31,4 @@ def get_runner(name: str) -> type[Runner]:
     return cls
 
 
-__all__ = ["EngineBuilder", "RUNNERS", "Runner", "get_runner"]
+__all__ = ["EngineBuilder", "NoOptions", "RUNNERS", "Runner", "get_runner"]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from autotune.config import EngineConfig
+from autotune.errors import UserError
 from autotune.measurement import Measurement
 from autotune.scenario import Scenario
 from autotune.specs import Workload
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The settings of a runner that takes no options."""
 
 
 class Runner(ABC):
@@ -24,8 +31,15 @@ class Runner(ABC):
     failure (out of memory, invalid config, build failed, timed out, killed, crashed, bad
     report); it never returns made-up or zero numbers in place of a failure.
 
-    ``honours`` names the ``EngineConfig`` fields the runner applies; the others are ignored and
-    the study does not search them.
+    Options
+    -------
+    A runner declares the options it takes (``search --backend ...``, or keyword arguments) as a
+    dataclass, ``settings_class``; ``check_options`` refuses any other option as a user error,
+    before the database is opened. ``settings()`` returns what changes results, JSON-able and
+    stable for equal options: it is part of the key that deduplicates measurements.
+
+    ``predicts`` is True for a runner whose numbers come from autotune's performance model (the
+    ``sim``): the study then needs no memory gate in front of it.
 
     Resources
     ---------
@@ -38,9 +52,10 @@ class Runner(ABC):
     #: True when every run costs real time (a real engine): the study then finds each trial's
     #: operating point by bisecting the load ladder rather than walking up all of it.
     expensive: ClassVar[bool] = True
-    honours: ClassVar[frozenset[str]] = frozenset(
-        {"tp", "pp", "dp", "max_batch_size", "max_num_tokens", "kv_fraction", "chunked_prefill"}
-    )
+    #: The options the runner takes, as a dataclass (its fields are the option names).
+    settings_class: ClassVar[type] = NoOptions
+    #: True when the runner's numbers are autotune's own model's predictions.
+    predicts: ClassVar[bool] = False
 
     def __init__(self, scenario: Scenario):
         self.scenario = scenario
@@ -50,12 +65,30 @@ class Runner(ABC):
         """Measure ``config`` at each load (see the class contract)."""
 
     @classmethod
-    def check_options(cls, scenario: Scenario, **options) -> None:  # noqa: B027 - optional hook
+    def option_names(cls) -> tuple[str, ...]:
+        """The options this runner takes (the fields of ``settings_class``)."""
+        return tuple(f.name for f in fields(cls.settings_class))
+
+    @classmethod
+    def check_options(cls, scenario: Scenario, **options) -> None:
         """Validate runner options without side effects (raises UserError).
 
         Meant to be called before the database is opened, so that a bad option writes nothing;
-        the constructor checks the same options again.
+        the constructor checks the same options again. The base refuses the options the runner
+        does not declare; a runner with options extends it to check their values.
         """
+        cls.check_option_names(options)
+
+    @classmethod
+    def check_option_names(cls, options: dict) -> None:
+        """Refuse options that are not fields of ``settings_class`` (UserError, one line)."""
+        known = cls.option_names()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+            takes = (f"it takes {', '.join('--' + n.replace('_', '-') for n in known)}"
+                     if known else "it takes no runner options")
+            raise UserError(f"runner {cls.name!r} does not take {flags} ({takes})")
 
     def settings(self) -> dict:
         """Runner settings that change results (part of the key that deduplicates measurements)."""

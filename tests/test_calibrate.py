@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
-from autotune.perfmodel import Calibration, load_calibration
+from autotune.model import Calibration, load_calibration
 from autotune.profile import load_profile
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario

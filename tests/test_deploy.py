@@ -16,16 +16,14 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
-from autotune.launch import (
-    DEPLOY_FILES,
-    bench_argv,
-    bench_num_requests,
+from autotune.deploy import DEPLOY_FILES
+from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
+from autotune.runners.trtllm.argv import (
     llm_api_options,
     prepare_dataset_argv,
-    replica_concurrency,
     serve_argv,
+    throughput_argv,
 )
-from autotune.measurement import MAX_CONCURRENCY
 from autotune.specs import Workload
 
 runner = CliRunner()
@@ -130,11 +128,16 @@ def test_bench_sh_prepares_a_dataset_then_measures_one_replica(study, best, tmp_
     assert r.returncode == 0, r.stderr
     config = EngineConfig.from_dict(best["config"])
     model = best["launch"]["commands"][0][1]
-    load = replica_concurrency(config, best["concurrency"])
-    n = bench_num_requests(load)
+    load = replica_load(best["concurrency"], config.dp)
+    n = BENCH_REQUESTS.requests(load)
     prepare, bench = calls()
-    assert prepare["argv"] == list(prepare_dataset_argv(model, Workload(1024, 256), n))
-    assert bench["argv"] == list(bench_argv(config, model, load, num_requests=n))
+    assert prepare["argv"] == prepare_dataset_argv(model, Workload(1024, 256), n, "dataset.jsonl")
+    assert bench["argv"] == throughput_argv(
+        config, bench="trtllm-bench", model=model, concurrency=load, num_requests=n,
+        dataset="dataset.jsonl", options_file="extra_llm_api_options.yaml",
+        report="bench_report.json", requests="bench_requests.json")
+    # Streaming (TTFT and TPOT in the report), the full output length and warm-up, as the runner.
+    assert {"--streaming", "--eos_id", "--warmup"} <= set(bench["argv"])
     assert bench["gpus"] == ",".join(map(str, range(config.tp * config.pp)))
     assert (out / "dataset.jsonl").exists()
     # A second run reuses the dataset.
@@ -145,25 +148,8 @@ def test_bench_sh_prepares_a_dataset_then_measures_one_replica(study, best, tmp_
 @pytest.mark.parametrize("dp, load, per_replica", [
     (1, 64, 64), (2, 64, 32), (4, 1, 1), (8, 100, 13), (2, MAX_CONCURRENCY, MAX_CONCURRENCY),
 ], ids=["dp1", "dp2", "dp4-load1", "dp8-rounds-up", "max-stays-max"])
-def test_replica_concurrency(dp, load, per_replica):
-    assert replica_concurrency(EngineConfig(tp=1, dp=dp), load) == per_replica
-
-
-@pytest.mark.parametrize("load, has_flag", [(32, True), (MAX_CONCURRENCY, False)],
-                         ids=["fixed-load", "max-load"])
-def test_bench_argv_names_the_config_and_the_load(load, has_flag):
-    cfg = EngineConfig(tp=4, pp=2, dp=1, max_batch_size=256, max_num_tokens=4096,
-                       kv_fraction=0.85)
-    argv = bench_argv(cfg, "meta-llama/Llama-3.1-70B-Instruct", load, num_requests=500)
-    assert argv[:4] == ("trtllm-bench", "--model", "meta-llama/Llama-3.1-70B-Instruct",
-                        "throughput")
-    flags = dict(zip(argv[4::2], argv[5::2]))
-    assert flags["--tp"] == "4" and flags["--pp"] == "2" and flags["--backend"] == "pytorch"
-    assert flags["--max_batch_size"] == "256" and flags["--max_num_tokens"] == "4096"
-    assert flags["--kv_cache_free_gpu_mem_fraction"] == "0.85"
-    assert flags["--num_requests"] == "500"
-    assert flags["--extra_llm_api_options"] == "extra_llm_api_options.yaml"
-    assert ("--concurrency" in flags) is has_flag and flags.get("--concurrency") in (None, "32")
+def test_replica_load(dp, load, per_replica):
+    assert replica_load(load, dp) == per_replica
 
 
 def test_a_non_empty_folder_needs_force(study, tmp_path):

@@ -13,14 +13,15 @@ import yaml
 from autotune.config import EngineConfig
 from autotune.errors import OutOfMemory
 from autotune.measurement import MAX_CONCURRENCY
-from autotune.perfmodel import (
+from autotune.model import (
     BACKENDS,
-    EMBED_BYTES,
     Calibration,
     PerfModel,
+    Simulator,
     calibration_file,
     load_calibration,
 )
+from autotune.model.perf import EMBED_BYTES
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.specs import PRECISIONS, load_gpu, load_model, model_from_hf_config
@@ -173,9 +174,10 @@ def test_configs_that_do_not_fit_are_infeasible_with_the_reason():
                           isl=2048, osl=128, slo=None)
     assert not perf(model=L405, tp=1).memory().fits
     with pytest.raises(OutOfMemory, match="GiB"):
-        SimRunner(scen).capacity(EngineConfig(tp=2, precision="fp8"), scen.workload)
+        Simulator(scen.model, scen.gpu).capacity(EngineConfig(tp=2, precision="fp8"),
+                                                 scen.workload)
     # 8 GPUs hold it.
-    SimRunner(scen).capacity(EngineConfig(tp=8, precision="fp8"), scen.workload)
+    Simulator(scen.model, scen.gpu).capacity(EngineConfig(tp=8, precision="fp8"), scen.workload)
 
 
 # ---- TP and PP end to end (the shipped constants) ----------------------------------------

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
-from autotune.perfmodel import PerfModel, load_calibration
+from autotune.model import PerfModel, load_calibration
 from autotune.probe import CommResult, HardwareProfile, MatmulResult
 from autotune.profile import Profile
 from autotune.specs import load_gpu, load_model

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from autotune.runners import EngineBuilder, get_runner
-from autotune.runners._trtllm_process import group_alive
-from autotune.runners._trtllm_report import parse_report
+from autotune.runners.trtllm._process import group_alive
+from autotune.runners.trtllm._report import parse_report
 from autotune.runners.testing import RunnerContract
 from autotune.runners.trtllm import TrtllmRunner
 from typer.testing import CliRunner
@@ -32,7 +32,9 @@ from autotune.errors import (
     TimedOut,
     UserError,
 )
-from autotune.measurement import MAX_CONCURRENCY, STATISTICS
+from autotune.deploy import bench_argvs
+from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, STATISTICS, replica_load
+from autotune.specs import Workload
 from autotune.scenario import Scenario
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "trtllm-bench"
@@ -202,6 +204,38 @@ def test_tensorrt_build_and_run_argv_are_exact(make_runner, tmp_path):
     assert "cuda_graph_config" not in r.options_yaml(cfg())
     bf16 = cfg(precision="bf16")
     assert "--quantization" not in r.build_argv(bf16, ws, 1152)
+
+
+@pytest.mark.parametrize("load, per_replica", [(64, "32"), (MAX_CONCURRENCY, "-1")],
+                         ids=["fixed-load", "max-load"])
+def test_bench_sh_runs_the_runners_command_line(make_runner, load, per_replica):
+    """bench.sh and the trtllm runner share one builder: the same flags and values, only the
+    executable's path and the files differ."""
+    cfg = EngineConfig(tp=4, pp=2, dp=2, max_batch_size=256, max_num_tokens=4096,
+                       kv_fraction=0.85)
+    model = "meta-llama/Llama-3.1-70B-Instruct"
+    _, bench = bench_argvs(cfg, model, Workload(1024, 128), load)
+    runner = make_runner()
+    n = BENCH_REQUESTS.requests(replica_load(load, cfg.dp))
+    ran = runner.throughput_argv(cfg, concurrency=replica_load(load, cfg.dp), num_requests=n,
+                                 dataset=Path("d"), options_file=Path("o"), report=Path("r"),
+                                 requests=Path("q"))
+
+    def flags(argv):
+        rest = argv[argv.index("throughput") + 1:]
+        out = {}
+        for i, tok in enumerate(rest):
+            if tok.startswith("--"):
+                nxt = rest[i + 1] if i + 1 < len(rest) else None
+                out[tok] = nxt if nxt is not None and not nxt.startswith("--") else True
+        return {k: v for k, v in out.items() if k not in (
+            "--dataset", "--extra_llm_api_options", "--report_json", "--request_json")}
+
+    want = flags(ran)
+    assert flags(bench) == want
+    assert want["--concurrency"] == per_replica and want["--tp"] == "4" and want["--pp"] == "2"
+    assert want["--streaming"] is True and want["--eos_id"] == "-1"
+    assert bench[:3] == ["trtllm-bench", "--model", model]
 
 
 @pytest.mark.parametrize("launcher, prefix", [
@@ -529,7 +563,7 @@ def test_names_and_paths_reach_the_subprocess_literally(make_runner, standin, sc
     ({"num_requests": 0}, "--num-requests must be a positive integer"),
     ({"run_timeout": -1}, "--run-timeout must be a positive"),
     ({"model_path": "/nonexistent/model"}, "is not a folder"),
-    ({"colour": "blue"}, "unknown trtllm runner option"),
+    ({"colour": "blue"}, "runner .trtllm. does not take --colour"),
 ], ids=["backend", "launcher", "executable", "requests", "timeout", "model-path", "unknown"])
 def test_bad_options_are_user_errors_before_anything_runs(standin, scenario, tmp_path,
                                                           options, message):

@@ -7,7 +7,7 @@ import pytest
 
 from autotune.errors import InvalidConfig, OutOfMemory
 from autotune.measurement import load_point_from_requests
-from autotune.scheduler import Limits, simulate
+from autotune.model.scheduler import Limits, simulate
 
 D = 0.010  # seconds per iteration in the hand-computed cases
 

@@ -2,7 +2,7 @@ import optuna
 import pytest
 
 from autotune.errors import UserError
-from autotune.perfmodel import PerfModel
+from autotune.model import PerfModel
 from autotune.scenario import Scenario
 from autotune.space import Layout, SearchSpace
 

@@ -11,7 +11,8 @@ from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
 from autotune.strategy import Scored, pick_prior, sim_prior, startup_configs
-from autotune.study import Tuner, bisect_ladder, measure_ladder, open_storage, operating_point
+from autotune.study import Tuner, open_storage
+from autotune.sweep import bisect_ladder, measure_ladder, operating_point
 
 SPACE = {"tp": [1, 2, 4, 8], "pp": [1, 2], "max_batch_size": [32, 256],
          "max_num_tokens": [4096, 8192], "kv_fraction": [0.85, 0.9], "chunked_prefill": [True, False],

@@ -8,7 +8,11 @@ from autotune.recommend import Results
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
-from autotune.study import FITS, Tuner, open_storage
+from autotune.config import EngineConfig
+from autotune.measurement import Status
+from autotune.slo import FITS
+from autotune.study import Tuner, memory_gate, open_storage
+from autotune.sweep import evaluate
 
 SPACE = {"tp": [1, 2, 4, 8], "pp": [1, 2], "max_batch_size": [32, 256],
          "max_num_tokens": [4096, 8192], "kv_fraction": [0.9], "chunked_prefill": [True],
@@ -116,19 +120,60 @@ def test_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(scenar
     assert tuner.finished() == 20
 
 
+class RecordingEngine(SimRunner):
+    """Stands in for a real engine: not the model's own runner, so the study puts only the
+    "cannot run at all" gate in front of it; it remembers what it was asked to run."""
+
+    name = "engine"
+    predicts = False
+
+    def __init__(self, scenario):
+        super().__init__(scenario)
+        self.ran = []
+
+    def measure(self, config, workload, loads):
+        self.ran.append(config)
+        return super().measure(config, workload, loads)
+
+
+BF16_70B = dict(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="bf16", isl=1024,
+                osl=128, slo=None)
+
+
 def test_config_that_cannot_fit_is_infeasible_without_running(url):
-    scen = Scenario.build(model="llama-3.1-70b", gpu="h100", num_gpus=8, precision="bf16",
-                          isl=1024, osl=128, slo=None)
-
-    class MustNotRun(SimRunner):
-        def measure(self, config, workload, loads):
-            assert config.tp * config.pp > 1, "tp1-pp1 cannot hold 141 GB; never run it"
-            return super().measure(config, workload, loads)
-
-    space = SearchSpace.from_dict(SPACE | {"tp": [1, 2], "pp": [1]})
-    db = open_storage(url)
-    tuner = Tuner(scen, space, MustNotRun(scen), db, "bf16", seed=0)
+    """70B in BF16 is 141 GB: on one 80 GB H100 it cannot run, and no trial ever runs it;
+    near the edge (two GPUs, a large token budget) the engine decides, not the model."""
+    scen = Scenario.build(**BF16_70B)
+    space = SearchSpace.from_dict(SPACE | {"tp": [1, 2], "pp": [1],
+                                           "max_num_tokens": [4096, 65536]})
+    engine = RecordingEngine(scen)
+    tuner = Tuner(scen, space, engine, open_storage(url), "bf16", seed=0)
     assert [lay.label for lay in tuner.layouts] == ["tp2-pp1-dp4"]  # tp1 dropped up front
+    tuner.open()
+    tuner.optimize(space.size(tuner.layouts))
+    assert engine.ran and all(c.tp == 2 for c in engine.ran)
+    # The model predicts no KV cache with a 64K token budget on two GPUs, yet the engine was
+    # asked, and its own answer (here: out of memory) is what the study records.
+    edge = [c for c in engine.ran if not engine.model.perf(c).memory().fits]
+    assert edge
+    rows = open_storage(url, create=False).store.measurements("bf16")
+    assert {r.status for r in rows if r.config in edge} == {Status.INFEASIBLE}
+    assert {r.failure_class for r in rows if r.config in edge} == {"oom"}
+
+
+def test_the_gate_records_a_prediction_not_a_measurement():
+    """The gate in front of a real engine: weights that cannot fit are ruled out without a
+    run, and recorded as the model's prediction, never as an out-of-memory the engine saw."""
+    scen = Scenario.build(**BF16_70B)
+    engine = RecordingEngine(scen)
+    outcome = evaluate(engine, EngineConfig(tp=1, dp=8, precision="bf16"), scen.workload,
+                       (1, 8), scen.slo, gate=memory_gate(scen))
+    assert outcome.status == Status.PREDICTED_INFEASIBLE and not engine.ran
+    assert outcome.failure.failure_class == "predicted_oom" and not outcome.feasible
+    assert "predicts" in str(outcome.failure)
+    ran = evaluate(engine, EngineConfig(tp=2, dp=4, precision="bf16"), scen.workload, (1, 8),
+                   scen.slo, gate=memory_gate(scen))
+    assert ran.status == Status.OK and engine.ran
 
 
 def test_joining_with_another_scenario_is_refused_by_name(scenario, url):

@@ -1,26 +1,24 @@
-"""How to deploy a configuration: the ``trtllm-serve`` command lines and their LLM API YAML,
-the ``trtllm-bench`` commands that re-measure it, and the deploy folder that holds them all."""
+"""The deploy folder of a recommendation: ``serve.sh`` (one ``trtllm-serve`` per replica), the
+LLM-API YAML, ``bench.sh`` (re-measures it with the ``trtllm-bench`` command line the runner
+uses), ``config.json`` and a README. The command lines come from the runner's one builder
+(``autotune.runners.trtllm.argv``)."""
 
 from __future__ import annotations
 
 import json
-import math
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import yaml
 
 from autotune.config import EngineConfig
-from autotune.measurement import MAX_CONCURRENCY
+from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
+from autotune.recommend import Recommendation
+from autotune.runners.trtllm.argv import (
+    BASE_PORT, OPTIONS_FILE, llm_api_options, prepare_dataset_argv, serve_argv, throughput_argv,
+)
 from autotune.specs import Workload
-
-if TYPE_CHECKING:
-    from autotune.recommend import Recommendation
-
-#: First port; replica i listens on BASE_PORT + i.
-BASE_PORT = 8000
-OPTIONS_FILE = "extra_llm_api_options.yaml"
 
 
 @dataclass(frozen=True)
@@ -48,38 +46,14 @@ class LaunchPlan:
                 "options_yaml": self.options_yaml}
 
 
-def llm_api_options(config: EngineConfig) -> dict:
-    """The ``--extra_llm_api_options`` YAML content for ``config`` (LLM API field names)."""
-    return {
-        "enable_chunked_prefill": config.chunked_prefill,
-        "kv_cache_config": {"free_gpu_memory_fraction": config.kv_fraction},
-        # CUDA graphs up to the batch limit, padded, as NVIDIA's throughput recipes configure.
-        "cuda_graph_config": {"enable_padding": True,
-                              "max_batch_size": min(config.max_batch_size, 1024)},
-    }
-
-
-def serve_argv(config: EngineConfig, model: str, *, port: int = BASE_PORT,
-               options_file: str = OPTIONS_FILE) -> tuple[str, ...]:
-    """``trtllm-serve`` for one replica of ``config`` (an argv; never run through a shell)."""
-    return (
-        "trtllm-serve", model, "--backend", "pytorch",
-        "--tp_size", str(config.tp), "--pp_size", str(config.pp),
-        "--max_batch_size", str(config.max_batch_size),
-        "--max_num_tokens", str(config.max_num_tokens),
-        "--kv_cache_free_gpu_memory_fraction", f"{config.kv_fraction:g}",
-        "--host", "0.0.0.0", "--port", str(port),
-        "--extra_llm_api_options", options_file,
-    )
-
-
 def launch_plan(config: EngineConfig, model: str) -> LaunchPlan:
     """Commands that deploy ``config``: dp replicas of tp*pp GPUs each, on consecutive ports."""
     per = config.gpus_per_replica
     gpus = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(config.dp))
     ports = tuple(BASE_PORT + i for i in range(config.dp))
     return LaunchPlan(
-        commands=tuple(serve_argv(config, model, port=p) for p in ports), gpus=gpus, ports=ports,
+        commands=tuple(tuple(serve_argv(config, model, port=p)) for p in ports), gpus=gpus,
+        ports=ports,
         options_yaml=yaml.safe_dump(llm_api_options(config), sort_keys=False),
     )
 
@@ -89,58 +63,28 @@ def launch_plan(config: EngineConfig, model: str) -> LaunchPlan:
 SERVE_SCRIPT, BENCH_SCRIPT, CONFIG_JSON, README_TXT = "serve.sh", "bench.sh", "config.json", \
     "README.txt"
 DEPLOY_FILES = (SERVE_SCRIPT, OPTIONS_FILE, BENCH_SCRIPT, CONFIG_JSON, README_TXT)
-DATASET_FILE, REPORT_FILE = "dataset.jsonl", "bench_report.json"
+DATASET_FILE, REPORT_FILE, REQUESTS_FILE = "dataset.jsonl", "bench_report.json", \
+    "bench_requests.json"
 
 
-def replica_concurrency(config: EngineConfig, concurrency: int) -> int:
-    """Requests in flight per replica when ``concurrency`` are spread over ``config.dp``
-    replicas (``MAX_CONCURRENCY`` stays "all at once")."""
-    if concurrency == MAX_CONCURRENCY:
-        return MAX_CONCURRENCY
-    return max(1, math.ceil(concurrency / config.dp))
+def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrency: int
+                ) -> tuple[list[str], list[str]]:
+    """``bench.sh``'s two commands: ``trtllm-bench prepare-dataset`` with the study's lengths,
+    then ``trtllm-bench throughput`` on ONE replica at ``concurrency`` (over all replicas)
+    spread over ``config.dp``: replicas serve independent requests, so one replica at
+    concurrency/dp measures the per-GPU throughput and the latencies of the whole deployment.
+    The same command line and request count as the trtllm runner's, streaming included, so
+    the report has TTFT and TPOT."""
+    per_replica = replica_load(concurrency, config.dp)
+    n = BENCH_REQUESTS.requests(per_replica)
+    prepare = prepare_dataset_argv(model, workload, n, DATASET_FILE)
+    bench = throughput_argv(config, bench="trtllm-bench", model=model, concurrency=per_replica,
+                            num_requests=n, dataset=DATASET_FILE, options_file=OPTIONS_FILE,
+                            report=REPORT_FILE, requests=REQUESTS_FILE)
+    return prepare, bench
 
 
-def bench_num_requests(concurrency: int) -> int:
-    """Requests for one ``trtllm-bench`` run: enough for a steady state at that load."""
-    return 3000 if concurrency == MAX_CONCURRENCY else max(1000, 10 * concurrency)
-
-
-def prepare_dataset_argv(model: str, workload: Workload, num_requests: int,
-                         dataset: str = DATASET_FILE) -> tuple[str, ...]:
-    """``trtllm-bench prepare-dataset``: synthetic requests with the study's lengths."""
-    return (
-        "trtllm-bench", "--model", model, "prepare-dataset", "--output", dataset,
-        "token-norm-dist", "--num-requests", str(num_requests),
-        "--input-mean", str(workload.isl), "--output-mean", str(workload.osl),
-        "--input-stdev", f"{workload.isl_std:g}", "--output-stdev", f"{workload.osl_std:g}",
-    )
-
-
-def bench_argv(config: EngineConfig, model: str, concurrency: int, *, num_requests: int,
-               dataset: str = DATASET_FILE, options_file: str = OPTIONS_FILE,
-               report: str = REPORT_FILE, backend: str = "pytorch") -> tuple[str, ...]:
-    """``trtllm-bench throughput`` for ONE replica of ``config`` (tp*pp GPUs) at
-    ``concurrency`` requests in flight (``MAX_CONCURRENCY``: all at once, no flag).
-
-    Replicas serve independent requests, so one replica at concurrency/dp measures the
-    per-GPU throughput and the latencies of the whole deployment.
-    """
-    argv = [
-        "trtllm-bench", "--model", model, "throughput", "--dataset", dataset,
-        "--backend", backend, "--tp", str(config.tp), "--pp", str(config.pp),
-        "--max_batch_size", str(config.max_batch_size),
-        "--max_num_tokens", str(config.max_num_tokens),
-        "--kv_cache_free_gpu_mem_fraction", f"{config.kv_fraction:g}",
-        "--num_requests", str(num_requests), "--extra_llm_api_options", options_file,
-        "--report_json", report,
-    ]
-    if concurrency != MAX_CONCURRENCY:
-        argv[argv.index("--num_requests"):argv.index("--num_requests")] = [
-            "--concurrency", str(concurrency)]
-    return tuple(argv)
-
-
-def _with_model_var(argv: tuple[str, ...], model: str) -> str:
+def _with_model_var(argv: Sequence[str], model: str) -> str:
     """``shlex.join(argv)`` with the model argument (``trtllm-serve MODEL``, ``--model MODEL``)
     written as ``"$MODEL"``, so a script's user can point it at a local checkpoint."""
     def is_model(i: int, arg: str) -> bool:
@@ -176,20 +120,23 @@ def serve_script(plan: LaunchPlan, model: str, header: list[str]) -> str:
 def bench_script(config: EngineConfig, model: str, workload: Workload, concurrency: int,
                  header: list[str]) -> str:
     """``bench.sh``: prepare a dataset with the study's lengths, then re-measure one replica at
-    the recommended load with ``trtllm-bench``."""
-    per_replica = replica_concurrency(config, concurrency)
-    n = bench_num_requests(per_replica)
-    prepare = _with_model_var(prepare_dataset_argv(model, workload, n), model)
-    bench = _with_model_var(bench_argv(config, model, per_replica, num_requests=n), model)
+    the recommended load with ``trtllm-bench`` (see ``bench_argvs``)."""
+    prepare, bench = bench_argvs(config, model, workload, concurrency)
     gpus = ",".join(map(str, range(config.gpus_per_replica)))
     return "\n".join([
         "#!/usr/bin/env bash", *_comments(header),
         "set -euo pipefail", 'cd "$(dirname "$0")"',
         f"MODEL=${{MODEL:-{shlex.quote(model)}}}",
         f"export CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-{gpus}}}",
-        f"[ -s {DATASET_FILE} ] || {prepare}",
-        bench, "",
+        f"[ -s {DATASET_FILE} ] || {_with_model_var(prepare, model)}",
+        _with_model_var(bench, model), "",
     ])
+
+
+def model_ref(scenario: dict) -> str:
+    """The name a deployment serves a study's model by: its Hugging Face name, else the
+    study's model name."""
+    return scenario.get("model_spec", {}).get("hf_name") or scenario["model"]
 
 
 def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
@@ -197,10 +144,11 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
     """The deploy folder's files (name -> text) for ``rec`` of ``study`` (``recommended``:
     it is the study's recommendation, not a trial the user picked)."""
     config, p = rec.config, rec.point
-    model = rec.launch.commands[0][1]
+    model = model_ref(scenario)
+    launch = launch_plan(config, model)
     workload = Workload.from_dict(scenario["workload"])
     conc = "max" if p.concurrency == MAX_CONCURRENCY else str(p.concurrency)
-    per_replica = replica_concurrency(config, p.concurrency)
+    per_replica = replica_load(p.concurrency, config.dp)
     per_rep = "max" if per_replica == MAX_CONCURRENCY else str(per_replica)
     slo = scenario.get("slo") or "none (maximum throughput)"
     header = [f"{config.label()} for {scenario.get('model')} on {config.gpus}x "
@@ -220,14 +168,14 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
         "measurement_id": rec.measurement_id, "runner": rec.runner, "model": model,
         "scenario": scenario, "config": config.to_dict(), "label": config.label(),
         "feasible": rec.feasible, "expected": expected, "slo": [t.to_dict() for t in rec.terms],
-        "launch": rec.launch.to_dict(),
+        "launch": launch.to_dict(),
     }
     terms = "\n".join(f"  {t.term}: measured {t.measured_ms:,.1f} ms, margin {t.margin:+.1%}"
                       for t in rec.terms) or "  (no SLO: maximum throughput)"
     replicas = (f"{config.dp} replicas of TP{config.tp} x PP{config.pp}, on ports "
-                f"{', '.join(map(str, rec.launch.ports))} (put a load balancer in front)"
+                f"{', '.join(map(str, launch.ports))} (put a load balancer in front)"
                 if config.dp > 1 else f"one replica of TP{config.tp} x PP{config.pp}, port "
-                f"{rec.launch.ports[0]}")
+                f"{launch.ports[0]}")
     quantized = (f"  Precision {config.precision}: point MODEL at an {config.precision} checkpoint "
                  "(e.g. NVIDIA's pre-quantized\n  ones on Hugging Face) unless the model is "
                  f"{config.precision} already.\n" if config.precision in ("fp8", "fp4") else "")
@@ -261,8 +209,8 @@ SLO {slo}
 {terms}
 """
     return {
-        SERVE_SCRIPT: serve_script(rec.launch, model, header),
-        OPTIONS_FILE: rec.launch.options_yaml,
+        SERVE_SCRIPT: serve_script(launch, model, header),
+        OPTIONS_FILE: launch.options_yaml,
         BENCH_SCRIPT: bench_script(config, model, workload, p.concurrency, header),
         CONFIG_JSON: json.dumps(config_json, indent=2, default=str) + "\n",
         README_TXT: readme,
@@ -282,7 +230,6 @@ def write_deploy(out, rec: Recommendation, scenario: dict, study: str, *,
 
 
 __all__ = [
-    "BENCH_SCRIPT", "DEPLOY_FILES", "LaunchPlan", "bench_argv", "bench_num_requests",
-    "bench_script", "deploy_files", "launch_plan", "llm_api_options", "prepare_dataset_argv",
-    "replica_concurrency", "serve_argv", "serve_script", "write_deploy",
+    "BENCH_SCRIPT", "DEPLOY_FILES", "LaunchPlan", "bench_argvs", "bench_script", "deploy_files",
+    "launch_plan", "model_ref", "serve_script", "write_deploy",
 ]

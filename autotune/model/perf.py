@@ -27,13 +27,10 @@ TensorRT-LLM numbers; ``benchmarks/accuracy.py`` measures the error.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from functools import cache
-from importlib import resources
-
-import yaml
+from dataclasses import dataclass
 
 from autotune.config import EngineConfig
+from autotune.model.calibration import Calibration, load_calibration
 from autotune.specs import PRECISIONS, GpuSpec, ModelSpec, ceil_div, layer_split
 
 #: GPU memory a TensorRT-LLM rank keeps for itself: CUDA context, NCCL and cuBLAS workspaces,
@@ -55,82 +52,6 @@ ELEMENTWISE_FFN_PASSES = 3
 #: Fraction of one NVLink connection's rate a stage-to-stage copy reaches (copy engines; no
 #: published pipeline-parallel run to fit it on).
 P2P_EFF = 0.8
-#: The back end the shipped constants describe by default (TensorRT-LLM 1.x, PyTorch back end).
-DEFAULT_BACKEND = "pytorch"
-#: TensorRT-LLM generations a calibration file may hold overrides for.
-BACKENDS = ("pytorch", "trt", "pytorch-no-graphs")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The fitted constants of the model for one GPU and precision (see data/calibration/).
-
-    Efficiencies are fractions of the GPU's datasheet peaks; ``profile.py`` relies on
-    achieved = peak x efficiency for the GEMM, HBM and all-reduce rates.
-    """
-
-    gemm_eff: float = 0.65  # fraction of dense peak FLOP/s that large GEMMs reach
-    gemm_half_tokens: float = 150.0  # tokens (per expert for MoE) at which GEMMs reach half of it
-    mem_eff: float = 0.80  # fraction of HBM bandwidth that weight and KV-cache reads reach
-    attn_eff: float = 0.65  # fraction of 16-bit dense peak that prefill attention reaches
-    ar_latency_us: float = 40.0  # one all-reduce or stage-to-stage send (microseconds)
-    ar_bw_eff: float = 0.75  # all-reduce bus bandwidth / per-direction NVLink bandwidth
-    iter_overhead_ms: float = 0.5  # fixed cost of one scheduler iteration (milliseconds)
-    seq_overhead_us: float = 5.0  # cost per request in every iteration (microseconds)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Calibration:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown calibration constants: {', '.join(sorted(unknown))}")
-        return cls(**{k: float(v) for k, v in data.items()})
-
-
-def _calibration_folder():
-    return resources.files("autotune").joinpath("data", "calibration")
-
-
-def calibration_file(gpu: str, precision: str) -> str | None:
-    """The file holding ``gpu``/``precision``'s constants, or None (then ``default.yaml``).
-
-    A precision without its own file borrows another precision's file of the same GPU (FP8
-    first): HBM, NVLink and overheads are the GPU's, only the GEMM rate is the precision's.
-    """
-    folder = _calibration_folder()
-    for p in (precision, "fp8", "bf16", "fp4"):
-        name = f"{gpu}-{p}.yaml"
-        if folder.joinpath(name).is_file():
-            return name
-    return None
-
-
-@cache
-def load_calibration(gpu: str, precision: str, backend: str | None = None) -> Calibration:
-    """Constants for ``gpu``/``precision``: ``<gpu>-<precision>.yaml`` over ``default.yaml``.
-
-    A file's top-level constants describe ``DEFAULT_BACKEND``; its ``backends:`` map overrides
-    some of them for another TensorRT-LLM generation (``trt``: the TensorRT engines of 0.12-0.17,
-    ``pytorch-no-graphs``: the PyTorch back end without CUDA graphs).
-    """
-    folder = _calibration_folder()
-    merged = yaml.safe_load(folder.joinpath("default.yaml").read_text())
-    merged.pop("backends", None)
-    name = calibration_file(gpu, precision)
-    overrides: dict = {}
-    if name:
-        specific = dict(yaml.safe_load(folder.joinpath(name).read_text()) or {})
-        overrides = specific.pop("backends", None) or {}
-        specific.pop("fit", None)  # provenance of the fit, not a constant
-        merged.update(specific)
-    if backend and backend != DEFAULT_BACKEND:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown back end {backend!r}: use one of {', '.join(BACKENDS)}")
-        merged.update(overrides.get(backend) or {})
-    return Calibration.from_dict(merged)
 
 
 @dataclass(frozen=True)
@@ -314,20 +235,10 @@ class PerfModel:
         return (through if through > trip else trip) + overhead
 
 
-def with_constants(cal: Calibration, **changes: float) -> Calibration:
-    """A copy of ``cal`` with some constants changed (used by calibration and tests)."""
-    return replace(cal, **changes)
-
-
 __all__ = [
-    "BACKENDS",
-    "DEFAULT_BACKEND",
+    "ACT_BYTES",
     "KV_BLOCK_TOKENS",
     "RUNTIME_RESERVE_BYTES",
-    "Calibration",
     "MemoryPlan",
     "PerfModel",
-    "calibration_file",
-    "load_calibration",
-    "with_constants",
 ]

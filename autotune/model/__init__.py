@@ -1,0 +1,21 @@
+"""The built-in performance model, pure: no runner, no Optuna, no database.
+
+- ``calibration``: the fitted constants per GPU and precision;
+- ``perf``: one replica's memory plan and the time of one scheduler iteration;
+- ``scheduler``: event-driven in-flight batching (per-request timestamps);
+- ``feasibility``: THE layout rules and the memory gates;
+- ``simulate``: ``Simulator``, load points of a configuration from all of the above.
+"""
+
+from autotune.model.calibration import (
+    BACKENDS, DEFAULT_BACKEND, Calibration, calibration_file, load_calibration, with_constants,
+)
+from autotune.model.feasibility import Capacity, check_layout, gate, replica_capacity
+from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPlan, PerfModel
+from autotune.model.simulate import SIM_REQUESTS, Simulator
+
+__all__ = [
+    "BACKENDS", "DEFAULT_BACKEND", "KV_BLOCK_TOKENS", "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS",
+    "Calibration", "Capacity", "MemoryPlan", "PerfModel", "Simulator", "calibration_file",
+    "check_layout", "gate", "load_calibration", "replica_capacity", "with_constants",
+]

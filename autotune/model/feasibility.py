@@ -1,0 +1,79 @@
+"""What can run at all: THE parallel-layout rules, and the memory gates of the model.
+
+``check_layout`` holds the rules every engine shares (TensorRT-LLM's and vLLM's alike); the
+search space, the simulator and the real runners all ask it. ``replica_capacity`` is the
+simulator's own memory check (the KV cache must hold a request), and ``gate`` the only
+prediction allowed in front of a real engine: weights that cannot fit at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.config import EngineConfig
+from autotune.errors import InvalidConfig, OutOfMemory, PredictedOutOfMemory
+from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, PerfModel
+from autotune.model.scheduler import Limits
+from autotune.specs import ModelSpec
+
+
+def check_layout(model: ModelSpec, config: EngineConfig) -> None:
+    """The validity rules of a parallel layout and its limits (raises InvalidConfig)."""
+    if min(config.tp, config.pp, config.dp, config.max_batch_size, config.max_num_tokens) < 1:
+        raise InvalidConfig("tp, pp, dp, max_batch_size and max_num_tokens must be >= 1")
+    if model.heads % config.tp:
+        raise InvalidConfig(f"{model.heads} attention heads are not divisible by tp={config.tp}")
+    if config.pp > model.layers:
+        raise InvalidConfig(f"pp={config.pp} exceeds the model's {model.layers} layers")
+    if not 0 < config.kv_fraction < 1:
+        raise InvalidConfig(f"kv_fraction must be in (0, 1), got {config.kv_fraction}")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """One replica's scheduler limits and how many requests of the workload fit at once."""
+
+    limits: Limits
+    fit: int  # requests the KV cache (and the batch limit) hold at once, per replica
+
+
+def replica_capacity(perf: PerfModel, max_seq_len: int) -> Capacity:
+    """The scheduler limits of ``perf``'s replica; OutOfMemory when the weights and activations
+    leave no KV cache, or the KV cache cannot hold one request of ``max_seq_len`` tokens."""
+    config, mem = perf.config, perf.memory()
+    if not mem.fits:
+        raise OutOfMemory(
+            f"weights {mem.weights / 2**30:.1f} GiB + activations {mem.activations / 2**30:.1f} "
+            f"GiB leave no KV cache on a {perf.gpu.memory_gib:g} GiB GPU"
+        )
+    micro = config.pp  # TensorRT-LLM keeps pp micro-batches in flight, each within the limits
+    limits = Limits(
+        max_in_flight=config.max_batch_size * micro,
+        token_budget=config.max_num_tokens * micro,
+        kv_blocks=mem.kv_tokens // KV_BLOCK_TOKENS,
+        block_tokens=KV_BLOCK_TOKENS,
+        chunked_prefill=config.chunked_prefill,
+    )
+    fit = min(limits.max_in_flight, mem.requests_that_fit(max_seq_len))
+    if fit < 1:
+        raise OutOfMemory(
+            f"the KV cache ({mem.kv_tokens} tokens) cannot hold one request of "
+            f"{max_seq_len} tokens"
+        )
+    return Capacity(limits, fit)
+
+
+def gate(perf: PerfModel) -> None:
+    """Refuse, before a real engine starts, a config whose weights alone cannot fit on a GPU
+    (raises PredictedOutOfMemory). Anything nearer the edge (activations, KV cache) is the
+    engine's to decide: the model's memory plan is an estimate."""
+    mem = perf.memory()
+    room = perf.gpu.memory_bytes - RUNTIME_RESERVE_BYTES
+    if mem.weights > room:
+        raise PredictedOutOfMemory(
+            f"the model predicts the weights alone ({mem.weights / 2**30:.1f} GiB per GPU) "
+            f"cannot fit on a {perf.gpu.memory_gib:g} GiB GPU; not run"
+        )
+
+
+__all__ = ["Capacity", "check_layout", "gate", "replica_capacity"]

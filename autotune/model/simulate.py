@@ -1,0 +1,132 @@
+"""Load points from the model: a configuration simulated at closed-loop loads or Poisson rates.
+
+``Simulator`` is the whole built-in performance model behind one call: the layout rules, the
+memory plan, the iteration time and the event-driven scheduler, summarised as ``trtllm-bench``
+summarises a run. The ``sim`` runner is a thin adapter over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from autotune.config import EngineConfig, stable_hash
+from autotune.measurement import (
+    MAX_CONCURRENCY, LoadPoint, Measurement, RequestBudget, load_point_from_requests,
+    replica_load,
+)
+from autotune.model.calibration import Calibration
+from autotune.model.feasibility import Capacity, check_layout, replica_capacity
+from autotune.model.perf import KV_BLOCK_TOKENS, PerfModel
+from autotune.model.scheduler import Trace, simulate
+from autotune.specs import GpuSpec, ModelSpec, Workload
+
+#: Requests simulated per replica and load point. A simulated request costs microseconds, so
+#: the model affords more waves than a real benchmark; the accuracy figures were fitted with
+#: these numbers.
+SIM_REQUESTS = RequestBudget(least=32, waves=3, most=3000)
+#: Requests per rate of an open-loop (Poisson) simulation.
+RATE_REQUESTS = SIM_REQUESTS.most // 3
+
+
+class Simulator:
+    """The built-in model of ``model`` on ``gpu`` with ``calibration`` (None: the shipped
+    constants of each config's precision).
+
+    ``num_requests`` fixes the requests per replica and load point (to reproduce a benchmark that
+    ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``.
+    """
+
+    name = "sim"
+    expensive = False  # milliseconds per load point
+
+    def __init__(self, model: ModelSpec, gpu: GpuSpec, calibration: Calibration | None = None,
+                 num_requests: int | None = None):
+        self.model, self.gpu = model, gpu
+        self.calibration = calibration
+        self.num_requests = num_requests
+
+    def perf(self, config: EngineConfig) -> PerfModel:
+        """The memory plan and iteration time of one replica of ``config``."""
+        return PerfModel(self.model, self.gpu, config, self.calibration)
+
+    def capacity(self, config: EngineConfig, workload: Workload) -> tuple[PerfModel, Capacity]:
+        """The replica's model and capacity (InvalidConfig / OutOfMemory when it cannot run)."""
+        check_layout(self.model, config)
+        perf = self.perf(config)
+        return perf, replica_capacity(perf, workload.max_seq_len)
+
+    def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]
+                ) -> Measurement:
+        """One load point per load (total requests in flight over all replicas, or "max")."""
+        perf, cap = self.capacity(config, workload)
+        points: list[LoadPoint] = []
+        for load in loads:
+            per_replica = replica_load(load, config.dp)
+            n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
+            isl, osl = self._lengths(workload, n, config)
+            trace = simulate(perf.iteration_time, isl, osl, cap.limits,
+                             concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
+            points.append(_all_replicas(trace, load, config))
+        return Measurement(
+            runner=self.name, config=config, workload=workload, load_points=tuple(points),
+            max_requests_in_flight=cap.fit * config.dp,
+            raw={"kv_tokens_per_replica": cap.limits.kv_blocks * KV_BLOCK_TOKENS},
+        )
+
+    def measure_rates(self, config: EngineConfig, workload: Workload, rates: Sequence[float],
+                      num_requests: int | None = None) -> list[LoadPoint]:
+        """Open loop: requests arrive as a Poisson process at each rate (requests/s over all
+        replicas), whatever the engine's progress, as in an online-serving benchmark.
+
+        One load point per rate, its ``concurrency`` 0 (not a closed loop); latencies include the
+        time a request waits for a batch slot or KV-cache blocks.
+        """
+        perf, cap = self.capacity(config, workload)
+        points: list[LoadPoint] = []
+        for rate in rates:
+            if not rate > 0:
+                raise ValueError(f"request rates must be positive, got {rate!r}")
+            per_replica = rate / config.dp
+            n = num_requests or self.num_requests or RATE_REQUESTS
+            isl, osl = self._lengths(workload, n, config)
+            seed = int(stable_hash(workload.to_dict(), config.to_dict(), f"rate={rate}"), 16)
+            gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
+            arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
+            trace = simulate(perf.iteration_time, isl, osl, cap.limits, arrivals=arrivals)
+            points.append(_all_replicas(trace, 0, config))
+        return points
+
+    @staticmethod
+    def _lengths(workload: Workload, n: int, config: EngineConfig) -> tuple[np.ndarray, np.ndarray]:
+        if workload.isl_std == 0 and workload.osl_std == 0:
+            return np.full(n, workload.isl), np.full(n, workload.osl)
+        # Seeded by the workload and config so a configuration always sees the same requests.
+        rng = np.random.default_rng(int(stable_hash(workload.to_dict(), config.to_dict()), 16) % 2**32)
+        isl = np.clip(np.rint(rng.normal(workload.isl, workload.isl_std, n)), 1,
+                      workload.isl + 3 * workload.isl_std)
+        osl = np.clip(np.rint(rng.normal(workload.osl, workload.osl_std, n)), 1,
+                      workload.osl + 3 * workload.osl_std)
+        return isl.astype(np.int64), osl.astype(np.int64)
+
+
+def _all_replicas(trace: Trace, concurrency: int, config: EngineConfig) -> LoadPoint:
+    """The load point of all ``config.dp`` replicas, each serving what ``trace`` (one replica's
+    simulation) did: dp replicas serve independent streams, so throughput adds up and latency
+    does not change."""
+    point = load_point_from_requests(
+        concurrency=concurrency, gpus=config.gpus_per_replica, start_s=trace.start,
+        first_token_s=trace.first_token, end_s=trace.end, output_tokens=trace.output_tokens,
+        itl_ms=(trace.itl_values_ms, trace.itl_weights),
+    )
+    return replace(
+        point,
+        num_requests=point.num_requests * config.dp,
+        request_throughput=point.request_throughput * config.dp,
+        output_throughput=point.output_throughput * config.dp,
+    )
+
+
+__all__ = ["RATE_REQUESTS", "SIM_REQUESTS", "Simulator"]

@@ -1,0 +1,18 @@
+"""The ``trtllm`` runner: TensorRT-LLM's ``trtllm-bench`` on the node.
+
+- ``settings``: the runner's options and their checks, the executables they name;
+- ``argv``: THE builder of ``trtllm-bench``/``trtllm-serve`` command lines and their LLM-API YAML
+  (the deploy folder uses it too);
+- ``_runner``: the runner itself; ``_engines``: the engine cache; ``_process``: process groups,
+  timeouts and failure classes; ``_report``: report parsing; ``_dataset``: the request files.
+"""
+
+from autotune.runners.trtllm._runner import TrtllmRunner
+from autotune.runners.trtllm.settings import (
+    BACKENDS, LAUNCHERS, Tools, TrtllmSettings, find_executable, resolve_settings, trtllm_version,
+)
+
+__all__ = [
+    "BACKENDS", "LAUNCHERS", "Tools", "TrtllmRunner", "TrtllmSettings", "find_executable",
+    "resolve_settings", "trtllm_version",
+]

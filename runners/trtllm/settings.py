@@ -1,0 +1,176 @@
+"""The trtllm runner's options (``TrtllmSettings``), their checks, and the tools they name."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from autotune.errors import UserError
+from autotune.runners.trtllm.argv import LAUNCH_WRAPPER, QUANTIZATION
+from autotune.scenario import Scenario
+
+BACKENDS = ("pytorch", "tensorrt")
+LAUNCHERS = ("local", "mpirun", "srun")
+DEFAULT_WORKSPACE = "autotune-workspace"
+DEFAULT_RUN_TIMEOUT_S = 1800.0  # one load point, model load included
+DEFAULT_BUILD_TIMEOUT_S = 5400.0  # engine builds take 10-60 minutes
+#: Variables of our environment that ``--launcher mpirun`` names with ``-x``: Open MPI gives remote
+#: ranks only the variables it is told to (srun exports everything by default).
+FORWARD_PREFIXES = ("NCCL_", "TLLM_", "TRTLLM_", "HF_", "UCX_")
+_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+@dataclass
+class TrtllmSettings:
+    """How the trtllm runner drives ``trtllm-bench`` (the options of ``search --runner trtllm``).
+
+    Timeouts are seconds of wall-clock time; ``num_requests`` is requests per load point over all
+    replicas (None: a few waves of the concurrency); ``env`` holds extra environment variables
+    for the runs (passed through ``mpirun -x`` too); ``dataset`` is a user's JSONL file instead
+    of the synthetic one.
+    """
+
+    backend: str = "pytorch"
+    model_path: str | None = None
+    hf_name: str | None = None
+    workspace: str = DEFAULT_WORKSPACE
+    trtllm_bench: str = "trtllm-bench"
+    launcher: str = "local"
+    num_requests: int | None = None
+    warmup: int = 2
+    run_timeout: float = DEFAULT_RUN_TIMEOUT_S
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT_S
+    dataset: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    drain_timeout: float = 60.0  # seconds to wait for a killed run's processes to be gone
+
+    @classmethod
+    def from_options(cls, **options) -> TrtllmSettings:
+        """Settings from keyword options (None means the default; names are checked by
+        ``Runner.check_options``)."""
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The executables a run needs, as absolute paths."""
+
+    bench: str
+    launcher: str | None = None  # mpirun / srun
+    wrapper: str | None = None  # trtllm-llmapi-launch
+
+
+def find_executable(name: str) -> str | None:
+    """An executable by path (when ``name`` holds a slash) or on PATH, as an absolute path."""
+    if os.sep in name:
+        p = Path(name).expanduser()
+        return str(p.resolve()) if p.is_file() and os.access(p, os.X_OK) else None
+    found = shutil.which(name)
+    return str(Path(found).resolve()) if found else None
+
+
+def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings, Tools]:
+    """Check the options and resolve paths and executables; UserError (one line), no side
+    effects (nothing is created or written)."""
+    s = TrtllmSettings.from_options(**options)
+    backend, launcher = str(s.backend).strip().lower(), str(s.launcher).strip().lower()
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {s.backend!r} is not a trtllm back end: use "
+                        f"{' or '.join(BACKENDS)}")
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher {s.launcher!r} is unknown: use {', '.join(LAUNCHERS)}")
+    bench = find_executable(str(s.trtllm_bench))
+    if bench is None:
+        raise UserError(f"trtllm-bench not found ({s.trtllm_bench!r}): install TensorRT-LLM on "
+                        "this node or pass --trtllm-bench PATH")
+    tools = Tools(bench=bench)
+    if launcher != "local":
+        runner = find_executable(launcher)
+        if runner is None:
+            raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
+        sibling = Path(bench).parent / LAUNCH_WRAPPER
+        wrapper = find_executable(str(sibling)) or find_executable(LAUNCH_WRAPPER)
+        if wrapper is None:
+            raise UserError(f"--launcher {launcher} needs {LAUNCH_WRAPPER} (next to trtllm-bench "
+                            "or on PATH); it ships with TensorRT-LLM")
+        tools = Tools(bench=bench, launcher=runner, wrapper=wrapper)
+    if s.num_requests is not None and (not isinstance(s.num_requests, int)
+                                       or isinstance(s.num_requests, bool) or s.num_requests < 1):
+        raise UserError(f"--num-requests must be a positive integer, got {s.num_requests!r}")
+    if not isinstance(s.warmup, int) or s.warmup < 0:
+        raise UserError(f"warmup must be a non-negative integer, got {s.warmup!r}")
+    for name in ("run_timeout", "build_timeout", "drain_timeout"):
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
+                            f"got {value!r}")
+    if not isinstance(s.env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in s.env.items()):
+        raise UserError("env must map variable names to string values")
+    model_path = None
+    if s.model_path is not None:
+        p = Path(s.model_path).expanduser()
+        if not p.is_dir():
+            raise UserError(f"--model-path {str(s.model_path)!r} is not a folder")
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise UserError(f"--model-path {str(s.model_path)!r} is not readable")
+        model_path = str(p.resolve())
+    # trtllm-bench names the model with --model (a Hugging Face name); with a local checkpoint
+    # the name only labels the run and the engine folder.
+    hf_name = s.hf_name or scenario.model.hf_name or (Path(model_path).name if model_path else "")
+    if not hf_name:
+        raise UserError(f"model {scenario.model.name!r} has no Hugging Face name: pass --hf-name "
+                        "or --model-path")
+    if backend == "tensorrt" and scenario.precision not in QUANTIZATION:
+        raise UserError(f"--backend tensorrt cannot build {scenario.precision!r} engines "
+                        f"(use one of {', '.join(QUANTIZATION)})")
+    if s.dataset is not None and not Path(s.dataset).expanduser().is_file():
+        raise UserError(f"dataset {str(s.dataset)!r} is not a file")
+    workspace = Path(s.workspace).expanduser()
+    if workspace.exists() and not workspace.is_dir():
+        raise UserError(f"--workspace {str(s.workspace)!r} is not a folder")
+    resolved = replace(s, backend=backend, launcher=launcher, trtllm_bench=bench,
+                       model_path=model_path, hf_name=hf_name,
+                       workspace=str(workspace.resolve()), env=dict(s.env))
+    return resolved, tools
+
+
+def trtllm_version(executable: str, env: dict[str, str] | None = None,
+                   timeout_s: float = 30.0) -> str | None:
+    """TensorRT-LLM's version beside ``executable``: the package metadata of the Python its
+    ``#!`` line names (read without importing tensorrt_llm, which takes seconds); None if
+    unknown. ``trtllm-bench`` has no ``--version`` option."""
+    try:
+        with open(executable, "rb") as fh:
+            first = fh.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    interpreter = first[2:].decode("utf-8", errors="replace").split()
+    if not interpreter or not any("python" in Path(part).name for part in interpreter):
+        return None
+    code = ("import importlib.metadata as m\n"
+            "for d in ('tensorrt_llm', 'tensorrt-llm'):\n"
+            "    try:\n        print(m.version(d)); break\n"
+            "    except m.PackageNotFoundError:\n        pass\n")
+    try:
+        out = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True,
+                             timeout=timeout_s, env=env, stdin=subprocess.DEVNULL, shell=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    version = out.stdout.strip().splitlines()
+    return version[0].strip() if out.returncode == 0 and version else None
+
+
+def public_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment for the settings key and the database: secrets named, never stored."""
+    return {k: ("<redacted>" if _SECRET.search(k) else v) for k, v in sorted(env.items())}
+
+
+__all__ = ["BACKENDS", "LAUNCHERS", "Tools", "TrtllmSettings", "find_executable", "public_env",
+           "resolve_settings", "trtllm_version"]
