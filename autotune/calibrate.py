@@ -20,7 +20,7 @@ import numpy as np
 
 from autotune.config import EngineConfig, stable_hash
 from autotune.errors import TrialFailure, UserError
-from autotune.measurement import LoadPoint
+from autotune.measurement import LoadPoint, Status
 from autotune.model import Calibration, Simulator
 from autotune.scenario import Scenario
 from autotune.specs import Workload
@@ -196,7 +196,7 @@ def observations_of(measurements) -> list[Observation]:
     """The measured configurations of a study (``Store.measurements``), one per config."""
     seen, out = set(), []
     for m in measurements:
-        if m.status != "ok" or not m.load_points or m.key in seen:
+        if m.status != Status.OK or not m.load_points or m.key in seen:
             continue
         seen.add(m.key)
         points = tuple(p for p in m.load_points if p.output_throughput > 0)

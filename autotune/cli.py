@@ -66,7 +66,8 @@ def _concurrency(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise UserError(f"--concurrency must be a positive integer or 'max', got {value!r}") from None
+        raise UserError(f"--concurrency must be a positive integer or 'max', got {value!r}"
+                        ) from None
     if n < 1:
         raise UserError(f"--concurrency must be a positive integer or 'max', got {value!r}")
     return n
@@ -281,8 +282,8 @@ def estimate(
     from autotune import console
     from autotune.config import EngineConfig
     from autotune.errors import OutOfMemory, TrialFailure
-    from autotune.recommend import slo_terms
     from autotune.model import Simulator
+    from autotune.recommend import slo_terms
     from autotune.scenario import Scenario
 
     load = _concurrency(concurrency)

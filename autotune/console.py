@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autotune.config import EngineConfig
-from autotune.measurement import LATENCY_METRICS, MAX_CONCURRENCY, LoadPoint
+from autotune.measurement import LATENCY_METRICS, MAX_CONCURRENCY, LoadPoint, Status
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -53,7 +53,7 @@ class SearchProgress:
         if report.feasible and (self.best is None or report.objective > self.best[0]):
             self.best = (report.objective, report.config.label().split()[0])
         self.feasible += bool(report.feasible)
-        self.failed += report.status in ("failed", "interrupted")
+        self.failed += report.status in (Status.FAILED, Status.INTERRUPTED)
         self._show(advance=1)
 
     def poll(self, store, study_name: str) -> None:
@@ -61,7 +61,7 @@ class SearchProgress:
         done, _ = store.slot_counts(study_name)
         rows = store.measurements(study_name)
         self.feasible = sum(1 for r in rows if r.feasible)
-        self.failed = sum(1 for r in rows if r.status == "failed")
+        self.failed = sum(1 for r in rows if r.status == Status.FAILED)
         good = [r for r in rows if r.feasible and r.objective is not None]
         if good:
             top = max(good, key=lambda r: r.objective)

@@ -16,7 +16,12 @@ from autotune.config import EngineConfig
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
 from autotune.recommend import Recommendation
 from autotune.runners.trtllm.argv import (
-    BASE_PORT, OPTIONS_FILE, llm_api_options, prepare_dataset_argv, serve_argv, throughput_argv,
+    BASE_PORT,
+    OPTIONS_FILE,
+    llm_api_options,
+    prepare_dataset_argv,
+    serve_argv,
+    throughput_argv,
 )
 from autotune.specs import Workload
 

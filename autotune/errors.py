@@ -47,7 +47,7 @@ class OutOfMemory(TrialFailure):
 class PredictedOutOfMemory(OutOfMemory):
     """The performance model says the weights alone cannot fit, so the engine was not started.
 
-    A prediction, recorded as one (status ``predicted_infeasible``), never as a measured OOM.
+    A prediction, recorded as one (status ``predicted``), never as a measured OOM.
     """
 
     failure_class = "predicted_oom"

@@ -55,7 +55,7 @@ def measurement_rows(m: StoredMeasurement, slo) -> list[dict]:
     c = m.config
     base = {
         "study": m.study_name, "measurement_id": m.id, "trial": m.trial_number,
-        "status": m.status, "feasible": bool(m.feasible), "objective": m.objective,
+        "status": str(m.status), "feasible": bool(m.feasible), "objective": m.objective,
         "runner": m.runner, "label": c.label(), "tp": c.tp, "pp": c.pp, "dp": c.dp,
         "gpus": c.gpus, "max_batch_size": c.max_batch_size, "max_num_tokens": c.max_num_tokens,
         "kv_fraction": c.kv_fraction, "chunked_prefill": c.chunked_prefill,

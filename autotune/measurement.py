@@ -27,7 +27,7 @@ class Status(StrEnum):
     INFEASIBLE = "infeasible"  # the runner says it can never run (out of memory, invalid layout)
     #: the performance model says it cannot run at all, so it was not run: a prediction, never
     #: a measurement (not reused: the engine may be asked another time)
-    PREDICTED_INFEASIBLE = "predicted_infeasible"
+    PREDICTED = "predicted"
     FAILED = "failed"  # the run broke (crash, timeout, bad report); may be tried again
     INTERRUPTED = "interrupted"  # stopped by the user; re-queued
     LOST = "lost"  # its worker died (no heartbeat); re-queued
@@ -96,7 +96,7 @@ class LoadPoint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoadPoint":
+    def from_dict(cls, data: dict) -> LoadPoint:
         return cls(**data)
 
 

@@ -89,7 +89,7 @@ class HardwareProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HardwareProfile":
+    def from_dict(cls, data: dict) -> HardwareProfile:
         d = dict(data)
         d["matmul"] = tuple(MatmulResult(**m) for m in d.get("matmul", ()))
         d["comms"] = tuple(CommResult(**c) for c in d.get("comms", ()))
@@ -192,7 +192,7 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
         dist.barrier()
-        t = _median_time(lambda: dist.all_reduce(buf), sync, repeats, min_seconds=0.02,
+        t = _median_time(lambda buf=buf: dist.all_reduce(buf), sync, repeats, min_seconds=0.02,
                          agree=all_agree)
         rows.append(("all_reduce", nbytes, t, nbytes / t * 2 * (world - 1) / world / 1e9))
         if world >= 2:

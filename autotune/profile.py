@@ -30,7 +30,7 @@ class Profile:
                 "calibration": self.calibration.to_dict() if self.calibration else None}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
+    def from_dict(cls, data: dict) -> Profile:
         return cls(name=data["name"], gpu=data.get("gpu"), source=data.get("source", ""),
                    hardware=HardwareProfile.from_dict(data["hardware"]) if data.get("hardware")
                    else None,

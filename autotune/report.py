@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autotune.errors import UserError
-from autotune.measurement import MAX_CONCURRENCY
+from autotune.measurement import MAX_CONCURRENCY, Status
 from autotune.slo import SLO
 
 if TYPE_CHECKING:
@@ -93,9 +93,9 @@ def _measurements(frame: pd.DataFrame) -> pd.DataFrame:
 def outcome_of(row) -> str:
     """A measurement's outcome for the figures."""
     status = row["status"]
-    if status in ("ok", "reused"):
+    if status in (Status.OK, Status.REUSED):
         return "meets SLO" if bool(row["feasible"]) else "misses SLO"
-    return "infeasible" if status == "infeasible" else "failed"
+    return "infeasible" if status in (Status.INFEASIBLE, Status.PREDICTED) else "failed"
 
 
 def _ladder_x(concurrency: int, max_x: float) -> float:
@@ -291,7 +291,7 @@ def grid_figure(results: Results, frame: pd.DataFrame) -> tuple[Figure, str]:
         i, j = pps.index(int(r["pp"])), tps.index(int(r["tp"]))
         count[i, j] += 1
         in_space.setdefault((int(r["tp"]), int(r["pp"])), int(r["dp"]))
-        if r["status"] in ("ok", "reused") and bool(r["feasible"]) and not math.isnan(
+        if r["status"] in (Status.OK, Status.REUSED) and bool(r["feasible"]) and not math.isnan(
                 r["objective"]):
             best[i, j] = np.nanmax([best[i, j], r["objective"]])
     cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
@@ -337,14 +337,14 @@ def progress_figure(frame: pd.DataFrame, has_slo: bool) -> tuple[Figure, str]:
     outcome = rows.apply(outcome_of, axis=1)
     trial = rows["trial"].astype(int).to_numpy()
     objective = rows["objective"].astype(float).fillna(0.0).to_numpy()
-    reused = (rows["status"] == "reused").to_numpy()
+    reused = (rows["status"] == Status.REUSED).to_numpy()
     met_name = "meets the SLO" if has_slo else "measured"
     styles = {
         "meets SLO": {"color": MET, "marker": "o", "s": 30, "label": met_name},
         "misses SLO": {"facecolors": "none", "edgecolors": MISSED, "marker": "o", "s": 30,
                        "label": "misses the SLO (its closest point)"},
         "infeasible": {"color": INFEASIBLE, "marker": "v", "s": 36,
-                       "label": "infeasible (memory, layout)"},
+                       "label": "infeasible (memory, layout; or predicted, not run)"},
         "failed": {"color": FAILED, "marker": "x", "s": 36,
                    "label": "failed / interrupted / lost"},
     }
@@ -386,13 +386,14 @@ def outcomes_figure(frame: pd.DataFrame, has_slo: bool) -> tuple[Figure, str]:
     labels, counts, colours = [], [], []
     for name, colour, pick in (
         ("meets the SLO" if has_slo else "measured", MET,
-         rows["status"].eq("ok") & rows["feasible"].fillna(False)),
-        ("misses the SLO", MISSED, rows["status"].eq("ok") & ~rows["feasible"].fillna(False)),
-        ("reused", "#555555", rows["status"].eq("reused")),
-        ("infeasible", INFEASIBLE, rows["status"].eq("infeasible")),
-        ("failed", FAILED, rows["status"].eq("failed")),
-        ("interrupted", FAILED, rows["status"].eq("interrupted")),
-        ("lost", FAILED, rows["status"].eq("lost")),
+         rows["status"].eq(Status.OK) & rows["feasible"].fillna(False)),
+        ("misses the SLO", MISSED, rows["status"].eq(Status.OK) & ~rows["feasible"].fillna(False)),
+        ("reused", "#555555", rows["status"].eq(Status.REUSED)),
+        ("infeasible", INFEASIBLE, rows["status"].eq(Status.INFEASIBLE)),
+        ("predicted infeasible (not run)", INFEASIBLE, rows["status"].eq(Status.PREDICTED)),
+        ("failed", FAILED, rows["status"].eq(Status.FAILED)),
+        ("interrupted", FAILED, rows["status"].eq(Status.INTERRUPTED)),
+        ("lost", FAILED, rows["status"].eq(Status.LOST)),
     ):
         n = int(pick.fillna(False).sum())
         always = ("infeasible", "failed", "misses the SLO") if has_slo else ("infeasible", "failed")
@@ -413,8 +414,8 @@ def outcomes_figure(frame: pd.DataFrame, has_slo: bool) -> tuple[Figure, str]:
         right.set_title("failure classes", fontsize=10)
     else:
         by_class = failures.groupby("failure_class", observed=True).size().sort_values()
-        colours = [INFEASIBLE if failures.loc[failures["failure_class"] == c, "status"].eq(
-            "infeasible").all() else FAILED for c in by_class.index]
+        colours = [INFEASIBLE if failures.loc[failures["failure_class"] == c, "status"].isin(
+            (Status.INFEASIBLE, Status.PREDICTED)).all() else FAILED for c in by_class.index]
         bars = right.barh([str(c) for c in by_class.index], by_class.to_numpy(), color=colours)
         right.bar_label(bars, padding=3, fontsize=8)
         right.set_xlabel("trials")

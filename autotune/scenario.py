@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autotune.errors import UserError
 from autotune.slo import SLO, parse_slo
 from autotune.specs import GpuSpec, ModelSpec, Workload, load_gpu, load_model, resolve_precision
-from autotune.errors import UserError
 
 if TYPE_CHECKING:
     from autotune.model import Calibration
@@ -26,12 +26,12 @@ class Scenario:
     slo: SLO
     runner: str = "sim"
     profile: str | None = None  # name of the profile applied to ``gpu`` and ``calibration``
-    calibration: "Calibration | None" = None  # model constants (None: the GPU's defaults)
+    calibration: Calibration | None = None  # model constants (None: the GPU's defaults)
 
     @classmethod
     def build(cls, *, model: str, gpu: str, num_gpus: int, precision: str | None, isl: int,
               osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
-              osl_std: float = 0.0, profile: "Profile | None" = None) -> "Scenario":
+              osl_std: float = 0.0, profile: Profile | None = None) -> Scenario:
         """Parse and check every user-given part; raises UserError on the first bad one."""
         slo_v = parse_slo(slo)
         gpu_v = load_gpu(gpu)
@@ -62,7 +62,7 @@ class Scenario:
         }
 
     @classmethod
-    def from_identity(cls, identity: dict) -> "Scenario":
+    def from_identity(cls, identity: dict) -> Scenario:
         """The scenario a study was created with (``identity()`` read back from the database)."""
         from autotune.specs import GpuSpec, ModelSpec
 

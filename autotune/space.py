@@ -35,7 +35,7 @@ class Layout:
         return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
 
     @classmethod
-    def parse(cls, label: str) -> "Layout":
+    def parse(cls, label: str) -> Layout:
         tp, pp, dp = (int(part[2:]) for part in label.split("-"))
         return cls(tp, pp, dp)
 
@@ -55,7 +55,7 @@ class SearchSpace:
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str | None = None) -> "SearchSpace":
+    def load(cls, name_or_path: str | None = None) -> SearchSpace:
         """A shipped space by name (``default``) or a YAML file path."""
         name = name_or_path or "default"
         shipped = resources.files("autotune.search_spaces").joinpath(f"{name}.yaml")
@@ -73,7 +73,7 @@ class SearchSpace:
         return cls.from_dict(data, source=source)
 
     @classmethod
-    def from_dict(cls, data: object, source: str = "<dict>") -> "SearchSpace":
+    def from_dict(cls, data: object, source: str = "<dict>") -> SearchSpace:
         if not isinstance(data, dict):
             raise UserError(f"search space {source!r} must be a mapping of setting -> list")
         unknown = sorted(set(data) - set(_KEYS))

@@ -151,7 +151,7 @@ class Workload:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Workload":
+    def from_dict(cls, data: dict) -> Workload:
         return cls(**data)
 
     def label(self) -> str:

@@ -330,7 +330,8 @@ class Scored:
     feasible: bool
 
 
-def score_space(configs: Iterable[EngineConfig], evaluate: Callable[[EngineConfig], tuple[float, bool]],
+def score_space(configs: Iterable[EngineConfig],
+                evaluate: Callable[[EngineConfig], tuple[float, bool]],
                 progress: Callable[[int], None] | None = None) -> list[Scored]:
     """Evaluate every configuration with ``evaluate`` (config -> (objective, feasible))."""
     out = []

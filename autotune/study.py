@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 
 import optuna
@@ -24,8 +25,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from autotune.config import EngineConfig, stable_hash
 from autotune.db import (
-    Store, StoredMeasurement, check_sqlite_file, engine_kwargs, install_sqlite_write_lock,
-    parse_url, redact, sqlite_path, utcnow,
+    Store,
+    StoredMeasurement,
+    check_sqlite_file,
+    engine_kwargs,
+    install_sqlite_write_lock,
+    parse_url,
+    redact,
+    sqlite_path,
+    utcnow,
 )
 from autotune.errors import Interrupted, TrialFailure, UserError
 from autotune.measurement import REUSABLE, Status
@@ -88,7 +96,8 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
         if create:
             store.ensure_schema()
         elif not store.has_schema():
-            raise UserError(f"no autotune studies in {redact(parsed)} (run `autotune search` first)")
+            raise UserError(f"no autotune studies in {redact(parsed)} "
+                            "(run `autotune search` first)")
     except (DBAPIError, SQLAlchemyError) as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise UserError(f"cannot use database {redact(parsed)}: {first}") from None
@@ -213,7 +222,7 @@ class TrialReport:
 
 def memory_gate(scenario: Scenario) -> Gate:
     """The gate in front of a real engine: the model rules out only configs whose weights alone
-    cannot fit (recorded as ``predicted_infeasible``); the engine decides near the edge."""
+    cannot fit (recorded as ``predicted``); the engine decides near the edge."""
     def check(config: EngineConfig) -> None:
         gate(PerfModel(scenario.model, scenario.gpu, config, scenario.calibration))
 
@@ -275,7 +284,8 @@ class Tuner:
     def key(self, config: EngineConfig) -> str:
         """Identity of a measurement: runner settings, config, workload and load ladder."""
         return stable_hash(self.runner.settings(), config.to_dict(),
-                           self.scenario.workload.to_dict(), {"ladder": list(self.space.concurrency)})
+                           self.scenario.workload.to_dict(),
+                           {"ladder": list(self.space.concurrency)})
 
     # -- running
     def finished(self) -> int:
@@ -312,7 +322,7 @@ class Tuner:
             counted = False
             try:
                 with Heartbeat(storage.optuna, trial._trial_id, storage.heartbeat_s,
-                               touch=lambda: self.store.touch_slot(slot)):
+                               touch=partial(self.store.touch_slot, slot)):
                     report = self.run_trial(trial)
                     if report.status in (Status.FAILED, Status.INTERRUPTED):
                         # Recorded with its class and message; the search goes on.
@@ -408,9 +418,9 @@ class Tuner:
     # -- recording
     def _outcome_from(self, stored: StoredMeasurement) -> Outcome:
         if stored.status == Status.INFEASIBLE:
-            failure = TrialFailure(stored.message or "infeasible")
+            failure = TrialFailure(stored.message or Status.INFEASIBLE.value)
             failure.infeasible = True
-            failure.failure_class = stored.failure_class or "infeasible"
+            failure.failure_class = stored.failure_class or Status.INFEASIBLE.value
             return failed_outcome(failure, self.scenario.slo)
         return outcome_of(stored.load_points, self.scenario.slo, stored.max_requests_in_flight)
 

@@ -36,7 +36,7 @@ class Measurer(Protocol):
 class Outcome:
     """What one trial concluded about one configuration."""
 
-    status: Status  # OK, INFEASIBLE, PREDICTED_INFEASIBLE, FAILED or INTERRUPTED
+    status: Status  # OK, INFEASIBLE, PREDICTED, FAILED or INTERRUPTED
     load_points: tuple[LoadPoint, ...] = ()
     point: LoadPoint | None = None  # operating point when feasible, else the closest point
     feasible: bool = False
@@ -73,7 +73,7 @@ def outcome_of(points: Sequence[LoadPoint], slo: SLO, max_in_flight: int | None,
 def failed_outcome(failure: TrialFailure, slo: SLO) -> Outcome:
     """The outcome of a configuration that could not be measured (every constraint missed)."""
     if isinstance(failure, PredictedOutOfMemory):
-        status = Status.PREDICTED_INFEASIBLE
+        status = Status.PREDICTED
     elif failure.infeasible:
         status = Status.INFEASIBLE
     elif isinstance(failure, Interrupted):
@@ -247,6 +247,7 @@ def evaluate(runner: Measurer, config: EngineConfig, workload: Workload, ladder:
 
 
 __all__ = [
-    "FITS", "REFINE_RESOLUTION", "Gate", "Measurer", "Outcome", "Sweep", "bisect_ladder", "evaluate",
+    "FITS", "REFINE_RESOLUTION", "Gate", "Measurer", "Outcome", "Sweep", "bisect_ladder",
+    "evaluate",
     "failed_outcome", "measure_ladder", "operating_point", "outcome_of", "sweep_ladder",
 ]

@@ -39,10 +39,10 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import accuracy  # benchmarks/accuracy.py, next to this script
 import numpy as np
 import yaml
 
-import accuracy  # benchmarks/accuracy.py, next to this script
 from autotune.model import DEFAULT_BACKEND, Calibration
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"

@@ -44,14 +44,13 @@ import optuna
 
 from autotune.config import EngineConfig
 from autotune.errors import TrialFailure
-from autotune.measurement import LoadPoint, Measurement
-from autotune.model import Calibration, load_calibration
+from autotune.measurement import LoadPoint, Measurement, Status
+from autotune.model import Calibration, Simulator, load_calibration
 from autotune.runners import Runner
-from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
 from autotune.strategy import Scored, make_sampler, pick_prior, plan_study, startup_configs
-from autotune.study import FITS, bisect_ladder, measure_ladder, operating_point
+from autotune.sweep import evaluate
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +79,8 @@ WITHIN = 0.01
 
 # ---- ground truth -------------------------------------------------------------------------
 def _code_hash() -> str:
-    parts = [(ROOT / f).read_bytes() for f in ("autotune/perfmodel.py", "autotune/scheduler.py",
-                                               "runners/sim.py", "autotune/measurement.py")]
+    parts = [(ROOT / f).read_bytes() for f in ("autotune/measurement.py", "runners/sim.py")]
+    parts += sorted(p.read_bytes() for p in (ROOT / "autotune/model").glob("*.py"))
     parts += sorted(p.read_bytes() for p in (ROOT / "autotune/data").rglob("*.yaml"))
     return hashlib.sha256(b"".join(parts)).hexdigest()[:12]
 
@@ -96,12 +95,12 @@ def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = 
     path = CACHE / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    sim = SimRunner(scen, calibration=cal)
+    sim = Simulator(scen.model, scen.gpu, cal)
     ladder = list(space.concurrency)
     table = {}
     for config in space.configs(space.layouts(scen), scen.precision):
         try:
-            _, _, fit = sim.capacity(config, scen.workload)
+            fit = sim.capacity(config, scen.workload)[1].fit
             loads = [c for c in ladder if c < 0 or c <= fit * config.dp]
             m = sim.measure(config, scen.workload, loads)
             table[config.label()] = {"points": [p.to_dict() for p in m.load_points],
@@ -134,10 +133,11 @@ class TableRunner(Runner):
     name = "table"
 
     def __init__(self, scenario: Scenario, table: dict, calibration: Calibration | None = None,
-                 between: dict | None = None):
+                 between: dict | None = None, *, expensive: bool = False):
         super().__init__(scenario)
         self.table, self.runs = table, 0
-        self.sim = SimRunner(scenario, calibration=calibration)
+        self.expensive = expensive  # as a real engine: the study bisects the load ladder
+        self.sim = Simulator(scenario.model, scenario.gpu, calibration)
         self._between = {} if between is None else between
 
     def measure(self, config, workload, loads):
@@ -175,25 +175,24 @@ def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str,
     space = SearchSpace.load()
     cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
     between: dict = {}
-    asc, bis = TableRunner(scen, table, cal, between), TableRunner(scen, table, cal, between)
+    # The study's own protocol (autotune/sweep.py): the sim walks the ladder, a real engine
+    # (expensive) bisects it.
+    asc = TableRunner(scen, table, cal, between)
+    bis = TableRunner(scen, table, cal, between, expensive=True)
     outcomes, measured = {}, 0
     by_label = {c.label(): c for c in _configs(scen, space)}
-    for label, entry in table.items():
-        if "failure" in entry:
-            outcomes[label] = (0.0, False, {FITS: 1.0, **{b.name: 1.0 for b in scen.slo.bounds}})
-            continue
+    for label in table:
         config = by_label[label]
-        points = measure_ladder(asc, config, scen.workload, space.concurrency, scen.slo).points
-        bpoints = bisect_ladder(bis, config, scen.workload, space.concurrency, scen.slo).points
-        point, feasible = operating_point(points, scen.slo)
-        bpoint, bfeasible = operating_point(bpoints, scen.slo)
+        out = evaluate(asc, config, scen.workload, space.concurrency, scen.slo)
+        outcomes[label] = (out.objective, out.feasible, out.constraints)
+        if out.status != Status.OK:
+            continue
+        bout = evaluate(bis, config, scen.workload, space.concurrency, scen.slo)
         # Bisection must find the ladder's operating point. Without an SLO it measures only the
         # top ("max": every request at once), which can come out up to ~1.5% below a closed-loop
         # load just under it (its run ends in a drain); that is within a real engine's noise.
-        assert bfeasible == feasible and (not feasible or bpoint.output_throughput_per_gpu
-                                          >= point.output_throughput_per_gpu * 0.98), label
-        outcomes[label] = (point.output_throughput_per_gpu, feasible,
-                           {FITS: 0.0, **scen.slo.violations(point)})
+        assert bout.feasible == out.feasible and (
+            not out.feasible or bout.objective >= out.objective * 0.98), label
         measured += 1
     feasible = [o for o, f, _ in outcomes.values() if f]
     optimum = max(feasible) if feasible else float("nan")

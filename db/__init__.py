@@ -1,7 +1,12 @@
 """Persistence: autotune's tables beside Optuna's in one SQLAlchemy database."""
 
 from autotune.db._engine import (
-    check_sqlite_file, engine_kwargs, install_sqlite_write_lock, parse_url, redact, sqlite_path,
+    check_sqlite_file,
+    engine_kwargs,
+    install_sqlite_write_lock,
+    parse_url,
+    redact,
+    sqlite_path,
 )
 from autotune.db._models import SCHEMA_VERSION, utcnow
 from autotune.db._store import Store, StoredMeasurement, StudySummary

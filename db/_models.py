@@ -10,7 +10,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -50,7 +58,7 @@ class MeasurementRow(Base):
 
     ``status``: an ``autotune.measurement.Status`` value: ``ok`` (measured), ``reused`` (the
     result of an earlier identical measurement, ``reused_from``), ``infeasible`` (the runner says
-    it cannot run: out of memory, invalid layout), ``predicted_infeasible`` (the model says the
+    it cannot run: out of memory, invalid layout), ``predicted`` (the model says the
     weights cannot fit: not run), ``failed`` (the run broke: crash, timeout, bad report),
     ``interrupted`` or ``lost`` (its worker died).
     """
@@ -79,7 +87,7 @@ class MeasurementRow(Base):
     host: Mapped[str | None] = mapped_column(String(256))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    load_points: Mapped[list["LoadPointRow"]] = relationship(
+    load_points: Mapped[list[LoadPointRow]] = relationship(
         back_populates="measurement", cascade="all, delete-orphan",
         order_by="LoadPointRow.position")
 

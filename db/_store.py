@@ -11,15 +11,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from autotune.config import EngineConfig
+from autotune.db._models import (
+    SCHEMA_VERSION,
+    Base,
+    EngineCacheRow,
+    KeyClaimRow,
+    LoadPointRow,
+    MeasurementRow,
+    Meta,
+    ProfileRow,
+    SlotRow,
+    StudyRow,
+    utcnow,
+)
 from autotune.errors import ScenarioMismatch, UserError
 from autotune.measurement import REUSABLE, LoadPoint, Status
 from autotune.scenario import identity_differences
 from autotune.specs import Workload
-from autotune.db._models import (
-    SCHEMA_VERSION, Base, EngineCacheRow, KeyClaimRow, LoadPointRow, MeasurementRow, Meta,
-    ProfileRow, SlotRow, StudyRow, utcnow,
-)
-
 
 
 @dataclass(frozen=True)
@@ -275,14 +283,20 @@ class Store:
         reaped: list[int] = []
         for slot_id in stale:
             with self._session.begin() as s:
-                row = s.get(SlotRow, slot_id)
-                if row is None or row.done or row.released or _ts(row.claimed_at) >= cutoff:
-                    continue  # finished, reaped by another worker, or alive after all
-                row.released = True
-                if row.trial_id is not None:
-                    s.execute(delete(KeyClaimRow).where(KeyClaimRow.study_name == study_name,
-                                                        KeyClaimRow.trial_id == row.trial_id))
-                    reaped.append(row.trial_id)
+                # The release is conditional on the slot still being stale: when several workers
+                # reap at once, the database lets exactly one update take it.
+                taken = s.execute(
+                    update(SlotRow)
+                    .where(SlotRow.id == slot_id, SlotRow.done.is_(False),
+                           SlotRow.released.is_(False), SlotRow.claimed_at < _moment(cutoff))
+                    .values(released=True)
+                    .returning(SlotRow.trial_id)).all()
+                if not taken or taken[0][0] is None:
+                    continue  # finished, reaped by another worker, alive after all, or unbound
+                trial_id = taken[0][0]
+                s.execute(delete(KeyClaimRow).where(KeyClaimRow.study_name == study_name,
+                                                    KeyClaimRow.trial_id == trial_id))
+                reaped.append(trial_id)
         return reaped
 
     def finish_slot(self, slot_id: int, *, counted: bool) -> None:
@@ -348,6 +362,12 @@ class Store:
     def engine_put(self, key: str, runner: str, info: dict) -> None:
         with self._session.begin() as s:
             s.merge(EngineCacheRow(key=key, runner=runner, info=info))
+
+
+def _moment(timestamp: float) -> datetime:
+    """A UTC datetime of ``timestamp`` in the form the database compares with stored ones
+    (SQLite keeps naive UTC datetimes)."""
+    return datetime.fromtimestamp(timestamp, UTC)
 
 
 def _ts(moment: datetime) -> float:

@@ -17,6 +17,9 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy import create_engine
+
+from autotune.config import EngineConfig
 from autotune.db import (
     Store,
     StoredMeasurement,
@@ -24,9 +27,6 @@ from autotune.db import (
     install_sqlite_write_lock,
     parse_url,
 )
-from sqlalchemy import create_engine
-
-from autotune.config import EngineConfig
 from autotune.errors import ScenarioMismatch
 from autotune.measurement import REUSABLE, LoadPoint, Status
 from autotune.scenario import Scenario
@@ -40,7 +40,7 @@ VERSIONS = {"autotune": "0.0-test"}
 STALE_AFTER_S = 0.2
 WAIT_S = 0.3
 THREADS = 8
-JOIN_TIMEOUT_S = 60
+JOIN_TIMEOUT_S = 30
 
 
 def scenario(**overrides) -> dict:
@@ -65,11 +65,13 @@ def race(n: int, fn: Callable[[int], object]) -> list:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
             errors.append(exc)
 
-    threads = [threading.Thread(target=body, args=(i,), name=f"contract-{i}") for i in range(n)]
+    threads = [threading.Thread(target=body, args=(i,), name=f"contract-{i}", daemon=True)
+               for i in range(n)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S  # one deadline for all, not one each
     for t in threads:
-        t.join(JOIN_TIMEOUT_S)
+        t.join(max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "a racing thread did not finish (deadlock?)"
     if errors:
         raise errors[0]
@@ -233,6 +235,8 @@ class StoreContract:
             s, runs = stores[i % 2], 0
             while (slot := s.claim_slot(study, total, f"w{i}")) is not None:
                 runs += 1
+                # A worker counts at most ``total`` trials, each after one interrupted one.
+                assert runs <= 2 * total, "a counted slot was handed out again"
                 # Every other trial of a worker is interrupted: its place goes back.
                 s.finish_slot(slot, counted=runs % 2 == 0)
             return runs
@@ -442,7 +446,7 @@ class StoreContract:
     def test_find_reusable_first_reusable_by_id(self, store, study):
         assert store.find_reusable(study, "key-a") is None
         store.add_measurement(measurement(status=Status.FAILED))
-        store.add_measurement(measurement(status=Status.PREDICTED_INFEASIBLE))
+        store.add_measurement(measurement(status=Status.PREDICTED))
         store.add_measurement(measurement(status=Status.REUSED, reused_from=1))
         store.add_measurement(measurement(status=Status.LOST))
         store.add_measurement(measurement(status=Status.INTERRUPTED))

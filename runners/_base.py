@@ -61,7 +61,8 @@ class Runner(ABC):
         self.scenario = scenario
 
     @abstractmethod
-    def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]) -> Measurement:
+    def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]
+                ) -> Measurement:
         """Measure ``config`` at each load (see the class contract)."""
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from autotune.config import EngineConfig
 from autotune.measurement import LoadPoint, Measurement
 from autotune.model import Calibration, Simulator
@@ -36,7 +37,8 @@ class SimRunner(Runner):
         cal = self.calibration.to_dict() if self.calibration else None
         return {"runner": self.name, "calibration": cal}
 
-    def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]) -> Measurement:
+    def measure(self, config: EngineConfig, workload: Workload, loads: Sequence[int]
+                ) -> Measurement:
         return self.model.measure(config, workload, loads)
 
     def measure_rates(self, config: EngineConfig, workload: Workload, rates: Sequence[float],

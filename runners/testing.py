@@ -7,13 +7,15 @@ fit). The sim runner, the trtllm runner (against its stand-in) and later runners
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from autotune.config import EngineConfig
-from autotune.errors import InvalidConfig, OutOfMemory, TrialFailure
+from autotune.errors import InvalidConfig, OutOfMemory, TrialFailure, UserError
 from autotune.measurement import LATENCY_METRICS, MAX_CONCURRENCY, STATISTICS
+from autotune.runners import Runner
 
 
 class RunnerContract:
@@ -66,3 +68,22 @@ class RunnerContract:
         bad = EngineConfig(tp=tp, precision=runner.scenario.precision)
         with pytest.raises(InvalidConfig):
             runner.measure(bad, runner.scenario.workload, [1])
+
+    def test_settings_are_json_able_and_stable(self, runner):
+        settings = runner.settings()
+        assert settings["runner"] == runner.name
+        assert json.loads(json.dumps(settings, sort_keys=True)) == settings
+        assert runner.settings() == settings  # the same runner, the same dedup key
+
+    def test_interrupt_and_close_are_idempotent(self, runner, config):
+        runner.interrupt()
+        runner.interrupt()
+        runner.close()
+        runner.close()
+
+    def test_declares_its_options_and_refuses_others(self, runner):
+        assert isinstance(runner, Runner)
+        names = type(runner).option_names()
+        assert all(isinstance(n, str) for n in names)
+        with pytest.raises(UserError, match="does not take --no-such-option"):
+            type(runner).check_options(runner.scenario, no_such_option=1)

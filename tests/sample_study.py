@@ -11,10 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from autotune.runners.sim import SimRunner
-
 from autotune.config import EngineConfig
 from autotune.errors import Crashed, OutOfMemory
+from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
 from autotune.study import Tuner, open_storage

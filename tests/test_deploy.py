@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 import yaml
-from sample_study import STUDY, sample_copy
 from typer.testing import CliRunner
 
 from autotune.cli import app
@@ -25,6 +24,8 @@ from autotune.runners.trtllm.argv import (
     throughput_argv,
 )
 from autotune.specs import Workload
+
+from sample_study import STUDY, sample_copy
 
 runner = CliRunner()
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from sample_study import STUDY, build_study, sample_copy
 from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.export import COLUMNS, LATENCY_COLUMNS
 from autotune.recommend import Results
 from autotune.study import open_storage
+
+from sample_study import STUDY, build_study, sample_copy
 
 runner = CliRunner()
 

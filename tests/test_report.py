@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sample_study import SLO, STUDY, sample_copy
 from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.report import FIGURES
+
+from sample_study import SLO, STUDY, sample_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -181,10 +182,10 @@ def test_report_of_a_study_where_nothing_meets_the_slo(tmp_path_factory, tmp_pat
 
 def test_report_of_a_study_without_trials_and_without_slo(tmp_path):
     from autotune.runners.sim import SimRunner
-    from sample_study import SPACE, scenario
-
     from autotune.space import SearchSpace
     from autotune.study import Tuner, open_storage
+
+    from sample_study import SPACE, scenario
 
     url = f"sqlite:///{tmp_path / 'e.db'}"
     scen = scenario(None)

@@ -10,15 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from autotune.runners import EngineBuilder, get_runner
-from autotune.runners.trtllm._process import group_alive
-from autotune.runners.trtllm._report import parse_report
-from autotune.runners.testing import RunnerContract
-from autotune.runners.trtllm import TrtllmRunner
 from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
+from autotune.deploy import bench_argvs
 from autotune.errors import (
     BadReport,
     BuildFailed,
@@ -32,10 +28,14 @@ from autotune.errors import (
     TimedOut,
     UserError,
 )
-from autotune.deploy import bench_argvs
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, STATISTICS, replica_load
-from autotune.specs import Workload
+from autotune.runners import EngineBuilder, get_runner
+from autotune.runners.testing import RunnerContract
+from autotune.runners.trtllm import TrtllmRunner
+from autotune.runners.trtllm._process import group_alive
+from autotune.runners.trtllm._report import parse_report
 from autotune.scenario import Scenario
+from autotune.specs import Workload
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "trtllm-bench"
 VERSION = "1.0.0"
@@ -453,8 +453,9 @@ def test_usage_errors_are_exit_2_like_click(standin, tmp_path):
 
 # ---- engines ----------------------------------------------------------------------------------
 def test_engine_cache_builds_once_per_engine_settings(make_runner, standin, tmp_path):
-    from autotune.db import Store
     from sqlalchemy import create_engine
+
+    from autotune.db import Store
 
     store = Store(create_engine(f"sqlite:///{tmp_path / 'cache.db'}"))
     store.ensure_schema()

@@ -1,6 +1,7 @@
 """The Store's conformance suite (autotune.db.testing) on each supported database."""
 
 import pytest
+
 from autotune.db.testing import StoreContract
 
 

@@ -8,7 +8,12 @@
 """
 
 from autotune.model.calibration import (
-    BACKENDS, DEFAULT_BACKEND, Calibration, calibration_file, load_calibration, with_constants,
+    BACKENDS,
+    DEFAULT_BACKEND,
+    Calibration,
+    calibration_file,
+    load_calibration,
+    with_constants,
 )
 from autotune.model.feasibility import Capacity, check_layout, gate, replica_capacity
 from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPlan, PerfModel

@@ -14,7 +14,11 @@ import numpy as np
 
 from autotune.config import EngineConfig, stable_hash
 from autotune.measurement import (
-    MAX_CONCURRENCY, LoadPoint, Measurement, RequestBudget, load_point_from_requests,
+    MAX_CONCURRENCY,
+    LoadPoint,
+    Measurement,
+    RequestBudget,
+    load_point_from_requests,
     replica_load,
 )
 from autotune.model.calibration import Calibration

@@ -9,7 +9,13 @@
 
 from autotune.runners.trtllm._runner import TrtllmRunner
 from autotune.runners.trtllm.settings import (
-    BACKENDS, LAUNCHERS, Tools, TrtllmSettings, find_executable, resolve_settings, trtllm_version,
+    BACKENDS,
+    LAUNCHERS,
+    Tools,
+    TrtllmSettings,
+    find_executable,
+    resolve_settings,
+    trtllm_version,
 )
 
 __all__ = [

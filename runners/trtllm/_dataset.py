@@ -67,8 +67,8 @@ def synthetic_dataset(folder: Path, workload: Workload, vocab: int, requests: in
         with open(tmp, "w") as fh:
             for i in range(requests):
                 ids = rng.integers(LOW_ID, high, size=int(isl[i]))
-                fh.write('{"task_id": %d, "input_ids": [%s], "output_tokens": %d}\n'
-                         % (i, ",".join(map(str, ids.tolist())), int(osl[i])))
+                fh.write(f'{{"task_id": {i}, "input_ids": [{",".join(map(str, ids.tolist()))}], '
+                         f'"output_tokens": {int(osl[i])}}}\n')
         os.replace(tmp, path)
     return Dataset(path=path, requests=requests, max_seq_len=max_seq, digest=key, synthetic=True)
 

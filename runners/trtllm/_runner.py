@@ -35,7 +35,11 @@ import yaml
 from autotune.config import EngineConfig, stable_hash
 from autotune.errors import BadReport, InvalidConfig, OutOfMemory, SequenceLimit, UserError
 from autotune.measurement import (
-    BENCH_REQUESTS, MAX_CONCURRENCY, LoadPoint, Measurement, replica_load,
+    BENCH_REQUESTS,
+    MAX_CONCURRENCY,
+    LoadPoint,
+    Measurement,
+    replica_load,
 )
 from autotune.model import check_layout
 from autotune.runners._base import EngineBuilder, Runner
@@ -43,11 +47,22 @@ from autotune.runners.trtllm import argv as cmd
 from autotune.runners.trtllm._dataset import Dataset, synthetic_dataset, user_dataset
 from autotune.runners.trtllm._engines import EngineCache, _write_json
 from autotune.runners.trtllm._process import (
-    Job, JobResult, ProcessGroups, classify, log_tail, needed_sequence, oom_in_log, read_log,
+    Job,
+    JobResult,
+    ProcessGroups,
+    classify,
+    log_tail,
+    needed_sequence,
+    oom_in_log,
+    read_log,
 )
 from autotune.runners.trtllm._report import ReplicaResult, merge_replicas, parse_report
 from autotune.runners.trtllm.settings import (
-    FORWARD_PREFIXES, TrtllmSettings, public_env, resolve_settings, trtllm_version,
+    FORWARD_PREFIXES,
+    TrtllmSettings,
+    public_env,
+    resolve_settings,
+    trtllm_version,
 )
 from autotune.scenario import Scenario
 from autotune.specs import Workload
