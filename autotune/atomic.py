@@ -108,4 +108,6 @@ def write_folder(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["check_folder", "check_out_dir", "check_out_file", "write_file", "write_folder", "write_text"]
+__all__ = [
+    "check_folder", "check_out_dir", "check_out_file", "write_file", "write_folder", "write_text",
+]

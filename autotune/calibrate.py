@@ -43,7 +43,9 @@ def require_scipy():
     try:
         from scipy.optimize import least_squares
     except ImportError:
-        raise UserError("autotune calibrate needs scipy: pip install 'autotune[calibrate]'") from None
+        raise UserError(
+            "autotune calibrate needs scipy: pip install 'autotune[calibrate]'"
+        ) from None
     return least_squares
 
 

@@ -173,7 +173,8 @@ def load_point_from_requests(
         output_throughput_per_gpu=throughput / gpus,
         output_throughput_per_user=per_user,
         duration_s=duration,
-        latency_ms={"ttft": summarize(ttft), "tpot": summarize(tpot), "itl": itl, "e2e": summarize(e2e)},
+        latency_ms={"ttft": summarize(ttft), "tpot": summarize(tpot), "itl": itl,
+                    "e2e": summarize(e2e)},
     )
 
 

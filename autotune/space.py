@@ -167,7 +167,8 @@ class SearchSpace:
             max_batch_size=trial.suggest_categorical("max_batch_size", list(self.max_batch_size)),
             max_num_tokens=trial.suggest_categorical("max_num_tokens", list(self.max_num_tokens)),
             kv_fraction=trial.suggest_categorical("kv_fraction", list(self.kv_fraction)),
-            chunked_prefill=trial.suggest_categorical("chunked_prefill", list(self.chunked_prefill)),
+            chunked_prefill=trial.suggest_categorical("chunked_prefill",
+                                                      list(self.chunked_prefill)),
             precision=precision,
         )
 

@@ -189,7 +189,8 @@ def load_model(name_or_path: str) -> ModelSpec:
     if path.is_file():
         return model_from_hf_config(path)
     known = ", ".join(sorted(catalog))
-    raise UserError(f"unknown model {name_or_path!r}: use one of {known} or a path to a config.json")
+    raise UserError(f"unknown model {name_or_path!r}: use one of {known} "
+                    "or a path to a config.json")
 
 
 def model_from_hf_config(path: Path) -> ModelSpec:
@@ -203,9 +204,11 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM under text_config
     needed = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if not isinstance(cfg.get(k), int) or cfg.get(k) <= 0]
-    ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or cfg.get("ffn_hidden_size")
+    ffn = (cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+           or cfg.get("ffn_hidden_size"))
     if missing or not isinstance(ffn, int) or ffn <= 0:
-        what = ", ".join(missing + ([] if isinstance(ffn, int) and ffn > 0 else ["intermediate_size"]))
+        what = ", ".join(
+            missing + ([] if isinstance(ffn, int) and ffn > 0 else ["intermediate_size"]))
         raise UserError(f"{str(path)!r} is not a decoder model config: missing or invalid {what}")
     heads = cfg["num_attention_heads"]
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
@@ -244,7 +247,8 @@ def load_gpu(name_or_path: str) -> GpuSpec:
             raise UserError(f"{str(path)!r}: memory_gib, mem_bw_tb_s and tflops must be positive")
         return spec
     known = ", ".join(sorted(catalog))
-    raise UserError(f"unknown GPU {name_or_path!r}: use one of {known} or a path to a GPU YAML file")
+    raise UserError(f"unknown GPU {name_or_path!r}: use one of {known} "
+                    "or a path to a GPU YAML file")
 
 
 def resolve_precision(gpu: GpuSpec, precision: str | None) -> str:

@@ -156,7 +156,8 @@ def load_online(csv: Path) -> list[OnlineRow]:
     return out
 
 
-def predict_online(row: OnlineRow, calibration: Calibration | None = None) -> tuple[float, float, float]:
+def predict_online(row: OnlineRow,
+                   calibration: Calibration | None = None) -> tuple[float, float, float]:
     """Modelled (mean TTFT ms, mean ITL ms, output tokens/s) of an online-serving row.
 
     The deployment's limits are not published: TensorRT-LLM's defaults are assumed.
@@ -350,7 +351,7 @@ def report(rows: list[Row], preds: list[float], skipped, *, show_rows: bool) -> 
     if show_rows:
         print(f"{'row':>5} {'ver':>4} {'gpu':4} {'model':15} {'prec':4} {'layout':8} "
               f"{'isl/osl':>11} {'measured':>9} {'model':>9} {'err%':>6}  split")
-        for r, p, e in zip(rows, preds, errs):
+        for r, p in zip(rows, preds):
             lay = f"tp{r.tp}" + (f"pp{r.pp}" if r.pp > 1 else "")
             print(f"{r.index + 2:>5} {r.version:>4} {r.gpu:4} {r.model:15} {r.precision:4} "
                   f"{lay:8} {f'{r.isl}/{r.osl}':>11} {r.measured:>9.0f} {p:>9.0f} "

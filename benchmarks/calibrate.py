@@ -273,13 +273,15 @@ def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
             f"{n_online} online-",
             "# serving loads; benchmarks/accuracy.py reports the held-out rows. Top-level values",
             "# describe TensorRT-LLM's PyTorch back end (1.x); `backends` overrides them for the",
-            "# TensorRT engines of 0.12-0.17 (trt) and 0.20's PyTorch back end without CUDA graphs.",
+            "# TensorRT engines of 0.12-0.17 (trt) and 0.20's PyTorch back end without CUDA "
+            "graphs.",
         ]
         for name, value in cal.to_dict().items():
             lines.append(f"{name}: {value:.4g}")
         others = [b for b in backends if b != DEFAULT_BACKEND]
         if default != DEFAULT_BACKEND:
-            lines.append(f"# no {DEFAULT_BACKEND} rows for this GPU: overheads are the {default} ones")
+            lines.append(f"# no {DEFAULT_BACKEND} rows for this GPU: "
+                         f"overheads are the {default} ones")
         if others:
             lines.append("backends:")
             for b in others:

@@ -73,7 +73,8 @@ def main() -> None:
                         c.execute(f'DROP DATABASE IF EXISTS "{cleanup}" WITH (FORCE)')
             st = summary["statuses"]
             print(f"{backend:<11}{workers:>8}{summary['trials']:>8}{wall:>9.1f}"
-                  f"{summary['trials'] / wall:>10.2f}{st.get('ok', 0) + st.get('infeasible', 0):>10}"
+                  f"{summary['trials'] / wall:>10.2f}"
+                  f"{st.get('ok', 0) + st.get('infeasible', 0):>10}"
                   f"{st.get('reused', 0):>8}")
 
 

@@ -54,7 +54,8 @@ def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
         with path.open("rb") as fh:
             head = fh.read(len(_SQLITE_MAGIC))
         if head and head != _SQLITE_MAGIC:
-            raise UserError(f"{str(path)!r} is not a SQLite database (corrupt or another file type)")
+            raise UserError(
+                f"{str(path)!r} is not a SQLite database (corrupt or another file type)")
         if not os.access(path, os.W_OK):
             raise UserError(f"database file {str(path)!r} is read-only")
         return
@@ -63,9 +64,11 @@ def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
                         "--storage)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"cannot create database {str(path)!r}: folder {str(parent)!r} does not exist")
+        raise UserError(f"cannot create database {str(path)!r}: "
+                        f"folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot create database {str(path)!r}: folder {str(parent)!r} is read-only")
+        raise UserError(f"cannot create database {str(path)!r}: "
+                        f"folder {str(parent)!r} is read-only")
 
 
 def engine_kwargs(url: URL) -> dict:

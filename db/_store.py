@@ -167,7 +167,8 @@ class Store:
                 r.study_name: r for r in s.execute(
                     select(m.study_name, func.count(m.id).label("trials"),
                            func.sum(m.feasible.cast(int_type())).label("feasible"),
-                           func.sum((m.status == Status.FAILED.value).cast(int_type())).label("failed"),
+                           func.sum((m.status == Status.FAILED.value).cast(int_type()))
+                           .label("failed"),
                            func.max(func.nullif(m.objective * m.feasible.cast(int_type()), 0))
                            .label("best"))
                     .group_by(m.study_name))

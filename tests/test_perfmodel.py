@@ -28,7 +28,8 @@ from autotune.specs import PRECISIONS, load_gpu, load_model, model_from_hf_confi
 
 CAL = Calibration()  # fixed constants: the physics, not the fit
 H100, H200 = load_gpu("h100"), load_gpu("h200")
-L70, L405, L8 = load_model("llama-3.1-70b"), load_model("llama-3.1-405b"), load_model("llama-3.1-8b")
+L70, L405, L8 = (load_model("llama-3.1-70b"), load_model("llama-3.1-405b"),
+                 load_model("llama-3.1-8b"))
 
 
 def perf(model=L70, gpu=H100, cal=CAL, **cfg):

@@ -199,7 +199,10 @@ def test_cohorts_match_a_request_by_request_simulation(isl, osl, limits, mode):
     isl, osl, limits = np.array(isl), np.array(osl), lim(**limits)
     got = simulate(linear, isl, osl, limits, **mode)
     start, first, end, gaps = reference(linear, isl, osl, limits, **mode)
-    key = lambda s, f, e: sorted(zip(np.round(s, 9), np.round(f, 9), np.round(e, 9)))
+
+    def key(s, f, e):
+        return sorted(zip(np.round(s, 9), np.round(f, 9), np.round(e, 9)))
+
     assert key(got.start, got.first_token, got.end) == key(start, first, end)
     mean_gap = sum(d * w for d, w in gaps) / sum(w for _, w in gaps) * 1e3
     assert np.average(got.itl_values_ms, weights=got.itl_weights) == pytest.approx(mean_gap)

@@ -1,4 +1,5 @@
-"""How a study spends its trials: the start-up plan, the model's prior, the operating-point search."""
+"""How a study spends its trials: the start-up plan, the model's prior, the operating-point
+search."""
 
 import math
 
@@ -15,7 +16,8 @@ from autotune.study import Tuner, open_storage
 from autotune.sweep import bisect_ladder, measure_ladder, operating_point
 
 SPACE = {"tp": [1, 2, 4, 8], "pp": [1, 2], "max_batch_size": [32, 256],
-         "max_num_tokens": [4096, 8192], "kv_fraction": [0.85, 0.9], "chunked_prefill": [True, False],
+         "max_num_tokens": [4096, 8192], "kv_fraction": [0.85, 0.9],
+         "chunked_prefill": [True, False],
          "concurrency": [1, 2, 4, 8, 16, 32, 64, 128, 256, "max"]}
 
 
@@ -39,7 +41,8 @@ def test_startup_plan_is_one_strong_config_per_layout(scenario):
     space = SearchSpace.from_dict(SPACE)
     layouts = space.layouts(scenario)
     plan = startup_configs(space, layouts, scenario.precision)
-    assert sorted((c.tp, c.pp, c.dp) for c in plan) == sorted((l.tp, l.pp, l.dp) for l in layouts)
+    assert (sorted((c.tp, c.pp, c.dp) for c in plan)
+            == sorted((lay.tp, lay.pp, lay.dp) for lay in layouts))
     assert all(c.max_batch_size == 256 and c.max_num_tokens == 8192 and c.kv_fraction == 0.9
                and c.chunked_prefill for c in plan)
     # Smallest replicas first; of one size, the fewest pipeline stages first under a latency
@@ -75,8 +78,8 @@ def test_a_new_study_runs_the_plan_first_and_a_resumed_one_does_not_repeat_it(sc
 
 def test_under_an_slo_the_plan_tries_both_ends_then_the_size_nearest_the_best(scenario, tmp_path):
     space = SearchSpace.from_dict(SPACE)
-    tuner = Tuner(scenario, space, SimRunner(scenario), open_storage(f"sqlite:///{tmp_path / 'a.db'}"),
-                  "a", seed=0)
+    tuner = Tuner(scenario, space, SimRunner(scenario),
+                  open_storage(f"sqlite:///{tmp_path / 'a.db'}"), "a", seed=0)
     tuner.open()
     plan = startup_configs(space, tuner.layouts, scenario.precision)
     tuner.optimize(len(plan))
@@ -95,8 +98,8 @@ def test_under_an_slo_the_plan_tries_both_ends_then_the_size_nearest_the_best(sc
 
 def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(scenario, tmp_path):
     space = SearchSpace.from_dict({**SPACE, "tp": [8], "pp": [1]})  # one layout: plan of one
-    tuner = Tuner(scenario, space, SimRunner(scenario), open_storage(f"sqlite:///{tmp_path / 'h.db'}"),
-                  "h", seed=0)
+    tuner = Tuner(scenario, space, SimRunner(scenario),
+                  open_storage(f"sqlite:///{tmp_path / 'h.db'}"), "h", seed=0)
     tuner.open()
     tuner.optimize(1)
     (first,) = tuner.study.trials
@@ -123,7 +126,8 @@ def test_a_layout_too_slow_for_the_slo_rules_out_the_planned_layouts_that_are_sl
     tuner.open()
     plan = [(c.tp, c.pp) for c in startup_configs(space, tuner.layouts, tight.precision)]
     tuner.optimize(len(plan))
-    tried = [(t.user_attrs["config"]["tp"], t.user_attrs["config"]["pp"], t.constraints["tpot:p99"] <= 0)
+    tried = [(t.user_attrs["config"]["tp"], t.user_attrs["config"]["pp"],
+              t.constraints["tpot:p99"] <= 0)
              for t in tuner.study.trials]
     missed = [(tp, pp) for tp, pp, met in tried if not met]
     # Every layout the plan skipped is one that can only be slower than a layout that missed.
@@ -233,7 +237,8 @@ def test_bisection_finds_the_ladders_operating_point_in_fewer_runs(slo):
         (oa, fa), (ob, fb) = operating_point(pa, scen.slo), operating_point(pb, scen.slo)
         assert fa == fb
         if fa:
-            assert ob.output_throughput_per_gpu == pytest.approx(oa.output_throughput_per_gpu, rel=0.02)
+            assert ob.output_throughput_per_gpu == pytest.approx(oa.output_throughput_per_gpu,
+                                                                 rel=0.02)
         # Off the ladder, only loads between the operating point's rung and the next one.
         if fa:
             rungs = sorted(c for c in space.concurrency if c > 0)

@@ -118,7 +118,8 @@ class PerfModel:
         self.attn_io_tok = (m.hidden + q_width + kv_width + q_width + m.hidden) * ACT_BYTES
         self.mlp_io_tok = (m.hidden + (mlp_mats - 1) * ffn_gpu + ffn_gpu + m.hidden) * ACT_BYTES
         self.elementwise_tok = (ELEMENTWISE_HIDDEN_PASSES * m.hidden
-                                + ELEMENTWISE_FFN_PASSES * ffn_gpu * m.experts_per_token) * ACT_BYTES
+                                + ELEMENTWISE_FFN_PASSES * ffn_gpu * m.experts_per_token
+                                ) * ACT_BYTES
         self.kv_per_token_layer = kv_width * self.kv_bytes
         self.prefill_flops_pair = 4 * self.heads_per_gpu * hd
         # All-reduce traffic per token, in "bus" bytes (nccl-tests' convention, so that
@@ -191,7 +192,8 @@ class PerfModel:
                             active * self.expert_w + self.router_w + self.mlp_io_tok * routed,
                             routed / active, self.gemm_rate)
         else:
-            t += self._gemm(self.expert_flops_tok * tokens, self.expert_w + self.mlp_io_tok * tokens,
+            t += self._gemm(self.expert_flops_tok * tokens,
+                            self.expert_w + self.mlp_io_tok * tokens,
                             tokens, self.gemm_rate)
         # Attention: decode reads the KV cache; prefill is compute-bound.
         t += (ctx_sum * self.kv_per_token_layer + tokens * self.elementwise_tok) / self.bw
@@ -206,7 +208,8 @@ class PerfModel:
             return 0.0
         return self._gemm(self.lm_head_flops * seqs, self.lm_head_w, seqs, self.head_rate)
 
-    def iteration_time(self, tokens: float, seqs: int, ctx_sum: float, prefill_attn: float) -> float:
+    def iteration_time(self, tokens: float, seqs: int, ctx_sum: float,
+                       prefill_attn: float) -> float:
         """Wall time of one scheduler iteration of the replica (seconds).
 
         The batch is split into up to ``pp`` micro-batches that follow each other through the

@@ -101,7 +101,8 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
     isl_l, osl_l, need_l = isl.tolist(), osl.tolist(), need_all.tolist()
     uniform = bool((isl == isl[0]).all() and (osl == osl[0]).all())
     chunked = limits.chunked_prefill
-    max_in_flight, budget_total, kv_blocks = limits.max_in_flight, limits.token_budget, limits.kv_blocks
+    max_in_flight, budget_total, kv_blocks = (limits.max_in_flight, limits.token_budget,
+                                              limits.kv_blocks)
 
     cohorts: list[_Cohort] = []  # every cohort ever made, for the trace
     waiting: deque[_Cohort] = deque()

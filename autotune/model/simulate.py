@@ -108,7 +108,8 @@ class Simulator:
         if workload.isl_std == 0 and workload.osl_std == 0:
             return np.full(n, workload.isl), np.full(n, workload.osl)
         # Seeded by the workload and config so a configuration always sees the same requests.
-        rng = np.random.default_rng(int(stable_hash(workload.to_dict(), config.to_dict()), 16) % 2**32)
+        rng = np.random.default_rng(
+            int(stable_hash(workload.to_dict(), config.to_dict()), 16) % 2**32)
         isl = np.clip(np.rint(rng.normal(workload.isl, workload.isl_std, n)), 1,
                       workload.isl + 3 * workload.isl_std)
         osl = np.clip(np.rint(rng.normal(workload.osl, workload.osl_std, n)), 1,

@@ -1,8 +1,9 @@
 """A sim runner that takes real wall-clock time per run, so tests can kill or interrupt a worker
 in the middle of a trial. ``AUTOTUNE_TEST_RUN_S`` sets the seconds per measure() call.
 
-``AUTOTUNE_TEST_DIE_AT`` makes the worker kill itself, once, on its second run (measure) or trial (first-beat), at a chosen
-point of the trial's life: ``measure`` (SIGKILL inside the measurement, after the trial's first
+``AUTOTUNE_TEST_DIE_AT`` makes the worker kill itself, once, on its second run (measure) or
+trial (first-beat), at a chosen point of the trial's life: ``measure`` (SIGKILL inside the
+measurement, after the trial's first
 heartbeat) or ``first-beat`` (exit 137 as the heartbeat starts, before the first beat: the case
 Optuna's stale-trial check never sees).
 """
