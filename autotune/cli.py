@@ -36,7 +36,7 @@ Storage = Annotated[str, typer.Option(
 StudyName = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: derived from model, GPUs, workload and SLO).")]
 NewestStudy = Annotated[str | None, typer.Option(
-    "--study", help="Study name (default: the newest study in --storage).")]
+    "--study", help="Study name (default: the study searched last in --storage).")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
@@ -54,8 +54,35 @@ def handles_errors(fn):
         except UserError as exc:
             console.error(str(exc))
             raise typer.Exit(2) from None
+        except Exception as exc:
+            # A database that breaks while it is read (a truncated or corrupt file, a server
+            # gone): one line naming it, never a traceback.
+            why = _database_error(exc)
+            if why is None:
+                raise
+            console.error(why)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _database_error(exc: Exception) -> str | None:
+    """The line to print for a database failure (None when ``exc`` is not one)."""
+    import sys
+
+    if "sqlalchemy" not in sys.modules:  # nothing opened a database
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from autotune.db import first_line
+
+    optuna = sys.modules.get("optuna")
+    kinds: tuple = (SQLAlchemyError,)
+    if optuna is not None:
+        kinds += (optuna.exceptions.StorageInternalError,)
+    if not isinstance(exc, kinds):
+        return None
+    return f"cannot read the database: {first_line(exc)}"
 
 
 def _concurrency(value: str) -> int:
@@ -132,6 +159,7 @@ def search(
 ):
     """Search for the best configuration and record every trial in the database."""
     from autotune import console
+    from autotune.measurement import load_label
     from autotune.recommend import Results
     from autotune.workers import SearchJob, run_here, run_workers
 
@@ -181,7 +209,7 @@ def search(
     if best:
         rec = best[0]
         console.out.print(f"best: [bold]{rec.config.label()}[/] at concurrency "
-                          f"{console.load_label(rec.point.concurrency)}: "
+                          f"{load_label(rec.point.concurrency, rec.config.dp)}: "
                           f"{rec.point.output_throughput_per_gpu:,.1f} tok/s/GPU, "
                           f"{rec.point.output_throughput_per_user:,.1f} tok/s/user")
         console.out.print("run `autotune best` for its metrics and launch command")
@@ -244,13 +272,17 @@ def _results(storage: str, study: str | None):
 
 
 def _pick_study(db, study: str | None) -> str:
-    """The named study, or the only/most recent one when no name is given."""
+    """The named study, or the one searched last when no name is given."""
     if study:
         return study
     names = db.store.study_names()
     if not names:
         raise UserError(f"no studies in {db.safe_url} (run `autotune search` first)")
-    return names[-1]
+    last = db.store.last_used_study()
+    if last is None:
+        raise UserError(f"no study in {db.safe_url} has a trial yet ({', '.join(names)}); "
+                        "run `autotune search`, or name one with --study")
+    return last
 
 
 @app.command()

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autotune.config import EngineConfig
-from autotune.measurement import LATENCY_METRICS, MAX_CONCURRENCY, LoadPoint, Status
+from autotune.measurement import LATENCY_METRICS, LoadPoint, Status, load_label
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -28,10 +28,6 @@ def error(message: str) -> None:
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def load_label(concurrency: int) -> str:
-    return "max" if concurrency == MAX_CONCURRENCY else str(concurrency)
 
 
 # ---- search -------------------------------------------------------------------------------
@@ -100,8 +96,8 @@ def config_table(config: EngineConfig) -> Table:
     return t
 
 
-def point_table(point: LoadPoint) -> Table:
-    t = Table(title=f"at concurrency {load_label(point.concurrency)}", title_justify="left")
+def point_table(point: LoadPoint, dp: int = 1) -> Table:
+    t = Table(title=f"at concurrency {load_label(point.concurrency, dp)}", title_justify="left")
     t.add_column("throughput")
     t.add_column("value", justify="right")
     t.add_row("output tok/s (system)", f"{point.output_throughput:,.1f}")
@@ -134,7 +130,7 @@ def slo_table(terms) -> Table:
 def print_recommendation(rec, *, heading: str) -> None:
     out.print(f"[bold]{heading}[/]  (trial {rec.trial_number}, runner {rec.runner})")
     out.print(config_table(rec.config))
-    out.print(point_table(rec.point))
+    out.print(point_table(rec.point, rec.config.dp))
     if rec.terms:
         out.print(slo_table(rec.terms))
 
@@ -182,7 +178,7 @@ def print_pareto(front, has_slo: bool = True) -> None:
         t.add_column(col, justify="left" if col in ("config", "SLO") else "right")
     for fp in front:
         p = fp.point
-        row = [fp.config.label(), str(fp.trial_number), load_label(p.concurrency),
+        row = [fp.config.label(), str(fp.trial_number), load_label(p.concurrency, fp.config.dp),
                f"{p.output_throughput_per_gpu:,.1f}", f"{p.output_throughput_per_user:,.1f}"]
         if has_slo:
             row.append("[green]met[/]" if fp.slo_met else "[red]missed[/]")
@@ -223,7 +219,7 @@ def wrote(kind: str, path, detail: str = "") -> None:
 def print_estimate(config: EngineConfig, point: LoadPoint, max_in_flight: int, terms) -> None:
     out.print(config_table(config))
     out.print(f"requests that fit in flight: {max_in_flight:,}")
-    out.print(point_table(point))
+    out.print(point_table(point, config.dp))
     if terms:
         out.print(slo_table(terms))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import yaml
 
 from autotune.config import EngineConfig
-from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
+from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, load_label, replica_load
 from autotune.recommend import Recommendation
 from autotune.runners.trtllm.argv import (
     BASE_PORT,
@@ -152,7 +152,7 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
     model = model_ref(scenario)
     launch = launch_plan(config, model)
     workload = Workload.from_dict(scenario["workload"])
-    conc = "max" if p.concurrency == MAX_CONCURRENCY else str(p.concurrency)
+    conc = load_label(p.concurrency, config.dp)
     per_replica = replica_load(p.concurrency, config.dp)
     per_rep = "max" if per_replica == MAX_CONCURRENCY else str(per_replica)
     slo = scenario.get("slo") or "none (maximum throughput)"

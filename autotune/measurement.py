@@ -45,6 +45,24 @@ def replica_load(load: int, dp: int) -> int:
     return max(1, math.ceil(load / dp))
 
 
+def in_flight(load: int, dp: int) -> int:
+    """The total requests in flight when ``load`` is asked of ``dp`` replicas: each gets
+    ``replica_load(load, dp)``, so ``dp`` times that (``MAX_CONCURRENCY`` stays "max"). It is
+    the load a load point is labelled with."""
+    if load == MAX_CONCURRENCY:
+        return MAX_CONCURRENCY
+    return replica_load(load, dp) * dp
+
+
+def load_label(concurrency: int, dp: int = 1) -> str:
+    """How a load is shown: ``max``, ``16``, or ``16 (2 per replica)`` over ``dp`` replicas."""
+    if concurrency == MAX_CONCURRENCY:
+        return "max"
+    if dp > 1:
+        return f"{concurrency} ({replica_load(concurrency, dp)} per replica)"
+    return str(concurrency)
+
+
 @dataclass(frozen=True)
 class RequestBudget:
     """How many requests one load point runs on one replica: ``waves`` times the load in flight
@@ -188,6 +206,8 @@ __all__ = [
     "MAX_CONCURRENCY",
     "Measurement",
     "STATISTICS",
+    "in_flight",
+    "load_label",
     "load_point_from_requests",
     "replica_load",
     "summarize",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autotune.errors import UserError
-from autotune.measurement import MAX_CONCURRENCY, Status
+from autotune.measurement import MAX_CONCURRENCY, Status, load_label
 from autotune.slo import SLO
 
 if TYPE_CHECKING:
@@ -66,10 +66,6 @@ class Rendered:
 
 
 # ---- helpers ------------------------------------------------------------------------------
-def load_label(concurrency: int) -> str:
-    return "max" if concurrency == MAX_CONCURRENCY else str(concurrency)
-
-
 def per_user_floor(slo: SLO, osl: int) -> tuple[float, str] | None:
     """The tokens/s per user below which the SLO cannot hold, and the term that says so.
 
@@ -171,7 +167,8 @@ def pareto_figure(results: Results, rec: Recommendation | None,
         ax.scatter([p.output_throughput_per_user], [p.output_throughput_per_gpu], marker="*",
                    s=380, color=REC, edgecolors="white", linewidths=1.0, zorder=6,
                    label="recommended" if rec else "closest (misses the SLO)")
-        ax.annotate(f"{star.config.label()}\nconcurrency {load_label(p.concurrency)}: "
+        load = load_label(p.concurrency, star.config.dp)
+        ax.annotate(f"{star.config.label()}\nconcurrency {load}: "
                     f"{p.output_throughput_per_gpu:,.0f} tok/s/GPU, "
                     f"{p.output_throughput_per_user:,.1f} tok/s/user",
                     (p.output_throughput_per_user, p.output_throughput_per_gpu),
@@ -520,8 +517,9 @@ def _summary(results: Results, rec, closest) -> str:
         p = rec.point
         terms = "; ".join(f"{t.term} measured {t.measured_ms:,.1f} ms (margin {t.margin:+.1%})"
                           for t in rec.terms)
+        load = load_label(p.concurrency, rec.config.dp)
         return (f'<p class="summary"><b>Recommended: {_e(rec.config.label())}</b> (trial '
-                f"{rec.trial_number}) at concurrency {_e(load_label(p.concurrency))}: "
+                f"{rec.trial_number}) at concurrency {_e(load)}: "
                 f"<b>{p.output_throughput_per_gpu:,.1f} tok/s per GPU</b>, "
                 f"{p.output_throughput_per_user:,.1f} tok/s per user, "
                 f"{p.output_throughput:,.1f} tok/s in all. SLO: "
@@ -543,7 +541,7 @@ def _top_table(results: Results, top: int) -> str:
     rows = []
     for i, r in enumerate(recs, 1):
         p = r.point
-        rows.append([i, r.config.label(), r.trial_number, load_label(p.concurrency),
+        rows.append([i, r.config.label(), r.trial_number, load_label(p.concurrency, r.config.dp),
                      f"{p.output_throughput_per_gpu:,.1f}", f"{p.output_throughput_per_user:,.1f}",
                      f"{p.output_throughput:,.1f}",
                      *(f"{t.measured_ms:,.1f} ms ({t.margin:+.1%})" for t in r.terms)])
@@ -557,7 +555,7 @@ def _front_table(results: Results) -> str:
     has_slo = bool(results.slo)
     headers = ["config", "trial", "concurrency", "tok/s/GPU", "tok/s/user"] + (
         ["SLO"] if has_slo else [])
-    rows = [[fp.config.label(), fp.trial_number, load_label(fp.point.concurrency),
+    rows = [[fp.config.label(), fp.trial_number, load_label(fp.point.concurrency, fp.config.dp),
              f"{fp.point.output_throughput_per_gpu:,.1f}",
              f"{fp.point.output_throughput_per_user:,.1f}"] + ([_met(fp.slo_met)] if has_slo
                                                               else [])

@@ -39,6 +39,9 @@ class Scenario:
         if not isinstance(num_gpus, int) or num_gpus < 1:
             raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
         workload = Workload(isl=isl, osl=osl, isl_std=isl_std, osl_std=osl_std)
+        if model_v.max_context and isl + osl > model_v.max_context:
+            raise UserError(f"--isl {isl} + --osl {osl} = {isl + osl:,} tokens is longer than "
+                            f"{model_v.name}'s context of {model_v.max_context:,} tokens")
         precision_v = resolve_precision(gpu_v, precision)
         calibration = None
         if profile is not None:
@@ -84,10 +87,14 @@ def identity_differences(stored: dict, wanted: dict) -> list[str]:
     out = []
     for key in ("model", "gpu", "num_gpus", "precision", "workload", "slo", "runner", "profile",
                 "model_spec"):
-        if stored.get(key) != wanted.get(key):
-            if key == "model_spec" and stored.get("model") != wanted.get("model"):
+        have, want = stored.get(key), wanted.get(key)
+        if key == "model_spec" and isinstance(have, dict) and isinstance(want, dict):
+            if stored.get("model") != wanted.get("model"):
                 continue  # already named by "model"
-            out.append(f"{key}: study has {stored.get(key)!r}, this run has {wanted.get(key)!r}")
+            # A fact a study from an older autotune did not record is not a difference.
+            want = {k: v for k, v in want.items() if k in have}
+        if have != want:
+            out.append(f"{key}: study has {have!r}, this run has {want!r}")
     return out
 
 

@@ -190,6 +190,16 @@ class SearchSpace:
             "chunked_prefill": config.chunked_prefill,
         }
 
+    def choices(self) -> dict[str, list]:
+        """Every setting's choices, JSON-able ("max" for ``MAX_CONCURRENCY``): what a study
+        records of its space, and compares when a search joins it."""
+        ladder = ["max" if c == MAX_CONCURRENCY else c for c in self.concurrency]
+        return {"tp": list(self.tp), "pp": list(self.pp),
+                "max_batch_size": list(self.max_batch_size),
+                "max_num_tokens": list(self.max_num_tokens),
+                "kv_fraction": list(self.kv_fraction),
+                "chunked_prefill": list(self.chunked_prefill), "concurrency": ladder}
+
     def size(self, layouts: list[Layout]) -> int:
         return (len(layouts) * len(self.max_batch_size) * len(self.max_num_tokens)
                 * len(self.kv_fraction) * len(self.chunked_prefill))

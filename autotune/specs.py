@@ -45,6 +45,7 @@ class ModelSpec:
     gated_mlp: bool = True
     tied_embeddings: bool = False
     hf_name: str = ""
+    max_context: int = 0  # longest sequence, prompt + output (tokens); 0: unknown
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -210,11 +211,16 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         what = ", ".join(
             missing + ([] if isinstance(ffn, int) and ffn > 0 else ["intermediate_size"]))
         raise UserError(f"{str(path)!r} is not a decoder model config: missing or invalid {what}")
+    for key in ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
+                "num_experts_per_tok", "max_position_embeddings"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value <= 0):
+            raise UserError(f"{str(path)!r}: {key} must be a positive integer, got {value!r}")
     heads = cfg["num_attention_heads"]
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
-    name = cfg.get("_name_or_path") or Path(path).resolve().parent.name
     return ModelSpec(
-        name=str(name),
+        name=_config_name(Path(path), cfg),
         layers=cfg["num_hidden_layers"],
         hidden=cfg["hidden_size"],
         heads=heads,
@@ -227,7 +233,34 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         gated_mlp=True,  # Llama, Mistral, Mixtral and Qwen all use gated (SwiGLU) MLPs
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         hf_name=str(cfg.get("_name_or_path", "")),
+        max_context=_context_length(cfg),
     )
+
+
+def _config_name(path: Path, cfg: dict) -> str:
+    """A local config's model name: the Hugging Face name it records, else the file's name
+    (``qwen25-7b.json`` -> ``qwen25-7b``), or its folder's for a checkpoint's ``config.json``."""
+    recorded = cfg.get("_name_or_path")
+    if isinstance(recorded, str) and recorded.strip():
+        return recorded.strip()
+    if path.name == "config.json":
+        return path.resolve().parent.name
+    return path.stem
+
+
+def _context_length(cfg: dict) -> int:
+    """The longest sequence the model takes (tokens; 0 when the config does not say):
+    ``max_position_embeddings``, stretched by a RoPE scaling factor when the config scales
+    beyond it (YaRN, linear, dynamic; Llama 3's own scaling is already counted in it)."""
+    context = cfg.get("max_position_embeddings") or 0
+    scaling = cfg.get("rope_scaling")
+    if context and isinstance(scaling, dict):
+        kind = scaling.get("rope_type") or scaling.get("type")
+        factor = scaling.get("factor")
+        if kind in ("yarn", "linear", "dynamic") and isinstance(factor, (int, float)) \
+                and factor > 1 and "original_max_position_embeddings" not in scaling:
+            context = int(context * factor)
+    return int(context)
 
 
 def load_gpu(name_or_path: str) -> GpuSpec:

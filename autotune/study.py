@@ -21,6 +21,7 @@ from importlib import metadata
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from autotune.config import EngineConfig, stable_hash
@@ -29,13 +30,14 @@ from autotune.db import (
     StoredMeasurement,
     check_sqlite_file,
     engine_kwargs,
+    first_line,
     install_sqlite_write_lock,
     parse_url,
     redact,
     sqlite_path,
     utcnow,
 )
-from autotune.errors import Interrupted, TrialFailure, UserError
+from autotune.errors import Interrupted, ScenarioMismatch, TrialFailure, UserError
 from autotune.measurement import REUSABLE, Status
 from autotune.model import PerfModel, gate
 from autotune.runners import Runner
@@ -84,7 +86,23 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
     path = sqlite_path(parsed)
     if path is not None:
         check_sqlite_file(path, must_exist=not create)
+    elif parsed.drivername.startswith("sqlite"):
+        # Every connection to ``sqlite://`` is a new, empty database: the heartbeat thread and
+        # the workers would each see their own, and everything is gone at exit.
+        raise UserError(f"--storage {redact(parsed)!r} is an in-memory SQLite database, which "
+                        "keeps nothing and cannot be shared: use sqlite:///FILE")
     try:
+        if not create:
+            # Read commands: refuse a database without autotune's tables (an empty file, an
+            # empty PostgreSQL database) before Optuna reads its own, which it cannot.
+            check = create_engine(parsed, **engine_kwargs(parsed))
+            try:
+                found = Store(check).has_schema()
+            finally:
+                check.dispose()
+            if not found:
+                raise UserError(f"no autotune studies in {redact(parsed)} "
+                                "(run `autotune search` first)")
         storage = optuna.storages.RDBStorage(
             parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs(parsed),
             heartbeat_interval=heartbeat_s, grace_period=grace_s,
@@ -95,14 +113,14 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
         storage.heartbeat_stale_trial_callback = _on_stale_trial(store, grace_s)
         if create:
             store.ensure_schema()
-        elif not store.has_schema():
-            raise UserError(f"no autotune studies in {redact(parsed)} "
-                            "(run `autotune search` first)")
-    except (DBAPIError, SQLAlchemyError) as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise UserError(f"cannot use database {redact(parsed)}: {first}") from None
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise UserError(f"cannot use database {redact(parsed)}: its driver is not installed "
+                        f"({exc}); autotune supports sqlite:/// and postgresql:// "
+                        "(pip install psycopg)") from None
+    except (DBAPIError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise UserError(f"cannot use database {redact(parsed)}: {first_line(exc)}") from None
     except (RuntimeError, ValueError) as exc:  # optuna: incompatible or unreadable schema
-        raise UserError(f"cannot use database {redact(parsed)}: {exc}") from None
+        raise UserError(f"cannot use database {redact(parsed)}: {first_line(exc)}") from None
     return Storage(url=url, optuna=storage, store=store, heartbeat_s=heartbeat_s, grace_s=grace_s)
 
 
@@ -255,6 +273,8 @@ class Tuner:
         """Create or join the study (refused when it exists with another scenario)."""
         created = self.store.register_study(self.study_name, self.scenario.identity(),
                                             self.space_dict(), self._versions)
+        if not created:
+            self._check_space(self.store.study(self.study_name).space or {})
         try:
             study = optuna.create_study(study_name=self.study_name, storage=self.storage.optuna,
                                         sampler=self.sampler, direction="maximize",
@@ -279,7 +299,22 @@ class Tuner:
 
     def space_dict(self) -> dict:
         return {"source": self.space.source, "layouts": [lay.label for lay in self.layouts],
-                "size": self.space.size(self.layouts)}
+                "size": self.space.size(self.layouts), "choices": self.space.choices()}
+
+    def _check_space(self, stored: dict) -> None:
+        """Refuse to join a study with another search space (its trials' parameters would not
+        fit the space), naming each setting that differs; nothing is written."""
+        if "choices" not in stored:
+            return  # a study from before spaces were recorded: nothing to compare with
+        wanted = self.space.choices()
+        diffs = [f"{k}: study has {stored['choices'].get(k)}, this run has {wanted.get(k)}"
+                 for k in sorted(set(wanted) | set(stored["choices"]))
+                 if stored["choices"].get(k) != wanted.get(k)]
+        if diffs:
+            raise ScenarioMismatch(
+                f"study {self.study_name!r} exists with another search space "
+                f"({'; '.join(diffs)}); use the study's space (--space {stored.get('source')}) "
+                "or another --study name")
 
     def key(self, config: EngineConfig) -> str:
         """Identity of a measurement: runner settings, config, workload and load ladder."""

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from autotune.config import EngineConfig
 from autotune.errors import Interrupted, PredictedOutOfMemory, TrialFailure
-from autotune.measurement import MAX_CONCURRENCY, LoadPoint, Measurement, Status
+from autotune.measurement import MAX_CONCURRENCY, LoadPoint, Measurement, Status, replica_load
 from autotune.slo import FITS, SLO
 from autotune.specs import Workload
 
@@ -151,8 +151,11 @@ def _refine(runs: _Runs, slo: SLO) -> None:
             bad = mid
 
 
-def _ascending(ladder: Sequence[int]) -> list[int]:
-    finite = sorted(c for c in ladder if c != MAX_CONCURRENCY)
+def _ascending(ladder: Sequence[int], dp: int = 1) -> list[int]:
+    """The ladder's loads, ascending, "max" last, each the total that is really in flight: the
+    load is split evenly over the ``dp`` replicas (rounded up), so only multiples of dp differ
+    (on 8 replicas, loads 1 to 8 all put one request on each)."""
+    finite = sorted({replica_load(c, dp) * dp for c in ladder if c != MAX_CONCURRENCY})
     return finite + ([MAX_CONCURRENCY] if MAX_CONCURRENCY in ladder else [])
 
 
@@ -165,7 +168,7 @@ def measure_ladder(runner: Measurer, config: EngineConfig, workload: Workload,
     skipped.
     """
     runs = _Runs(runner, config, workload)
-    for load in _ascending(ladder):
+    for load in _ascending(ladder, config.dp):
         if runs.capacity and load != MAX_CONCURRENCY and load > runs.capacity:
             continue
         point = runs.run(load)
@@ -185,7 +188,7 @@ def bisect_ladder(runner: Measurer, config: EngineConfig, workload: Workload,
     highest load known to meet the SLO and the lowest known to miss it.
     """
     runs = _Runs(runner, config, workload)
-    loads = _ascending(ladder)
+    loads = _ascending(ladder, config.dp)
 
     def meets(index: int) -> bool:
         nonlocal loads

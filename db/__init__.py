@@ -3,6 +3,7 @@
 from autotune.db._engine import (
     check_sqlite_file,
     engine_kwargs,
+    first_line,
     install_sqlite_write_lock,
     parse_url,
     redact,
@@ -13,6 +14,6 @@ from autotune.db._store import Store, StoredMeasurement, StudySummary
 
 __all__ = [
     "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
-    "check_sqlite_file", "engine_kwargs", "install_sqlite_write_lock", "parse_url", "redact",
-    "sqlite_path", "utcnow",
+    "check_sqlite_file", "engine_kwargs", "first_line", "install_sqlite_write_lock", "parse_url",
+    "redact", "sqlite_path", "utcnow",
 ]

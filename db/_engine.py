@@ -28,6 +28,12 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error's message (the driver's own, when it has one)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def redact(url: str | URL) -> str:
     """``url`` with any password replaced by ``***`` (safe for output, logs and the database)."""
     try:

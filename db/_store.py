@@ -156,6 +156,15 @@ class Store:
         with self._session() as s:
             return s.scalar(select(StudyRow).where(StudyRow.name == name))
 
+    def last_used_study(self) -> str | None:
+        """The study whose latest measurement is the most recent (the one searched last); None
+        when no study has a measurement (an empty study is never the default)."""
+        with self._session() as s:
+            row = s.execute(select(MeasurementRow.study_name)
+                            .order_by(MeasurementRow.finished_at.desc(),
+                                      MeasurementRow.id.desc()).limit(1)).first()
+            return row[0] if row else None
+
     def study_names(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(select(StudyRow.name).order_by(StudyRow.created_at)))

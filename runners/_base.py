@@ -26,7 +26,9 @@ class Runner(ABC):
     --------
     ``measure(config, workload, loads)`` returns a ``Measurement`` with exactly one
     ``LoadPoint`` per requested load, in the order given (a load is a total concurrency over all
-    replicas, or ``MAX_CONCURRENCY`` for every request at once). When the configuration cannot be
+    replicas, or ``MAX_CONCURRENCY`` for every request at once). Each replica gets
+    ``replica_load(load, dp)`` requests, and the point is labelled with what was really in
+    flight, ``in_flight(load, dp)`` (a multiple of dp). When the configuration cannot be
     measured it raises a subclass of ``autotune.errors.TrialFailure`` that names the class of
     failure (out of memory, invalid config, build failed, timed out, killed, crashed, bad
     report); it never returns made-up or zero numbers in place of a failure.

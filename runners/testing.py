@@ -51,6 +51,16 @@ class RunnerContract:
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"]
         assert p.latency("e2e", "p50") >= p.latency("ttft", "p50")
 
+    def test_a_load_point_says_what_was_in_flight_over_all_replicas(self, runner, config):
+        replicas = EngineConfig(tp=config.tp, pp=1, dp=2, max_batch_size=config.max_batch_size,
+                                max_num_tokens=config.max_num_tokens,
+                                precision=config.precision)
+        # 3 requests over 2 replicas: each gets 2, so 4 are in flight.
+        (p,) = runner.measure(replicas, runner.scenario.workload, [3]).load_points
+        assert p.concurrency == 4
+        assert math.isclose(p.output_throughput_per_gpu * replicas.gpus, p.output_throughput,
+                            rel_tol=1e-6)
+
     def test_more_load_means_more_throughput_and_latency(self, runner, config):
         low, high = runner.measure(config, runner.scenario.workload, [1, 32]).load_points
         assert high.output_throughput > low.output_throughput

@@ -21,15 +21,25 @@ def storage(tmp_path):
     return f"sqlite:///{tmp_path / 'a.db'}"
 
 
-def search_json(storage, *extra):
-    r = cli("search", *W405, "--trials", 40, "--seed", 0, "--storage", storage, "--json", *extra)
+def search_json(storage, *extra, trials=40):
+    r = cli("search", *W405, "--trials", trials, "--seed", 0, "--storage", storage, "--json",
+            *extra)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
 
-def test_tight_tpot_slo_recommends_tp_heavy_and_no_slo_recommends_pp(storage):
-    tight = search_json(storage, "--slo", "tpot:p99<=25ms")
-    loose = search_json(storage)
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One database with two 40-trial studies of 405B on 8xH200, searched once for the module
+    (the commands below only read it): ``demo`` under a tight TPOT SLO, ``one`` without SLO."""
+    storage = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'a.db'}"
+    tight = search_json(storage, "--slo", "tpot:p99<=25ms", "--study", "demo")
+    loose = search_json(storage, "--study", "one")
+    return storage, tight, loose
+
+
+def test_tight_tpot_slo_recommends_tp_heavy_and_no_slo_recommends_pp(searched):
+    _, tight, loose = searched
     t, lo = tight["best"]["config"], loose["best"]["config"]
     assert t["tp"] >= 4 and t["tp"] > t["pp"], tight["best"]["label"]
     assert lo["pp"] >= 2, loose["best"]["label"]  # PP-heavy or a TP x PP mix
@@ -39,8 +49,8 @@ def test_tight_tpot_slo_recommends_tp_heavy_and_no_slo_recommends_pp(storage):
     assert tight["trials"] == 40 and sum(tight["statuses"].values()) == 40
 
 
-def test_best_prints_config_slo_margin_and_launch_command(storage):
-    search_json(storage, "--slo", "tpot:p99<=25ms", "--study", "demo")
+def test_best_prints_config_slo_margin_and_launch_command(searched):
+    storage, _, _ = searched
     r = cli("best", "--storage", storage, "--study", "demo")
     assert r.exit_code == 0, r.output
     out = r.stdout
@@ -49,9 +59,9 @@ def test_best_prints_config_slo_margin_and_launch_command(storage):
     assert "free_gpu_memory_fraction" in out
 
 
-def test_best_json_schema(storage):
-    search_json(storage, "--slo", "tpot:p99<=25ms", "--study", "demo")
-    r = cli("best", "--storage", storage, "--json", "--top", 3, "--pareto")
+def test_best_json_schema(searched):
+    storage, _, _ = searched
+    r = cli("best", "--storage", storage, "--study", "demo", "--json", "--top", 3, "--pareto")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["schema"] == "autotune.best/1" and data["study"] == "demo" and data["feasible"]
@@ -68,7 +78,7 @@ def test_best_json_schema(storage):
 
 
 def test_best_exits_1_and_names_the_closest_when_nothing_meets_the_slo(storage):
-    search_json(storage, "--slo", "tpot:p99<=1ms", "--study", "hopeless")
+    search_json(storage, "--slo", "tpot:p99<=1ms", "--study", "hopeless", trials=8)
     r = cli("best", "--storage", storage, "--study", "hopeless")
     assert r.exit_code == 1
     assert "No configuration meets the SLO" in r.stdout and "Closest" in r.stdout
@@ -78,12 +88,14 @@ def test_best_exits_1_and_names_the_closest_when_nothing_meets_the_slo(storage):
     assert data["closest"]["slo"][0]["met"] is False
 
 
-def test_studies_lists_counts_and_best(storage):
-    search_json(storage, "--study", "one")
+def test_studies_lists_counts_and_best(searched):
+    storage, _, _ = searched
     r = cli("studies", "--storage", storage, "--json")
     assert r.exit_code == 0
-    (s,) = json.loads(r.stdout)
-    assert s["study"] == "one" and s["trials"] == 40 and s["best_output_tok_s_per_gpu"] > 0
+    by_name = {s["study"]: s for s in json.loads(r.stdout)}
+    assert set(by_name) == {"demo", "one"}
+    assert all(s["trials"] == 40 and s["best_output_tok_s_per_gpu"] > 0
+               for s in by_name.values())
     assert "one" in cli("studies", "--storage", storage).stdout
 
 

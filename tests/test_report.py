@@ -191,7 +191,10 @@ def test_report_of_a_study_without_trials_and_without_slo(tmp_path):
     scen = scenario(None)
     Tuner(scen, SearchSpace.from_dict(SPACE), SimRunner(scen), open_storage(url), "empty").open()
     out = tmp_path / "r.html"
+    # An empty study is never the default: it is reported when named.
     r = cli("report", "--storage", url, "--out", out)
+    assert r.exit_code == 2 and "has a trial yet" in r.stderr and not out.exists()
+    r = cli("report", "--storage", url, "--study", "empty", "--out", out)
     assert r.exit_code == 0, r.output
     text = out.read_text()
     assert all(f'id="fig-{n}"' in text for n in FIGURES)

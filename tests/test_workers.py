@@ -66,7 +66,7 @@ def assert_consistent(url, name, total):
 
 #: Trials of the worker-path smoke test. The races on slots and key claims are tested with
 #: threads by the StoreContract suite (tests/test_store.py); this is the real-process path.
-TOTAL = 48
+TOTAL = 32
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

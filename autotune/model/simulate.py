@@ -18,6 +18,7 @@ from autotune.measurement import (
     LoadPoint,
     Measurement,
     RequestBudget,
+    in_flight,
     load_point_from_requests,
     replica_load,
 )
@@ -73,7 +74,7 @@ class Simulator:
             isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
                              concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
-            points.append(_all_replicas(trace, load, config))
+            points.append(_all_replicas(trace, in_flight(load, config.dp), config))
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
             max_requests_in_flight=cap.fit * config.dp,

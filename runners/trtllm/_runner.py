@@ -39,6 +39,7 @@ from autotune.measurement import (
     MAX_CONCURRENCY,
     LoadPoint,
     Measurement,
+    in_flight,
     replica_load,
 )
 from autotune.model import check_layout
@@ -364,7 +365,7 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
     def _load_point(config: EngineConfig, load: int, replicas: list[ReplicaResult]) -> LoadPoint:
         totals, latency = merge_replicas(replicas)
         return LoadPoint(
-            concurrency=load, num_requests=totals["num_requests"],
+            concurrency=in_flight(load, config.dp), num_requests=totals["num_requests"],
             request_throughput=totals["request_throughput"],
             output_throughput=totals["output_throughput"],
             output_throughput_per_gpu=totals["output_throughput"] / config.gpus,
