@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 
 DEFAULT_STORAGE = "sqlite:///autotune.db"
+#: The type column of a flag in --help: nothing (typer would print "<bool>", which reads as if
+#: the flag took a value).
+FLAG = ""
 
 # Shared option declarations (one-line help each; defaults show in --help).
 Model = Annotated[str, typer.Option("--model", help="Catalog name (e.g. llama-3.1-70b) or path "
@@ -37,7 +40,7 @@ StudyName = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: derived from model, GPUs, workload and SLO).")]
 NewestStudy = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: the study searched last in --storage).")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Json = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
 ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
 
@@ -139,23 +142,23 @@ def search(
         "--grace", help="Seconds without a heartbeat before a trial counts as lost and is "
         "re-queued.")] = 120,
     model_path: Annotated[str | None, typer.Option(
-        "--model-path", help="[trtllm] Local checkpoint folder.")] = None,
+        "--model-path", help="\\[trtllm] Local checkpoint folder.")] = None,
     hf_name: Annotated[str | None, typer.Option(
-        "--hf-name", help="[trtllm] Hugging Face model name.")] = None,
+        "--hf-name", help="\\[trtllm] Hugging Face model name.")] = None,
     backend: Annotated[str | None, typer.Option(
-        "--backend", help="[trtllm] pytorch (default) or tensorrt.")] = None,
+        "--backend", help="\\[trtllm] pytorch (default) or tensorrt.")] = None,
     workspace: Annotated[str | None, typer.Option(
-        "--workspace", help="[trtllm] Folder for datasets, engines, reports, logs.")] = None,
+        "--workspace", help="\\[trtllm] Folder for datasets, engines, reports, logs.")] = None,
     trtllm_bench: Annotated[str | None, typer.Option(
-        "--trtllm-bench", help="[trtllm] Path to the trtllm-bench executable.")] = None,
+        "--trtllm-bench", help="\\[trtllm] Path to the trtllm-bench executable.")] = None,
     launcher: Annotated[str | None, typer.Option(
-        "--launcher", help="[trtllm] local (default), mpirun or srun.")] = None,
+        "--launcher", help="\\[trtllm] local (default), mpirun or srun.")] = None,
     num_requests: Annotated[int | None, typer.Option(
-        "--num-requests", help="[trtllm] Requests per load point.")] = None,
+        "--num-requests", help="\\[trtllm] Requests per load point.")] = None,
     run_timeout: Annotated[float | None, typer.Option(
-        "--run-timeout", help="[trtllm] Seconds before a run counts as hung.")] = None,
+        "--run-timeout", help="\\[trtllm] Seconds before a run counts as hung.")] = None,
     build_timeout: Annotated[float | None, typer.Option(
-        "--build-timeout", help="[trtllm] Seconds before an engine build counts as hung.")] = None,
+        "--build-timeout", help="\\[trtllm] Seconds before an engine build counts as hung.")] = None,
 ):
     """Search for the best configuration and record every trial in the database."""
     from autotune import console
@@ -173,11 +176,15 @@ def search(
             run_timeout=run_timeout, build_timeout=build_timeout),
     )
     job.check()  # everything the user typed is checked before the database is touched
-    tuner = job.tuner()  # opens the database and joins (or creates) the study
+    started = time.perf_counter()  # the prior's scoring counts: it is part of the search
+    prior = job.prior_size()
+    with console.steps(prior, "prior: the model scores the space",
+                       enabled=bool(prior) and not json_out) as advance:
+        # Opens the database and joins (or creates) the study; the creator scores the space.
+        tuner = job.tuner(progress=lambda n: advance(""))
     db = tuner.storage
     resume = (f"resume with the same command (study {tuner.study_name!r} in {db.safe_url}); "
               "finished trials are kept")
-    started = time.perf_counter()
     with console.search_progress(trials, tuner.finished(), enabled=not json_out) as progress:
         try:
             if workers == 1:
@@ -223,7 +230,7 @@ def best(
     storage: Storage = DEFAULT_STORAGE,
     study: NewestStudy = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many configs to show.")] = 1,
-    pareto: Annotated[bool, typer.Option("--pareto", help="Also show the Pareto front.")] = False,
+    pareto: Annotated[bool, typer.Option("--pareto", metavar=FLAG, help="Also show the Pareto front.")] = False,
     json_out: Json = False,
 ):
     """The best feasible configuration of a study, its metrics and how to launch it.
@@ -245,10 +252,13 @@ def best(
             "pareto": [fp.to_dict() for fp in results.pareto()] if pareto else None,
         })
     else:
-        from autotune.deploy import launch_plan, model_ref
+        from autotune.deploy import checkpoint_note, launch_plan, model_ref
 
         plan = launch_plan(recs[0].config, model_ref(results.scenario)) if recs else None
         console.print_best(results, recs, closest, plan)
+        note = checkpoint_note(results.scenario)
+        if recs and note:
+            console.note(note)
         if pareto:
             console.print_pareto(results.pareto(), has_slo=bool(results.slo))
     if not recs:
@@ -292,14 +302,15 @@ def estimate(
     gpu: Gpu,
     isl: Isl,
     osl: Osl,
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel GPUs per replica.")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Pipeline stages per replica.")] = 1,
-    dp: Annotated[int, typer.Option("--dp", help="Replicas.")] = 1,
+    tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel GPUs per replica.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline stages per replica.")] = 1,
+    dp: Annotated[int, typer.Option("--dp", min=1, help="Replicas.")] = 1,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size")] = 2048,
     max_num_tokens: Annotated[int, typer.Option("--max-num-tokens")] = 8192,
     kv_fraction: Annotated[float, typer.Option(
         "--kv-fraction", help="Share of free GPU memory for the KV cache.")] = 0.90,
-    chunked_prefill: Annotated[bool, typer.Option("--chunked-prefill/--no-chunked-prefill")] = True,
+    chunked_prefill: Annotated[bool, typer.Option(
+        "--chunked-prefill/--no-chunked-prefill", metavar=FLAG)] = True,
     concurrency: Annotated[str, typer.Option(
         "--concurrency", help="Requests in flight, or 'max' (all at once).")] = "1",
     num_gpus: Annotated[int | None, typer.Option(
@@ -383,7 +394,7 @@ def probe(
     storage: Storage = DEFAULT_STORAGE,
     gpu: Annotated[str | None, typer.Option(
         "--gpu", help="Catalog GPU this node has (recorded with the profile).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer sizes and repeats.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Fewer sizes and repeats.")] = False,
     json_out: Json = False,
 ):
     """Measure this machine with PyTorch (matmul, memory, all-reduce) and store a profile."""
@@ -486,7 +497,8 @@ def deploy(
     trial: Annotated[int | None, typer.Option(
         "--trial", help="Deploy this trial's config instead of the recommendation.")] = None,
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace autotune's files in an existing, non-empty --out.")] = False,
+        "--force", metavar=FLAG,
+        help="Replace autotune's files in an existing, non-empty --out.")] = False,
     json_out: Json = False,
 ):
     """Write the recommended config as files to deploy and re-measure it.

@@ -25,6 +25,11 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
+def note(message: str) -> None:
+    """One line on stderr that the user should read, though nothing failed."""
+    err.print(f"[bold yellow]note:[/] {escape(message)}", soft_wrap=True)
+
+
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()

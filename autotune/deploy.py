@@ -139,9 +139,24 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
 
 
 def model_ref(scenario: dict) -> str:
-    """The name a deployment serves a study's model by: its Hugging Face name, else the
-    study's model name."""
-    return scenario.get("model_spec", {}).get("hf_name") or scenario["model"]
+    """The checkpoint a deployment serves a study's model from: the published checkpoint of
+    the study's precision (an FP8 one for fp8, where the catalog knows it), else the model's
+    Hugging Face name, else the study's model name."""
+    spec = scenario.get("model_spec", {})
+    if scenario.get("precision") == "fp8" and spec.get("fp8_hf_name"):
+        return spec["fp8_hf_name"]
+    return spec.get("hf_name") or scenario["model"]
+
+
+def checkpoint_note(scenario: dict) -> str | None:
+    """A warning when the served checkpoint may not match the study's precision (None: it
+    does): an fp8/fp4 config needs a checkpoint quantized to that precision."""
+    precision = scenario.get("precision")
+    spec = scenario.get("model_spec", {})
+    if precision not in ("fp8", "fp4") or (precision == "fp8" and spec.get("fp8_hf_name")):
+        return None
+    return (f"the config runs {precision}: serve a checkpoint quantized to {precision} (set "
+            f"MODEL, or pass its path); {model_ref(scenario)} is the model's own checkpoint")
 
 
 def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
@@ -181,9 +196,8 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
                 f"{', '.join(map(str, launch.ports))} (put a load balancer in front)"
                 if config.dp > 1 else f"one replica of TP{config.tp} x PP{config.pp}, port "
                 f"{launch.ports[0]}")
-    quantized = (f"  Precision {config.precision}: point MODEL at an {config.precision} checkpoint "
-                 "(e.g. NVIDIA's pre-quantized\n  ones on Hugging Face) unless the model is "
-                 f"{config.precision} already.\n" if config.precision in ("fp8", "fp4") else "")
+    note = checkpoint_note(scenario)
+    quantized = f"  Note: {note}.\n" if note else ""
     readme = f"""{header[0]}
 {header[1]}
 
@@ -236,5 +250,5 @@ def write_deploy(out, rec: Recommendation, scenario: dict, study: str, *,
 
 __all__ = [
     "BENCH_SCRIPT", "DEPLOY_FILES", "LaunchPlan", "bench_argvs", "bench_script", "deploy_files",
-    "launch_plan", "model_ref", "serve_script", "write_deploy",
+    "checkpoint_note", "launch_plan", "model_ref", "serve_script", "write_deploy",
 ]

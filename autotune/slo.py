@@ -98,8 +98,9 @@ def parse_slo(text: str | None) -> SLO:
             raise UserError(f"bad SLO term {part!r}: unknown statistic {stat!r} "
                             f"(use {', '.join(STATISTICS)})")
         value = float(m["value"]) * (1000.0 if m["unit"] == "s" else 1.0)
-        if value <= 0:
-            raise UserError(f"bad SLO term {part!r}: the limit must be positive")
+        if not 0 < value < float("inf"):
+            raise UserError(f"bad SLO term {part!r}: the limit must be a positive, finite "
+                            "number of milliseconds")
         bound = Bound(metric, stat, value, strict=m["op"] == "<")
         for other in bounds:
             if other.name == bound.name:

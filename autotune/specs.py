@@ -46,6 +46,7 @@ class ModelSpec:
     tied_embeddings: bool = False
     hf_name: str = ""
     max_context: int = 0  # longest sequence, prompt + output (tokens); 0: unknown
+    fp8_hf_name: str = ""  # a pre-quantized FP8 checkpoint of the model, where one is published
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -276,12 +277,37 @@ def load_gpu(name_or_path: str) -> GpuSpec:
             spec = GpuSpec(**data)
         except (yaml.YAMLError, TypeError) as exc:
             raise UserError(f"{str(path)!r} is not a GPU spec: {exc}") from None
-        if spec.memory_gib <= 0 or spec.mem_bw_tb_s <= 0 or not spec.tflops:
-            raise UserError(f"{str(path)!r}: memory_gib, mem_bw_tb_s and tflops must be positive")
+        _check_gpu(spec, str(path))
         return spec
     known = ", ".join(sorted(catalog))
     raise UserError(f"unknown GPU {name_or_path!r}: use one of {known} "
                     "or a path to a GPU YAML file")
+
+
+def _positive(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 < value < float("inf"))
+
+
+def _check_gpu(spec: GpuSpec, where: str) -> None:
+    """Every figure of a GPU YAML is a positive number (UserError naming the first that is
+    not): a zero bandwidth or a bare ``tflops: 500`` would only fail deep inside the model."""
+    for name in ("memory_gib", "mem_bw_tb_s", "nvlink_gb_s"):
+        if not _positive(getattr(spec, name)):
+            raise UserError(f"{where!r}: {name} must be a positive number, got "
+                            f"{getattr(spec, name)!r}")
+    if not isinstance(spec.tflops, dict) or not spec.tflops:
+        raise UserError(f"{where!r}: tflops must map precisions to dense peak TFLOP/s, e.g. "
+                        f"{{bf16: 989, fp8: 1979}}; got {spec.tflops!r}")
+    for precision, value in spec.tflops.items():
+        if precision not in PRECISIONS:
+            raise UserError(f"{where!r}: tflops names unknown precision {precision!r} "
+                            f"(use {', '.join(PRECISIONS)})")
+        if not _positive(value):
+            raise UserError(f"{where!r}: tflops.{precision} must be a positive number, "
+                            f"got {value!r}")
+    if not isinstance(spec.gpus_per_node, int) or spec.gpus_per_node < 1:
+        raise UserError(f"{where!r}: gpus_per_node must be a positive integer")
 
 
 def resolve_precision(gpu: GpuSpec, precision: str | None) -> str:

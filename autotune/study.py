@@ -269,8 +269,11 @@ class Tuner:
         self.stop = StopRequest()
 
     # -- set-up
-    def open(self) -> optuna.Study:
-        """Create or join the study (refused when it exists with another scenario)."""
+    def open(self, progress: Callable[[int], None] | None = None) -> optuna.Study:
+        """Create or join the study (refused when it exists with another scenario or space).
+
+        ``progress(n)`` is called as the model's prior scores its n-th configuration (only when
+        this worker creates the study with ``prior="sim"``)."""
         created = self.store.register_study(self.study_name, self.scenario.identity(),
                                             self.space_dict(), self._versions)
         if not created:
@@ -286,14 +289,15 @@ class Tuner:
         self.study = study
         if created:
             # Only the worker that created the study plans its first trials (see strategy.py).
-            plan_study(study, self.first_configs(),
+            plan_study(study, self.first_configs(progress),
                        adaptive=self.prior != "sim" and bool(self.scenario.slo.bounds))
         return study
 
-    def first_configs(self) -> list[EngineConfig]:
+    def first_configs(self, progress: Callable[[int], None] | None = None
+                      ) -> list[EngineConfig]:
         """The study's first trials: the model's prior, or one per layout."""
         if self.prior == "sim":
-            return sim_prior(self.scenario, self.space, self.layouts)
+            return sim_prior(self.scenario, self.space, self.layouts, progress=progress)
         return startup_configs(self.space, self.layouts, self.scenario.precision,
                                latency_bound=bool(self.scenario.slo.bounds))
 

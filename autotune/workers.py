@@ -77,8 +77,16 @@ class SearchJob:
         space.layouts(scen, weights_only=not runner_cls.predicts)
         return scen, runner_cls, space
 
-    def tuner(self, worker_index: int = 0):
-        """A Tuner joined to the study (the runner is the caller's to close)."""
+    def prior_size(self) -> int:
+        """How many configurations ``--prior sim`` scores (0 without a prior)."""
+        if self.prior != "sim":
+            return 0
+        scen, runner_cls, space = self.check()
+        return space.size(space.layouts(scen, weights_only=not runner_cls.predicts))
+
+    def tuner(self, worker_index: int = 0, progress: Callable[[int], None] | None = None):
+        """A Tuner joined to the study (the runner is the caller's to close); ``progress``
+        follows the model's prior (see ``Tuner.open``)."""
         from autotune.runners import EngineBuilder
         from autotune.study import Tuner, open_storage
 
@@ -92,7 +100,7 @@ class SearchJob:
         if isinstance(runner, EngineBuilder):
             runner.use_store(db.store)  # engines built by any worker of the study are found
         tuner = Tuner(scen, space, runner, db, self.study, seed=seed, prior=self.prior)
-        tuner.open()
+        tuner.open(progress)
         return tuner
 
 

@@ -18,6 +18,9 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 def parse_url(url: str) -> URL:
     """The SQLAlchemy URL (UserError when it is not one); plain postgresql means psycopg 3."""
+    if "://" not in url:  # a bare file name: what the user most likely meant
+        raise UserError(f"--storage {url!r} is not a database URL: for a SQLite file write "
+                        f"sqlite:///{url} (or postgresql://host/db for PostgreSQL)")
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
