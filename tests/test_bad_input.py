@@ -129,3 +129,122 @@ def test_study_name_taken_by_another_scenario_is_refused_and_nothing_added(files
     assert "workload" in r.stderr
     data = json.loads(runner.invoke(app, ["studies", "--json"]).stdout)
     assert [s["trials"] for s in data] == [2]
+
+
+# ---- against a database that holds a study: refused, and the database left as it was -------
+STUDY_ARGS = ["--model", "llama-3.1-8b", "--gpu", "h100", "--num-gpus", "8", "--isl", "512",
+              "--osl", "64", "--study", "s"]
+DB = "sqlite:///study.db"
+
+
+def study_opt(flag, value):
+    args = ["search", *STUDY_ARGS, "--trials", "6", "--storage", DB]
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def study_template(tmp_path_factory):
+    """A database with one 4-trial study ``s`` (built once for the module)."""
+    folder = tmp_path_factory.mktemp("study")
+    url = f"sqlite:///{folder / 'study.db'}"
+    r = runner.invoke(app, ["search", *STUDY_ARGS, "--trials", "4", "--storage", url])
+    assert r.exit_code == 0, r.stderr
+    return (folder / "study.db").read_bytes()
+
+
+@pytest.fixture
+def with_study(files, study_template):
+    (files / "study.db").write_bytes(study_template)
+    (files / "empty.db").write_bytes(b"")
+    (files / "truncated.db").write_bytes(study_template[:len(study_template) // 3])
+    (files / "other_space.yaml").write_text(
+        "tp: [1, 2]\npp: [1]\nmax_batch_size: [64]\nmax_num_tokens: [4096]\n"
+        "kv_fraction: [0.9]\nchunked_prefill: [true]\nconcurrency: [1, 8]\n")
+    (files / "gpu_tflops_scalar.yaml").write_text(
+        "name: h100\nmemory_gib: 80\nmem_bw_tb_s: 3.35\ntflops: 500\nnvlink_gb_s: 450\n")
+    (files / "gpu_no_nvlink.yaml").write_text(
+        "name: h100\nmemory_gib: 80\nmem_bw_tb_s: 3.35\ntflops: {bf16: 989}\nnvlink_gb_s: 0\n")
+    (files / "head_dim.json").write_text(json.dumps({
+        "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+        "num_hidden_layers": 32, "vocab_size": 128256, "head_dim": "abc"}))
+    return files
+
+
+def _state(folder):
+    """What a command could have changed: the files, and every row of the study database."""
+    import sqlite3
+
+    con = sqlite3.connect(folder / "study.db")
+    try:
+        rows = list(con.iterdump())
+    finally:
+        con.close()
+    return sorted(p.name for p in folder.iterdir()), rows
+
+
+STUDY_CASES = [
+    ("search-other-space", study_opt("--space", "other_space.yaml"), "another search space"),
+    ("search-other-workload", study_opt("--isl", "1024"), "another scenario"),
+    ("search-slo-infinite", study_opt("--slo", "tpot:p99<=1e999ms"), "finite"),
+    ("search-slo-zero", study_opt("--slo", "tpot:p99<=0ms"), "positive"),
+    ("search-gpu-tflops-scalar", study_opt("--gpu", "gpu_tflops_scalar.yaml"), "tflops must map"),
+    ("search-gpu-no-nvlink", study_opt("--gpu", "gpu_no_nvlink.yaml"), "nvlink_gb_s"),
+    ("search-head-dim-text", study_opt("--model", "head_dim.json"), "head_dim"),
+    ("search-longer-than-context", study_opt("--model", "llama-2-7b") + ["--isl", "8192"],
+     "context of 4,096"),
+    ("search-million-token-prompt", study_opt("--isl", "1000000"), "context of 131,072"),
+    ("search-in-memory", study_opt("--storage", "sqlite://"), "in-memory"),
+    ("search-no-driver", study_opt("--storage", "mysql://u@127.0.0.1/db"), "driver"),
+    ("search-prior-unknown", study_opt("--prior", "oracle"), "--prior"),
+    ("search-heartbeat-zero", study_opt("--heartbeat", "0"), "--heartbeat"),
+    ("search-plugin-with-trtllm-flag", study_opt("--runner", "plugins.slow_sim:SlowSim")
+     + ["--backend", "tensorrt"], "does not take --backend"),
+    ("search-precision-not-on-gpu", study_opt("--precision", "fp4"), "no fp4"),
+    ("best-no-such-study", ["best", "--storage", DB, "--study", "nope"], "no study named"),
+    ("best-empty-file", ["best", "--storage", "sqlite:///empty.db"], "no autotune studies"),
+    ("best-truncated", ["best", "--storage", "sqlite:///truncated.db"], "malformed"),
+    ("best-in-memory", ["best", "--storage", "sqlite://"], "in-memory"),
+    ("studies-empty-file", ["studies", "--storage", "sqlite:///empty.db"], "no autotune studies"),
+    ("studies-truncated", ["studies", "--storage", "sqlite:///truncated.db"], "malformed"),
+    ("export-truncated", ["export", "--storage", "sqlite:///truncated.db", "--out", "x.csv"],
+     "malformed"),
+    ("export-bad-format", ["export", "--storage", DB, "--out", "x.csv", "--format", "xml"],
+     "xml"),
+    ("export-missing-folder", ["export", "--storage", DB, "--out", "no/such/x.csv"],
+     "does not exist"),
+    ("report-empty-file", ["report", "--storage", "sqlite:///empty.db"], "no autotune studies"),
+    ("report-missing-folder", ["report", "--storage", DB, "--out", "no/such/r.html"],
+     "does not exist"),
+    ("deploy-no-such-trial", ["deploy", "--storage", DB, "--trial", "999", "--out", "d"],
+     "no trial 999"),
+    ("deploy-truncated", ["deploy", "--storage", "sqlite:///truncated.db", "--out", "d"],
+     "malformed"),
+    ("calibrate-no-such-study", ["calibrate", "--storage", DB, "--study", "nope"],
+     "no study named"),
+    ("calibrate-empty-file", ["calibrate", "--storage", "sqlite:///empty.db"],
+     "no autotune studies"),
+    ("estimate-tp-zero", ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100", "--isl", "8",
+                          "--osl", "8", "--tp", "0"], "--tp"),
+    ("estimate-kv-above-one", ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100", "--isl",
+                               "8", "--osl", "8", "--kv-fraction", "1.5"], "kv_fraction"),
+    ("estimate-unknown-profile", ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100",
+                                  "--isl", "8", "--osl", "8", "--profile", "nope",
+                                  "--storage", DB], "nope"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in STUDY_CASES],
+                         ids=[c[0] for c in STUDY_CASES])
+def test_bad_input_leaves_an_existing_study_unchanged(with_study, argv, message):
+    before = _state(with_study)
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 or "Usage:" in r.stderr or "Invalid value" in r.stderr, r.stderr
+    assert message.lower() in " ".join(r.stderr.split()).lower(), r.stderr
+    assert "Traceback" not in r.stderr
+    assert _state(with_study) == before

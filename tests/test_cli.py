@@ -55,7 +55,8 @@ def test_best_prints_config_slo_margin_and_launch_command(searched):
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "Best configuration" in out and "tpot:p99<=25ms" in out and "met" in out
-    assert "trtllm-serve meta-llama/Llama-3.1-405B-Instruct --backend pytorch --tp_size" in out
+    # fp8 on H200: the deployment serves NVIDIA's FP8 checkpoint of the model.
+    assert "trtllm-serve nvidia/Llama-3.1-405B-Instruct-FP8 --backend pytorch --tp_size" in out
     assert "free_gpu_memory_fraction" in out
 
 
