@@ -40,7 +40,8 @@ StudyName = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: derived from model, GPUs, workload and SLO).")]
 NewestStudy = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: the study searched last in --storage).")]
-Json = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
+Json = Annotated[bool, typer.Option("--json", metavar=FLAG,
+                                    help="Print machine-readable JSON on stdout.")]
 ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
 
@@ -158,7 +159,8 @@ def search(
     run_timeout: Annotated[float | None, typer.Option(
         "--run-timeout", help="\\[trtllm] Seconds before a run counts as hung.")] = None,
     build_timeout: Annotated[float | None, typer.Option(
-        "--build-timeout", help="\\[trtllm] Seconds before an engine build counts as hung.")] = None,
+        "--build-timeout",
+        help="\\[trtllm] Seconds before an engine build counts as hung.")] = None,
 ):
     """Search for the best configuration and record every trial in the database."""
     from autotune import console
@@ -230,7 +232,8 @@ def best(
     storage: Storage = DEFAULT_STORAGE,
     study: NewestStudy = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many configs to show.")] = 1,
-    pareto: Annotated[bool, typer.Option("--pareto", metavar=FLAG, help="Also show the Pareto front.")] = False,
+    pareto: Annotated[bool, typer.Option(
+        "--pareto", metavar=FLAG, help="Also show the Pareto front.")] = False,
     json_out: Json = False,
 ):
     """The best feasible configuration of a study, its metrics and how to launch it.
@@ -394,7 +397,8 @@ def probe(
     storage: Storage = DEFAULT_STORAGE,
     gpu: Annotated[str | None, typer.Option(
         "--gpu", help="Catalog GPU this node has (recorded with the profile).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Fewer sizes and repeats.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", metavar=FLAG, help="Fewer sizes and repeats.")] = False,
     json_out: Json = False,
 ):
     """Measure this machine with PyTorch (matmul, memory, all-reduce) and store a profile."""
