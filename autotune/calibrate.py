@@ -7,7 +7,7 @@ with a weak pull of each constant towards its starting value so that constants t
 see stay where they were. A fixed quarter of the configurations (by a hash of the config) is held
 out of the fit, and the error is reported before and after on both parts.
 
-scipy's ``least_squares`` does the fitting (``pip install 'autotune[calibrate]'``).
+scipy's ``least_squares`` does the fitting (the ``calibrate`` extra).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from autotune.config import EngineConfig, stable_hash
-from autotune.errors import TrialFailure, UserError
+from autotune.errors import TrialFailure, UserError, install_hint
 from autotune.measurement import LoadPoint, Status
 from autotune.model import Calibration, Simulator
 from autotune.scenario import Scenario
@@ -43,9 +43,7 @@ def require_scipy():
     try:
         from scipy.optimize import least_squares
     except ImportError:
-        raise UserError(
-            "autotune calibrate needs scipy: pip install 'autotune[calibrate]'"
-        ) from None
+        raise UserError(f"autotune calibrate needs scipy: {install_hint('calibrate')}") from None
     return least_squares
 
 

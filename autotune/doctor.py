@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autotune.errors import UserError
+from autotune.errors import UserError, install_hint
 
 #: Free space below which the workspace check fails (GiB): engines of large models take
 #: hundreds of GiB, datasets and logs a few.
@@ -164,7 +164,7 @@ def check_database(url: str) -> Check:
         engine = create_engine(parsed, **kwargs)
     except ModuleNotFoundError as exc:
         return Check("database", "fail", f"{safe}: driver {exc.name!r} is not installed "
-                     "(pip install 'autotune[postgres]')")
+                     f"({install_hint('postgres')})")
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))

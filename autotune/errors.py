@@ -17,6 +17,16 @@ class UserError(AutotuneError):
     """Bad input from the user: a malformed SLO, an unknown model, an unreachable database..."""
 
 
+#: The name autotune is published under on PyPI (``autotune`` there is another project); the
+#: command and the import name stay ``autotune``.
+DISTRIBUTION = "autotune-llm"
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: from PyPI, or in a checkout of the repository."""
+    return f"pip install '{DISTRIBUTION}[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
+
+
 class ScenarioMismatch(UserError):
     """A study exists under this name with a different scenario."""
 

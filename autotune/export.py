@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autotune.errors import UserError
+from autotune.errors import UserError, install_hint
 from autotune.measurement import LATENCY_METRICS, STATISTICS
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def check_format(fmt: str) -> str:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise UserError("--format parquet needs pyarrow: pip install 'autotune[export]'"
+            raise UserError(f"--format parquet needs pyarrow: {install_hint('export')}"
                             ) from None
     return name
 

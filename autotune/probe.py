@@ -7,7 +7,7 @@ is exercised everywhere):
 - all-reduce and point-to-point bandwidth and latency across the local devices at several message
   sizes, one process per device (NCCL on GPUs, gloo with 2 processes on the CPU).
 
-torch is an optional extra (``pip install 'autotune[probe]'``) and only imported here.
+torch is an optional extra (``probe``) and only imported here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from autotune.errors import UserError
+from autotune.errors import UserError, install_hint
 
 #: Matrix sizes (square, elements per side) and message sizes (bytes) probed.
 GPU_MATMUL_SIZES = (1024, 2048, 4096, 8192)
@@ -34,8 +34,9 @@ def require_torch():
     try:
         import torch
     except ImportError:
-        raise UserError("autotune probe needs PyTorch: pip install 'autotune[probe]' "
-                        "(on a CPU-only machine: pip install torch==2.13.0)") from None
+        raise UserError(f"autotune probe needs PyTorch: {install_hint('probe')}; on a "
+                        "CPU-only machine pip install torch==2.13.0 first (an unpinned torch "
+                        "is a multi-GB CUDA build)") from None
     return torch
 
 

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autotune.errors import UserError
+from autotune.errors import DISTRIBUTION, UserError, install_hint
 from autotune.measurement import MAX_CONCURRENCY, Status, load_label
 from autotune.slo import SLO
 
@@ -43,7 +43,7 @@ FIGURES = {
 MET, MISSED, REC, FRONT, INFEASIBLE, FAILED = (
     "#1b9e77", "#9aa0a6", "#d62728", "#333333", "#f28e2b", "#b2182b")
 TOP_CURVES = 8  # configs drawn in colour (with a legend entry) in the load-curve figure
-INSTALL_HINT = "pip install 'autotune[report]'"
+INSTALL_HINT = install_hint("report")
 
 
 def require_matplotlib() -> None:
@@ -625,7 +625,7 @@ def _versions_table(results: Results) -> str:
     if runners:
         rows.append(["runners", ", ".join(runners)])
     here = {"python": platform.python_version()}
-    for dist in ("autotune", "matplotlib", "pandas"):
+    for dist in (DISTRIBUTION, "matplotlib", "pandas"):
         try:
             here[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:  # pragma: no cover

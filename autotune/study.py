@@ -37,7 +37,13 @@ from autotune.db import (
     sqlite_path,
     utcnow,
 )
-from autotune.errors import Interrupted, ScenarioMismatch, TrialFailure, UserError
+from autotune.errors import (
+    DISTRIBUTION,
+    Interrupted,
+    ScenarioMismatch,
+    TrialFailure,
+    UserError,
+)
 from autotune.measurement import REUSABLE, Status
 from autotune.model import PerfModel, gate
 from autotune.runners import Runner
@@ -54,7 +60,7 @@ HEARTBEAT_S, GRACE_S = 30, 120
 def versions() -> dict[str, str]:
     """Software versions stored with every study and measurement."""
     out = {"python": platform.python_version()}
-    for dist in ("autotune", "optuna", "sqlalchemy"):
+    for dist in (DISTRIBUTION, "optuna", "sqlalchemy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree

@@ -113,4 +113,4 @@ def test_calibrate_refuses_a_missing_study_and_a_missing_scipy(study, monkeypatc
     assert r.exit_code == 2 and "no study named 'nope'" in r.stderr and "real" in r.stderr
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)
     r = runner.invoke(app, ["calibrate", "--study", "real", "--storage", study])
-    assert r.exit_code == 2 and "autotune[calibrate]" in r.stderr
+    assert r.exit_code == 2 and "autotune-llm[calibrate]" in r.stderr

@@ -130,7 +130,7 @@ def test_unwritable_folder_is_refused(study, tmp_path, monkeypatch):
 def test_parquet_without_pyarrow_says_how_to_install_it(study, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
     r = cli("export", "--storage", study, "--format", "parquet", "--out", tmp_path / "m.pq")
-    assert r.exit_code == 2 and "pip install 'autotune[export]'" in r.stderr, r.output
+    assert r.exit_code == 2 and "pip install 'autotune-llm[export]'" in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
 
 

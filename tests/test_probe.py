@@ -92,5 +92,5 @@ def test_probe_without_torch_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch → ImportError
     r = runner.invoke(app, ["probe", "--name", "x"])
-    assert r.exit_code == 2 and "autotune[probe]" in r.stderr
+    assert r.exit_code == 2 and "autotune-llm[probe]" in r.stderr
     assert not (tmp_path / "autotune.db").exists()

@@ -221,7 +221,7 @@ def test_report_without_matplotlib_says_how_to_install_it(study, tmp_path, monke
     url, _ = study
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     r = cli("report", "--storage", url, "--out", tmp_path / "r.html")
-    assert r.exit_code == 2 and "pip install 'autotune[report]'" in r.stderr, r.output
+    assert r.exit_code == 2 and "pip install 'autotune-llm[report]'" in r.stderr, r.output
     assert not (tmp_path / "r.html").exists()
 
 
