@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from autotune.config import EngineConfig
 from autotune.db import Store, StoredMeasurement
 from autotune.errors import UserError
-from autotune.measurement import LoadPoint, Status
+from autotune.measurement import LoadPoint, Status, replica_load
 from autotune.slo import SLO, parse_slo
 from autotune.sweep import operating_point
 
@@ -59,6 +59,7 @@ class Recommendation:
             "measurement_id": self.measurement_id,
             "runner": self.runner,
             "concurrency": p.concurrency,
+            "concurrency_per_replica": replica_load(p.concurrency, self.config.dp),
             "throughput": {
                 "output_tok_s": p.output_throughput,
                 "output_tok_s_per_gpu": p.output_throughput_per_gpu,
