@@ -117,7 +117,7 @@ def _new_figure(width: float, height: float, ncols: int = 1):
 # ---- the figures --------------------------------------------------------------------------
 def pareto_figure(results: Results, rec: Recommendation | None,
                   closest: Recommendation | None) -> tuple[Figure, str]:
-    fig, ax = _new_figure(10, 5.8)
+    fig, ax = _new_figure(12, 5.8)
     points = results.points()
     slo = results.slo
     if not points:
@@ -157,8 +157,13 @@ def pareto_figure(results: Results, rec: Recommendation | None,
     if floor is not None:
         lo, hi = ax.get_xlim()
         x0, term = floor
+        # Only the per-user-speed terms have a place on these axes; the others (TTFT) decide
+        # which dots are filled.
+        elsewhere = [str(b) for b in slo.bounds if str(b) != term]
         ax.axvspan(x0, max(hi, x0 * 1.1), color=MET, alpha=0.09, lw=0, zorder=0,
-                   label=f"SLO region: ≥ {x0:,.1f} tok/s/user ({term})")
+                   label=f"SLO region: ≥ {x0:,.1f} tok/s/user ({term})"
+                   + (f"\n(also {', '.join(elsewhere)}: not on these axes)" if elsewhere
+                      else ""))
         ax.axvline(x0, color=MET, lw=1, ls=":", zorder=1)
         ax.set_xlim(min(lo, x0 * 0.95), max(hi, x0 * 1.1))
     star = rec or closest
@@ -178,7 +183,8 @@ def pareto_figure(results: Results, rec: Recommendation | None,
     ax.set_xlabel("output tokens/s per user (interactivity)")
     ax.set_ylabel("output tokens/s per GPU (throughput)")
     ax.grid(alpha=0.25)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    # Outside the axes, so that it never hides a point or the star.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     shading = (f"The shaded band is where the SLO's {floor[1]} allows the per-user speed "
                f"(≥ {floor[0]:,.1f} tok/s/user); filled dots meet every SLO term. "
                if floor else "Filled dots meet every SLO term. " if slo else "")
@@ -236,8 +242,10 @@ def curves_figure(results: Results) -> tuple[Figure, str]:
     left.set_ylabel("output tokens/s per GPU")
     left.set_title("throughput vs interactivity, one line per config", fontsize=10)
     right.set_xscale("log", base=2)
-    ticks = sorted(set(finite)) + [max_x]
-    right.set_xticks(ticks, [str(t) for t in sorted(set(finite))] + ["max"], fontsize=7)
+    # Label the ladder's rungs (powers of two), not every load a refinement measured between
+    # them: those would print on top of each other.
+    rungs = [t for t in sorted(set(finite)) if t & (t - 1) == 0] or sorted(set(finite))[:1]
+    right.set_xticks([*rungs, max_x], [str(t) for t in rungs] + ["max"], fontsize=7)
     right.minorticks_off()
     right.set_xlabel("concurrency (requests in flight)")
     right.set_ylabel(f"{metric} {stat} (ms)")
