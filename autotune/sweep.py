@@ -54,8 +54,8 @@ def operating_point(points: Sequence[LoadPoint], slo: SLO) -> tuple[LoadPoint | 
         return None, False
     meeting = [p for p in points if slo.met(p)]
     if meeting:
-        # Ties go to the higher load: with dp replicas, loads below dp all put one request on
-        # each replica, and the highest of them says how many requests are really in flight.
+        # Ties go to the higher load: the same throughput with more requests in flight (the
+        # engine, not the load, was the limit) is the truer operating point.
         return max(meeting, key=lambda p: (p.output_throughput_per_gpu, p.concurrency)), True
     return min(points, key=lambda p: max(slo.violations(p).values())), False
 

@@ -117,6 +117,16 @@ def test_estimate_tp8_is_faster_per_user_than_pp8_at_concurrency_1():
         assert set(tp8["latency_ms"][key]) == {"mean", "p50", "p90", "p95", "p99"}
 
 
+def test_estimate_with_replicas_labels_the_load_in_flight():
+    args = ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100", "--isl", "512", "--osl", "64",
+            "--dp", "2"]
+    one = json.loads(cli(*args, "--concurrency", 1, "--json").stdout)
+    two = json.loads(cli(*args, "--concurrency", 2, "--json").stdout)
+    # One request asked of two replicas puts one on each: two in flight, as --concurrency 2.
+    assert one["concurrency"] == two["concurrency"] == 2
+    assert "2 (1 per replica)" in cli(*args, "--concurrency", 1).stdout
+
+
 def test_estimate_of_a_config_that_does_not_fit_says_so():
     r = cli("estimate", "--model", "llama-3.1-405b", "--gpu", "h100", "--isl", 2048, "--osl",
             128, "--tp", 1, "--json")

@@ -5,7 +5,7 @@ import pytest
 
 from autotune.config import EngineConfig
 from autotune.errors import Crashed, ScenarioMismatch, UserError
-from autotune.measurement import Status
+from autotune.measurement import MAX_CONCURRENCY, Status
 from autotune.recommend import Results
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
@@ -71,6 +71,18 @@ def test_operating_point_is_the_highest_throughput_load_meeting_the_slo(scenario
         # The ladder stops at the first load that misses the SLO.
         misses = [p for p in m.load_points if not scenario.slo.met(p)]
         assert len(misses) <= 1 and (not misses or misses[0] is m.load_points[-1])
+
+
+def test_load_points_say_what_was_in_flight_over_the_replicas(scenario, url):
+    run(scenario, url, 8)
+    rows = open_storage(url, create=False).store.measurements("s", ("ok",))
+    replicated = [m for m in rows if m.config.dp > 1]
+    assert replicated
+    for m in replicated:
+        loads = [p.concurrency for p in m.load_points if p.concurrency != MAX_CONCURRENCY]
+        # Each replica gets ceil(c / dp): only multiples of dp are ever in flight.
+        assert loads and all(c % m.config.dp == 0 for c in loads), (m.config.label(), loads)
+        assert len(loads) == len(set(loads))
 
 
 def test_second_search_continues_the_study_up_to_its_total(scenario, url):
