@@ -18,6 +18,13 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name")
+    if out.is_file():
+        with out.open("rb") as fh:
+            if fh.read(16) == b"SQLite format 3\x00":
+                # A report or an export must never replace a study database (perhaps the
+                # very one it was read from).
+                raise UserError(f"{flag} {out} is a SQLite database (a study's?); "
+                                "pick another file name")
     _check_writable_folder(out.parent if str(out.parent) else Path("."), flag, out)
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import socket
 import threading
 import time
@@ -55,6 +56,8 @@ from autotune.sweep import Gate, Outcome, evaluate, failed_outcome, outcome_of
 
 #: Heartbeat of a running trial, and how long without one before it counts as dead (seconds).
 HEARTBEAT_S, GRACE_S = 30, 120
+#: Tries at opening a new database that other workers are creating at the same moment.
+CREATE_ATTEMPTS = 8
 
 
 def versions() -> dict[str, str]:
@@ -109,16 +112,26 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
             if not found:
                 raise UserError(f"no autotune studies in {redact(parsed)} "
                                 "(run `autotune search` first)")
-        storage = optuna.storages.RDBStorage(
-            parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs(parsed),
-            heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            skip_table_creation=not create,
-        )
-        install_sqlite_write_lock(storage.engine)
-        store = Store(storage.engine)
-        storage.heartbeat_stale_trial_callback = _on_stale_trial(store, grace_s)
-        if create:
-            store.ensure_schema()
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    parsed.render_as_string(hide_password=False),
+                    engine_kwargs=engine_kwargs(parsed), heartbeat_interval=heartbeat_s,
+                    grace_period=grace_s, skip_table_creation=not create,
+                )
+                install_sqlite_write_lock(storage.engine)
+                store = Store(storage.engine)
+                storage.heartbeat_stale_trial_callback = _on_stale_trial(store, grace_s)
+                if create:
+                    store.ensure_schema()
+                break
+            except (DBAPIError, optuna.exceptions.StorageInternalError) as exc:
+                # Workers started together on a new database all create its tables; all but
+                # one lose that race (a duplicate table, type or version row). Once the winner
+                # is done the tables are there: try again after a short, random wait.
+                if not create or attempt == CREATE_ATTEMPTS - 1 or not _lost_creation_race(exc):
+                    raise
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
     except ImportError as exc:  # the URL names a driver that is not installed
         raise UserError(f"cannot use database {redact(parsed)}: its driver is not installed "
                         f"({exc}); autotune supports sqlite:/// and postgresql:// "
@@ -128,6 +141,13 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
     except (RuntimeError, ValueError) as exc:  # optuna: incompatible or unreadable schema
         raise UserError(f"cannot use database {redact(parsed)}: {first_line(exc)}") from None
     return Storage(url=url, optuna=storage, store=store, heartbeat_s=heartbeat_s, grace_s=grace_s)
+
+
+def _lost_creation_race(exc: BaseException) -> bool:
+    """Whether a database error says another worker created the same tables at the same time."""
+    text = " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__) if e)
+    return any(sign in text.lower() for sign in (
+        "already exists", "unique constraint", "duplicate key", "database is locked"))
 
 
 def _record_lost(store: Store, study: optuna.Study, trial: FrozenTrial, why: str) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -155,3 +156,30 @@ def test_interrupt_records_the_trial_exits_130_and_resumes(tmp_path, space, sig,
     r = run_cli(*args, AUTOTUNE_TEST_RUN_S=0.05)
     assert r.returncode == 0, r.stderr
     assert_consistent(url, "i", 5)
+
+
+_CREATE = """
+import pathlib, sys, time
+from autotune.study import open_storage
+folder = pathlib.Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+open_storage(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_eight_workers_creating_a_new_database_at_once_all_open_it(backend, tmp_path, request):
+    """All eight race to create the tables; the losers wait for the winner and open them."""
+    url = (f"sqlite:///{tmp_path / 'new.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE, url, str(tmp_path), str(i)],
+                              env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()  # released together, as workers started by one scheduler
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, "\n".join(e for e in errors if e)
