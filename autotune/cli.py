@@ -257,9 +257,11 @@ def best(
     else:
         from autotune.deploy import checkpoint_note, launch_plan, model_ref
 
-        plan = launch_plan(recs[0].config, model_ref(results.scenario)) if recs else None
+        first = recs[0] if recs else None
+        plan = (launch_plan(first.config, model_ref(results.scenario, first.runner_settings))
+                if first else None)
         console.print_best(results, recs, closest, plan)
-        note = checkpoint_note(results.scenario)
+        note = checkpoint_note(results.scenario, first.runner_settings) if first else None
         if recs and note:
             console.note(note)
         if pareto:
@@ -272,7 +274,8 @@ def _with_launch(rec, scenario: dict) -> dict:
     """A recommendation as ``best --json`` prints it: with the commands that deploy it."""
     from autotune.deploy import launch_plan, model_ref
 
-    return {**rec.to_dict(), "launch": launch_plan(rec.config, model_ref(scenario)).to_dict()}
+    model = model_ref(scenario, rec.runner_settings)
+    return {**rec.to_dict(), "launch": launch_plan(rec.config, model).to_dict()}
 
 
 def _results(storage: str, study: str | None):

@@ -138,21 +138,28 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
     ])
 
 
-def model_ref(scenario: dict) -> str:
-    """The checkpoint a deployment serves a study's model from: the published checkpoint of
-    the study's precision (an FP8 one for fp8, where the catalog knows it), else the model's
-    Hugging Face name, else the study's model name."""
+def model_ref(scenario: dict, measured: dict | None = None) -> str:
+    """The checkpoint a deployment serves a study's model from: the one the runner measured
+    (``measured``: its settings: a local ``model_path``, else its ``model``), else the published
+    checkpoint of the study's precision (an FP8 one for fp8, where the catalog knows it), else
+    the model's Hugging Face name, else the study's model name."""
+    measured = measured or {}
+    if measured.get("model_path") or measured.get("model"):
+        return measured.get("model_path") or measured["model"]
     spec = scenario.get("model_spec", {})
     if scenario.get("precision") == "fp8" and spec.get("fp8_hf_name"):
         return spec["fp8_hf_name"]
     return spec.get("hf_name") or scenario["model"]
 
 
-def checkpoint_note(scenario: dict) -> str | None:
+def checkpoint_note(scenario: dict, measured: dict | None = None) -> str | None:
     """A warning when the served checkpoint may not match the study's precision (None: it
-    does): an fp8/fp4 config needs a checkpoint quantized to that precision."""
+    does, or it is the one the runner measured): an fp8/fp4 config needs a checkpoint
+    quantized to that precision."""
     precision = scenario.get("precision")
     spec = scenario.get("model_spec", {})
+    if measured and (measured.get("model_path") or measured.get("model")):
+        return None
     if precision not in ("fp8", "fp4") or (precision == "fp8" and spec.get("fp8_hf_name")):
         return None
     return (f"the config runs {precision}: serve a checkpoint quantized to {precision} (set "
@@ -164,7 +171,7 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
     """The deploy folder's files (name -> text) for ``rec`` of ``study`` (``recommended``:
     it is the study's recommendation, not a trial the user picked)."""
     config, p = rec.config, rec.point
-    model = model_ref(scenario)
+    model = model_ref(scenario, rec.runner_settings)
     launch = launch_plan(config, model)
     workload = Workload.from_dict(scenario["workload"])
     conc = load_label(p.concurrency, config.dp)
@@ -196,7 +203,7 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
                 f"{', '.join(map(str, launch.ports))} (put a load balancer in front)"
                 if config.dp > 1 else f"one replica of TP{config.tp} x PP{config.pp}, port "
                 f"{launch.ports[0]}")
-    note = checkpoint_note(scenario)
+    note = checkpoint_note(scenario, rec.runner_settings)
     quantized = f"  Note: {note}.\n" if note else ""
     readme = f"""{header[0]}
 {header[1]}

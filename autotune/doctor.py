@@ -34,8 +34,10 @@ class Check:
 
 
 def check_trtllm_bench(executable: str | None) -> Check:
-    """trtllm-bench found (on PATH or at the given path) and TensorRT-LLM's version."""
+    """trtllm-bench found (on PATH or at the given path), TensorRT-LLM's version and what that
+    release implies for a search."""
     from autotune.runners.trtllm import find_executable, trtllm_version
+    from autotune.runners.trtllm.releases import SUPPORTED, Release, Version
 
     name = executable or "trtllm-bench"
     path = find_executable(name)
@@ -47,7 +49,12 @@ def check_trtllm_bench(executable: str | None) -> Check:
     if version is None:
         return Check("trtllm-bench", "warn", f"{path} (TensorRT-LLM version unknown: its Python "
                      "has no tensorrt_llm package metadata)")
-    return Check("trtllm-bench", "ok", f"{path} (TensorRT-LLM {version})")
+    release = Release(Version.parse(version))
+    detail = f"{path} (TensorRT-LLM {version}: {'; '.join(release.implications())})"
+    if release.version is None or release.version < Version.parse("1.0.0"):
+        return Check("trtllm-bench", "warn", f"{detail}; autotune is tested with "
+                     f"{', '.join(SUPPORTED)}")
+    return Check("trtllm-bench", "ok", detail)
 
 
 def check_gpus() -> Check:

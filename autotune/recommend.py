@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from autotune.config import EngineConfig
 from autotune.db import Store, StoredMeasurement
@@ -44,6 +44,8 @@ class Recommendation:
     trial_number: int
     measurement_id: int
     runner: str
+    #: The runner's settings when it measured (which checkpoint it ran, for one).
+    runner_settings: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def failing(self) -> list[SloTerm]:
@@ -122,7 +124,8 @@ class Results:
         point, feasible = operating_point(m.load_points, self.slo)
         return Recommendation(config=m.config, point=point, terms=slo_terms(self.slo, point),
                               feasible=feasible, trial_number=m.trial_number,
-                              measurement_id=m.id, runner=m.runner)
+                              measurement_id=m.id, runner=m.runner,
+                              runner_settings=m.runner_settings or {})
 
     def best(self, top: int = 1) -> list[Recommendation]:
         """The ``top`` feasible configs by output tok/s per GPU at their operating point."""

@@ -1,6 +1,7 @@
 """The ``trtllm`` runner: TensorRT-LLM's ``trtllm-bench`` on the node.
 
 - ``settings``: the runner's options and their checks, the executables they name;
+- ``releases``: which TensorRT-LLM release has what (options, YAML fields, report quirks);
 - ``argv``: THE builder of ``trtllm-bench``/``trtllm-serve`` command lines and their LLM-API YAML
   (the deploy folder uses it too);
 - ``_runner``: the runner itself; ``_engines``: the engine cache; ``_process``: process groups,

@@ -73,8 +73,9 @@ def synthetic_dataset(folder: Path, workload: Workload, vocab: int, requests: in
     return Dataset(path=path, requests=requests, max_seq_len=max_seq, digest=key, synthetic=True)
 
 
-def user_dataset(path: str | Path) -> Dataset:
-    """A dataset file the user provides (UserError when it is not in trtllm-bench's layout)."""
+def user_dataset(path: str | Path, *, task_id_required: bool = True) -> Dataset:
+    """A dataset file the user provides (UserError when it is not in trtllm-bench's layout;
+    ``task_id_required``: the release reads every line's ``task_id``, as 1.0 and earlier do)."""
     p = Path(path).expanduser().resolve()
     if not p.is_file():
         raise UserError(f"dataset {str(path)!r} is not a file")
@@ -90,6 +91,9 @@ def user_dataset(path: str | Path) -> Dataset:
                 if not isinstance(row, dict) or "output_tokens" not in row or not (
                         "input_ids" in row or "prompt" in row or "logits" in row):
                     raise ValueError(f"line {number} lacks input_ids/prompt or output_tokens")
+                if task_id_required and "task_id" not in row:
+                    raise ValueError(f"line {number} lacks task_id, which this TensorRT-LLM "
+                                     "release requires")
                 ids = row.get("input_ids", row.get("logits"))
                 if isinstance(ids, list):
                     longest = max(longest, len(ids) + int(row["output_tokens"]))

@@ -219,7 +219,13 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 # Patterns from TensorRT-LLM's logs (shared/docs/trtllm.md, "Failures a runner must classify").
 _RUN_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|"
-                      r"CUDA error: out of memory|Error Code 2: OutOfMemory")
+                      r"CUDA error: out of memory|Error Code 2: OutOfMemory|"
+                      # the C++ allocator, and the PyTorch executor (1.x) at start-up
+                      r"cudaMallocAsync\(.*\): out of memory|"
+                      r"Executor creation failed due to insufficient GPU memory|"
+                      r"might indicate insufficient GPU memory")
+#: A prompt longer than the token budget without chunked prefill (1.x executor).
+_PROMPT_TOO_LONG = re.compile(r"RequestError: .*should not exceed max_num_tokens.*")
 _BUILD_OOM = re.compile(_RUN_OOM.pattern + r"|insufficient memory|out of memory", re.IGNORECASE)
 _INVALID = re.compile(r"Parallelism mapping of TP\d+-PP\d+ is currently unsupported|"
                       r"is not consistent with the engine's tp_size|"
@@ -304,6 +310,8 @@ def classify(result: JobResult, *, phase: str) -> TrialFailure:
         return SequenceLimit(_line_at(text, m.start(), m.end()), **kw)
     if (why := _invalid_layout(text)) is not None:
         return InvalidConfig(f"TensorRT-LLM refused the layout: {why}", **kw)
+    if m := _PROMPT_TOO_LONG.search(text):
+        return InvalidConfig(f"TensorRT-LLM refused the requests: {m.group(0)[:300]}", **kw)
     if m := _RUN_OOM.search(text):
         return OutOfMemory(f"run ran out of GPU memory: {m.group(0)}", **kw)
     if rc in KILLED_CODES:

@@ -58,9 +58,11 @@ from autotune.runners.trtllm._process import (
     read_log,
 )
 from autotune.runners.trtllm._report import ReplicaResult, merge_replicas, parse_report
+from autotune.runners.trtllm.releases import Release, Version
 from autotune.runners.trtllm.settings import (
     FORWARD_PREFIXES,
     TrtllmSettings,
+    check_release,
     public_env,
     resolve_settings,
     trtllm_version,
@@ -101,8 +103,14 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         except OSError as exc:
             raise UserError(f"cannot create --workspace {str(self.workspace)!r}: "
                             f"{exc.strerror or exc}") from None
-        self._user_dataset = user_dataset(self.options.dataset) if self.options.dataset else None
         self.version = trtllm_version(self.tools.bench, self._env())
+        #: What the installed release can do (from its package metadata, never the report's
+        #: ``engine.version``: 1.2 and later always write "1.2").
+        self.release = Release(Version.parse(self.version))
+        check_release(self.options, self.release)
+        self._user_dataset = user_dataset(
+            self.options.dataset, task_id_required=self.release.task_id_required
+        ) if self.options.dataset else None
         self._procs = ProcessGroups(drain_s=self.options.drain_timeout)
         self._datasets: dict[str, Dataset] = {}
         self._kv_lowered: dict[str, float] = {}  # config hash -> KV share after an OOM retry
@@ -113,7 +121,11 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
     @classmethod
     def check_options(cls, scenario: Scenario, **options) -> None:
         cls.check_option_names(options)
-        resolve_settings(scenario, options)
+        settings, tools = resolve_settings(scenario, options)
+        # The release decides what can run at all: asked of the install before anything is
+        # written (reading its package metadata takes a fraction of a second).
+        version = trtllm_version(tools.bench, {**os.environ, **settings.env})
+        check_release(settings, Release(Version.parse(version)))
 
     # ---- identity ---------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -153,6 +165,15 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         self._procs.interrupted = False
         self._check_layout(config)
         dataset = self._dataset_for(workload)
+        if not config.chunked_prefill and dataset.synthetic:
+            # Unchunked, a whole prompt must fit one iteration's token budget; TensorRT-LLM
+            # fails each such request ("RequestError: The sum of prompt length ... should not
+            # exceed max_num_tokens"), so it cannot run at all.
+            longest = int(workload.isl + 3 * workload.isl_std)
+            if longest > config.max_num_tokens:
+                raise InvalidConfig(f"prompts of up to {longest} tokens do not fit "
+                                    f"max_num_tokens={config.max_num_tokens} without chunked "
+                                    "prefill")
         engine = self._engine_for(config, workload) if self.options.backend == "tensorrt" else None
         trial_dir = self.workspace / "runs" / self._session / _safe_label(config)
         points: list[LoadPoint] = []
@@ -256,11 +277,11 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
                     workspace=str(self.workspace / "bench"), backend=o.backend,
                     concurrency=concurrency, num_requests=num_requests, dataset=str(dataset),
                     options_file=str(options_file), report=str(report), requests=str(requests),
-                    warmup=o.warmup, engine=engine)]
+                    warmup=o.warmup, engine=engine, release=self.release)]
 
     def options_yaml(self, config: EngineConfig) -> dict:
         """``--extra_llm_api_options`` content for a run of ``config``."""
-        return cmd.llm_api_options(config, self.options.backend)
+        return cmd.llm_api_options(config, self.options.backend, self.release)
 
     # ---- one load point -------------------------------------------------------------------------
     def _measure_load(self, config: EngineConfig, workload: Workload, load: int,
@@ -344,7 +365,10 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
                 "argv": list(job.argv), "log_path": str(job.log_path),
                 "report_path": str(report), "request_path": str(requests),
                 "cuda_visible_devices": job.env.get("CUDA_VISIBLE_DEVICES"),
-                "derived": list(rep.derived), "trtllm_version": rep.version,
+                # The installed release, not the report's engine.version (1.2 and later write
+                # "1.2" whatever they are, TensorRT-LLM issue #11560); that one is kept apart.
+                "derived": list(rep.derived), "trtllm_version": self.version or "unknown",
+                "report_version": rep.version,
                 "report": rep.report,
             } for job, rep, (report, requests) in zip(jobs, replicas, paths)],
         }
@@ -385,7 +409,11 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
             block = int((_BLOCK_TOKENS.findall(text) or ["32"])[-1])
             need = math.ceil((dataset.max_seq_len or self._max_seq_len(self.scenario.workload))
                              / block)
-            fit = (min(tokens) // block) // max(1, need)
+            # The PyTorch back end (1.x) first allocates a small KV cache only to size the real
+            # one ("Initial KV cache (temporary for KV cache size estimation)",
+            # py_executor_creator.py), then the real one: the last allocation is the capacity.
+            # With a single allocation (TensorRT engines, older releases) it is that one.
+            fit = (tokens[-1] // block) // max(1, need)
             per_replica.append(min(fit, config.max_batch_size * config.pp))
         return min(per_replica) * config.dp if per_replica else None
 

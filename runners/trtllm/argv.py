@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from autotune.config import EngineConfig
+from autotune.runners.trtllm.releases import Release
 from autotune.specs import Workload
 
 #: autotune precision -> ``trtllm-bench build --quantization`` (bf16: none, the checkpoint's).
@@ -26,19 +27,30 @@ OPTIONS_FILE = "extra_llm_api_options.yaml"
 BASE_PORT = 8000
 
 
-def llm_api_options(config: EngineConfig, backend: str = "pytorch") -> dict:
-    """The ``--extra_llm_api_options`` YAML content for ``config`` (LLM API field names).
+#: The release assumed where none is known (the newest behaviour).
+NEWEST = Release(None)
 
-    It overrides the command's own flags, so it carries the same KV share.
+
+def llm_api_options(config: EngineConfig, backend: str = "pytorch",
+                    release: Release = NEWEST) -> dict:
+    """The ``--extra_llm_api_options`` YAML content for ``config`` (LLM API field names, as
+    ``release`` names them: its LLM arguments are strict, an unknown field fails the run).
+
+    It overrides the command's own flags and replaces whole fields
+    (``update_llm_args_with_extra_dict``), so it carries the same KV share and the rest of the
+    ``kv_cache_config`` trtllm-bench sets itself: block reuse off, as stock trtllm-bench measures
+    (on, warm-up requests drawn from the same data would be served from the prefix cache).
     """
     opts: dict = {
         "enable_chunked_prefill": config.chunked_prefill,
-        "kv_cache_config": {"free_gpu_memory_fraction": config.kv_fraction},
+        "kv_cache_config": {"free_gpu_memory_fraction": config.kv_fraction,
+                            "enable_block_reuse": False},
     }
-    if backend == "pytorch":
+    padding = release.cuda_graph_padding
+    if backend == "pytorch" and padding is not None:
         # CUDA graphs up to the batch limit, padded, as NVIDIA's throughput recipes configure
-        # (a field of the PyTorch back end's LLM arguments only).
-        opts["cuda_graph_config"] = {"enable_padding": True,
+        # (a field of the PyTorch back end's LLM arguments only, from 1.0 on).
+        opts["cuda_graph_config"] = {padding: True,
                                      "max_batch_size": min(config.max_batch_size, 1024)}
     return opts
 
@@ -80,7 +92,9 @@ def prepare_dataset_argv(model: str, workload: Workload, num_requests: int, outp
         *bench_global_args(bench, model), "prepare-dataset", "--output", output,
         "token-norm-dist", "--num-requests", str(num_requests),
         "--input-mean", str(workload.isl), "--output-mean", str(workload.osl),
-        "--input-stdev", f"{workload.isl_std:g}", "--output-stdev", f"{workload.osl_std:g}",
+        # click declares both as integers: "12.5" would be a usage error.
+        "--input-stdev", str(round(workload.isl_std)),
+        "--output-stdev", str(round(workload.osl_std)),
     ]
 
 
@@ -101,13 +115,14 @@ def throughput_argv(config: EngineConfig, *, bench: str, model: str, concurrency
                     num_requests: int, dataset: str, options_file: str, report: str,
                     requests: str | None = None, warmup: int = 2, backend: str = "pytorch",
                     model_path: str | None = None, workspace: str | None = None,
-                    engine: dict | None = None) -> list[str]:
+                    engine: dict | None = None, release: Release = NEWEST) -> list[str]:
     """``trtllm-bench throughput`` for ONE replica of ``config`` at ``concurrency`` requests in
     flight (``MAX_CONCURRENCY`` = -1, trtllm-bench's own "no limit").
 
     Streaming is what makes TTFT and TPOT measurable; ``--eos_id -1`` generates the whole output
-    length. ``engine`` is a built engine's info for the tensorrt back end (its folder and the
-    limits it was built with: a runtime limit may be lower than the engine's, never higher).
+    length (0.20 and later; before it the option does not exist). ``engine`` is a built
+    engine's info for the tensorrt back end (its folder and the limits it was built with: a
+    runtime limit may be lower than the engine's, never higher).
     """
     argv = bench_global_args(bench, model, model_path=model_path, workspace=workspace)
     argv += ["throughput", "--backend", backend]
@@ -126,10 +141,11 @@ def throughput_argv(config: EngineConfig, *, bench: str, model: str, concurrency
         "--kv_cache_free_gpu_mem_fraction", f"{config.kv_fraction:g}",
         "--extra_llm_api_options", options_file,
         "--dataset", dataset, "--num_requests", str(num_requests),
-        "--warmup", str(warmup), "--concurrency", str(concurrency),
-        "--streaming", "--eos_id", "-1",
-        "--report_json", report,
+        "--warmup", str(warmup), "--concurrency", str(concurrency), "--streaming",
     ]
+    if release.eos_id:
+        argv += ["--eos_id", "-1"]
+    argv += ["--report_json", report]
     if requests is not None:
         argv += ["--request_json", requests]
     return argv
@@ -150,7 +166,7 @@ def serve_argv(config: EngineConfig, model: str, *, port: int = BASE_PORT,
 
 
 __all__ = [
-    "BASE_PORT", "LAUNCH_WRAPPER", "OPTIONS_FILE", "QUANTIZATION", "bench_global_args",
+    "BASE_PORT", "NEWEST", "LAUNCH_WRAPPER", "OPTIONS_FILE", "QUANTIZATION", "bench_global_args",
     "build_argv", "launch_prefix", "llm_api_options", "prepare_dataset_argv", "serve_argv",
     "throughput_argv",
 ]

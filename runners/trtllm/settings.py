@@ -11,6 +11,7 @@ from pathlib import Path
 
 from autotune.errors import UserError
 from autotune.runners.trtllm.argv import LAUNCH_WRAPPER, QUANTIZATION
+from autotune.runners.trtllm.releases import Release
 from autotune.scenario import Scenario
 
 BACKENDS = ("pytorch", "tensorrt")
@@ -136,7 +137,23 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
     resolved = replace(s, backend=backend, launcher=launcher, trtllm_bench=bench,
                        model_path=model_path, hf_name=hf_name,
                        workspace=str(workspace.resolve()), env=dict(s.env))
+    if launcher != "local":
+        # trtllm-llmapi-launch runs its command line unquoted ($task_with_command): under
+        # mpirun/srun an argument with a space would split into two.
+        for flag, value in (("--trtllm-bench", bench), ("--model-path", model_path),
+                            ("--workspace", resolved.workspace), ("dataset", s.dataset)):
+            if value and any(ch.isspace() for ch in str(value)):
+                raise UserError(f"{flag} {str(value)!r} has a space, which "
+                                f"trtllm-llmapi-launch splits under --launcher {launcher}: "
+                                "use a path without spaces (a symlink will do)")
     return resolved, tools
+
+
+def check_release(settings: TrtllmSettings, release: Release) -> None:
+    """Refuse what the TensorRT-LLM release on this node cannot do (UserError naming it)."""
+    if settings.backend == "tensorrt" and not release.tensorrt_backend:
+        raise UserError(f"--backend tensorrt: TensorRT-LLM {release.label} has no TensorRT "
+                        "engine back end (removed in 1.3); use --backend pytorch")
 
 
 def trtllm_version(executable: str, env: dict[str, str] | None = None,
@@ -172,5 +189,5 @@ def public_env(env: dict[str, str]) -> dict[str, str]:
     return {k: ("<redacted>" if _SECRET.search(k) else v) for k, v in sorted(env.items())}
 
 
-__all__ = ["BACKENDS", "LAUNCHERS", "Tools", "TrtllmSettings", "find_executable", "public_env",
-           "resolve_settings", "trtllm_version"]
+__all__ = ["BACKENDS", "LAUNCHERS", "Tools", "TrtllmSettings", "check_release", "find_executable",
+           "public_env", "resolve_settings", "trtllm_version"]
