@@ -177,7 +177,10 @@ def search(
             trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
             run_timeout=run_timeout, build_timeout=build_timeout),
     )
-    job.check()  # everything the user typed is checked before the database is touched
+    scen, runner_cls, _ = job.check()  # all the user typed, checked before the database
+    if not runner_cls.token_gaps and any(b.metric == "itl" for b in scen.slo.bounds):
+        console.note(f"runner {runner!r} measures no token gaps: each request's ITL is its "
+                     "TPOT, so the itl bound is judged on per-request means")
     started = time.perf_counter()  # the prior's scoring counts: it is part of the search
     prior = job.prior_size()
     with console.steps(prior, "prior: the model scores the space",

@@ -128,12 +128,22 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
     the recommended load with ``trtllm-bench`` (see ``bench_argvs``)."""
     prepare, bench = bench_argvs(config, model, workload, concurrency)
     gpus = ",".join(map(str, range(config.gpus_per_replica)))
+    probe = _with_model_var(prepare[:prepare.index("prepare-dataset") + 1] + ["--help"], model)
+    # `trtllm-bench prepare-dataset` came with TensorRT-LLM 1.3 (PR #9250); before it, the
+    # repository's benchmarks/cpp/prepare_dataset.py makes the same file.
+    missing = (f"bench.sh: this TensorRT-LLM has no 'trtllm-bench prepare-dataset' (1.3 on): "
+               f"write {DATASET_FILE} with TensorRT-LLM's benchmarks/cpp/prepare_dataset.py "
+               f"token-norm-dist (input mean {workload.isl}, output mean {workload.osl}), then "
+               "run bench.sh again")
     return "\n".join([
         "#!/usr/bin/env bash", *_comments(header),
         "set -euo pipefail", 'cd "$(dirname "$0")"',
         f"MODEL=${{MODEL:-{shlex.quote(model)}}}",
         f"export CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-{gpus}}}",
-        f"[ -s {DATASET_FILE} ] || {_with_model_var(prepare, model)}",
+        f"if [ ! -s {DATASET_FILE} ]; then",
+        f"  {probe} >/dev/null 2>&1 || {{ echo {shlex.quote(missing)} >&2; exit 1; }}",
+        f"  {_with_model_var(prepare, model)}",
+        "fi",
         _with_model_var(bench, model), "",
     ])
 

@@ -58,6 +58,9 @@ class Runner(ABC):
     settings_class: ClassVar[type] = NoOptions
     #: True when the runner's numbers are autotune's own model's predictions.
     predicts: ClassVar[bool] = False
+    #: True when ``itl`` is measured from real token gaps; False when the runner can only report
+    #: each request's TPOT in its place (an ITL bound is then judged on per-request means).
+    token_gaps: ClassVar[bool] = True
 
     def __init__(self, scenario: Scenario):
         self.scenario = scenario

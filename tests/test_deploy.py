@@ -59,7 +59,7 @@ def stand_ins(tmp_path):
             f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + args,
                                  "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
                                  "cwd": os.getcwd()}}) + "\\n")
-        if "prepare-dataset" in args:
+        if "prepare-dataset" in args and "--output" in args:
             open(args[args.index("--output") + 1], "w").write('{{"task_id": 0}}\\n')
         """)
     for name in ("trtllm-serve", "trtllm-bench"):
@@ -70,7 +70,9 @@ def stand_ins(tmp_path):
     env.pop("CUDA_VISIBLE_DEVICES", None)
 
     def calls():
-        return [json.loads(line) for line in log.read_text().splitlines()]
+        """What ran, but for bench.sh's check that prepare-dataset exists (``--help``)."""
+        ran = [json.loads(line) for line in log.read_text().splitlines()]
+        return [c for c in ran if "--help" not in c["argv"]]
 
     return env, calls
 
@@ -207,3 +209,19 @@ def test_bad_input_is_one_line_exit_2(study, tmp_path, monkeypatch, args, messag
     assert r.exit_code == 2 and message in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
+
+
+def test_bench_sh_says_what_to_do_where_prepare_dataset_is_missing(study, tmp_path, stand_ins):
+    env, calls = stand_ins
+    out = tmp_path / "deploy"
+    assert cli("deploy", "--storage", study, "--out", out).exit_code == 0
+    old = tmp_path / "old-bin"  # a TensorRT-LLM before 1.3: no prepare-dataset command
+    old.mkdir()
+    (old / "trtllm-bench").write_text(
+        "#!/bin/sh\ncase \"$*\" in *prepare-dataset*) echo \"Error: No such command "
+        "'prepare-dataset'.\" >&2; exit 2;; esac\n")
+    (old / "trtllm-bench").chmod(0o755)
+    r = subprocess.run([out / "bench.sh"], env=dict(env, PATH=f"{old}{os.pathsep}{env['PATH']}"),
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and "prepare_dataset.py" in r.stderr
+    assert not (out / "dataset.jsonl").exists()

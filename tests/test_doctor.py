@@ -60,6 +60,8 @@ def test_ready_node_exits_0_with_one_line_per_check(node):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 6 and all(line.startswith("ok ") for line in lines[:5]), r.stdout
     assert "TensorRT-LLM 1.2.0" in lines[0] and str(node / "bin" / "trtllm-bench") in lines[0]
+    # What the release implies: 1.2 still builds engines, and writes "1.2" in its reports.
+    assert "--backend tensorrt available" in lines[0] and "reports say 1.2" in lines[0]
     assert "8 x NVIDIA H100 80GB HBM3, 79.6 GiB each" in lines[1]
     assert "32 layers, 32 heads (8 KV)" in lines[2] and "1 weight files" in lines[2]
     assert "GiB free" in lines[3] and "will be created" in lines[4]
@@ -80,6 +82,14 @@ def test_bare_machine_is_not_ready(node, monkeypatch):
     assert data["ready"] is False and "3 check(s) failed" in data["verdict"]
     gpus = next(c for c in data["checks"] if c["name"] == "GPUs")
     assert gpus["detail"] == "none visible (no nvidia-smi on PATH)"
+
+
+def test_doctor_says_what_a_release_cannot_do(node):
+    dist = node / "site" / "tensorrt_llm-1.2.0.dist-info"
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt_llm\n"
+                                   "Version: 1.3.0rc2\n")
+    first = doctor("--min-free-gb", 0.001).stdout.splitlines()[0]
+    assert "TensorRT-LLM 1.3.0rc2" in first and "--backend tensorrt removed" in first
 
 
 def test_explicit_trtllm_bench_path_and_skipped_model(node, monkeypatch):

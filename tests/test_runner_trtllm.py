@@ -29,16 +29,21 @@ from autotune.errors import (
     UserError,
 )
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, STATISTICS, replica_load
+from autotune.model import Simulator
 from autotune.runners import EngineBuilder, get_runner
 from autotune.runners.testing import RunnerContract
 from autotune.runners.trtllm import TrtllmRunner
 from autotune.runners.trtllm._process import group_alive
 from autotune.runners.trtllm._report import parse_report
+from autotune.runners.trtllm.argv import llm_api_options, throughput_argv
+from autotune.runners.trtllm.releases import Release, Version
 from autotune.scenario import Scenario
 from autotune.specs import Workload
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "trtllm-bench"
 VERSION = "1.0.0"
+#: The releases the stand-in emulates (tests/standin/trtllm-bench): release -> its version.
+RELEASES = {"1.0": "1.0.0", "1.2": "1.2.0", "1.3": "1.3.0rc2", "main": "1.4.0.dev2026112500"}
 HF = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -72,23 +77,25 @@ def tools(tmp_path_factory) -> Path:
                 "os.execvp(args[0], args)\n")
     _script(bin_ / "mpirun", launcher)
     _script(bin_ / "srun", launcher)
-    dist = root / "site" / f"tensorrt_llm-{VERSION}.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {VERSION}\n")
+    for version in {VERSION, "0.19.0", *RELEASES.values()}:
+        dist = root / f"site-{version}" / f"tensorrt_llm-{version}.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {version}\n")
     return root
 
 
 class Standin:
     """Controls the stand-in through its environment and reads what it was asked to do."""
 
-    def __init__(self, root: Path, tmp: Path, monkeypatch):
+    def __init__(self, root: Path, tmp: Path, monkeypatch, version: str = VERSION):
         self.bin, self.tmp, self.mp = root / "bin", tmp, monkeypatch
+        self.version = version
         self.log = tmp / "invocations.jsonl"
         self.launch_log = tmp / "launch.jsonl"
         monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-            filter(None, [str(root / "site"), os.environ.get("PYTHONPATH")])))
+            filter(None, [str(root / f"site-{version}"), os.environ.get("PYTHONPATH")])))
         monkeypatch.setenv("TRTLLM_STANDIN_LOG", str(self.log))
         monkeypatch.setenv("AUTOTUNE_TEST_LAUNCH_LOG", str(self.launch_log))
         for var in ("TRTLLM_STANDIN_FAIL", "TRTLLM_STANDIN_LAYOUT", "CUDA_VISIBLE_DEVICES"):
@@ -109,8 +116,9 @@ class Standin:
 
 
 @pytest.fixture
-def standin(tools, tmp_path, monkeypatch) -> Standin:
-    return Standin(tools, tmp_path, monkeypatch)
+def standin(tools, tmp_path, monkeypatch, request) -> Standin:
+    """The stand-in as TensorRT-LLM ``VERSION`` (parametrize indirectly for another)."""
+    return Standin(tools, tmp_path, monkeypatch, getattr(request, "param", VERSION))
 
 
 @pytest.fixture
@@ -142,6 +150,7 @@ def cfg(**kw) -> EngineConfig:
 
 
 # ---- the shared contract ----------------------------------------------------------------------
+@pytest.mark.parametrize("standin", list(RELEASES.values()), ids=list(RELEASES), indirect=True)
 class TestTrtllmRunnerContract(RunnerContract):
     @pytest.fixture
     def runner(self, make_runner):
@@ -663,3 +672,128 @@ def test_sigterm_during_a_run_kills_its_group_and_records_the_trial(standin, tmp
     assert not group_alive(leader)
     (row,) = open_storage(db, create=False).store.measurements("stop")
     assert row.status == "interrupted" and row.runner == "trtllm"
+
+
+# ---- releases ---------------------------------------------------------------------------------
+def _release(version: str) -> Release:
+    return Release(Version.parse(version))
+
+
+@pytest.mark.parametrize("version, padding", [
+    ("0.19.0", None), ("1.0.0rc3", "padding_enabled"), ("1.0.0rc4", "enable_padding"),
+    ("1.0.0", "enable_padding"), ("1.3.0rc2", "enable_padding"), (None, "enable_padding"),
+], ids=["0.19", "1.0rc3", "1.0rc4", "1.0", "1.3rc", "unknown"])
+def test_yaml_names_the_fields_of_its_release(version, padding):
+    opts = llm_api_options(cfg(), "pytorch", _release(version) if version else Release(None))
+    # The whole kv_cache_config, as trtllm-bench sets it: prefix reuse off.
+    assert opts["kv_cache_config"] == {"free_gpu_memory_fraction": 0.9,
+                                       "enable_block_reuse": False}
+    if padding is None:
+        assert "cuda_graph_config" not in opts
+    else:
+        assert opts["cuda_graph_config"] == {padding: True, "max_batch_size": 64}
+
+
+@pytest.mark.parametrize("version, has_eos", [("0.19.0", False), ("0.20.0", True),
+                                              ("1.2.0", True)])
+def test_eos_id_only_where_the_release_has_it(version, has_eos):
+    argv = throughput_argv(cfg(), bench="trtllm-bench", model=HF, concurrency=4, num_requests=8,
+                           dataset="d", options_file="o", report="r", release=_release(version))
+    assert ("--eos_id" in argv) is has_eos and "--streaming" in argv
+
+
+@pytest.mark.parametrize("standin", list(RELEASES.values()), ids=list(RELEASES), indirect=True)
+def test_each_release_runs_what_autotune_asks(make_runner, standin):
+    """The stand-in refuses, as each release's click and strict LLM arguments do, any option or
+    YAML field that release does not know: a run passing means the argv and YAML fit it."""
+    r = make_runner()
+    assert r.version == standin.version
+    (p,) = r.measure(cfg(), r.scenario.workload, [4]).load_points
+    assert p.output_throughput > 0
+    (call,) = standin.calls("throughput")
+    assert ("--eos_id" in call["argv"]) is r.release.eos_id
+
+
+@pytest.mark.parametrize("standin", [RELEASES["1.3"], RELEASES["main"]], ids=["1.3", "main"],
+                         indirect=True)
+def test_tensorrt_back_end_is_refused_where_it_was_removed(standin, scenario, tmp_path):
+    with pytest.raises(UserError, match=r"TensorRT-LLM 1\.[34]\S* has no TensorRT engine back"):
+        TrtllmRunner.check_options(scenario, backend="tensorrt", trtllm_bench=standin.exe,
+                                   workspace=str(tmp_path / "ws"))
+    db = tmp_path / "s.db"
+    r = CliRunner().invoke(app, [
+        "search", "--model", "llama-3.1-8b", "--gpu", "h100", "--num-gpus", "8", "--isl", "128",
+        "--osl", "16", "--runner", "trtllm", "--backend", "tensorrt", "--trtllm-bench",
+        standin.exe, "--workspace", str(tmp_path / "ws"), "--storage", f"sqlite:///{db}"])
+    assert r.exit_code == 2 and "removed in 1.3" in r.stderr
+    assert not db.exists() and not (tmp_path / "ws").exists()  # nothing written
+
+
+@pytest.mark.parametrize("standin", [RELEASES["1.2"]], ids=["1.2"], indirect=True)
+def test_capacity_is_the_real_kv_cache_not_the_sizing_one(make_runner, standin):
+    """1.x's PyTorch back end logs a small temporary KV cache before the real one: the
+    capacity (loads above it are skipped) comes from the real one."""
+    r = make_runner()
+    big = cfg(max_batch_size=2048)  # the KV cache, not the batch limit, bounds what fits
+    m = r.measure(big, r.scenario.workload, [4])
+    log = Path(m.raw["load_points"][0]["replicas"][0]["log_path"]).read_text()
+    assert "temporary for KV cache size estimation" in log
+    _, cap = Simulator(r.scenario.model, r.scenario.gpu).capacity(big, r.scenario.workload)
+    assert cap.fit < 2048 and m.max_requests_in_flight == cap.fit
+
+
+@pytest.mark.parametrize("standin", [RELEASES["1.3"]], ids=["1.3"], indirect=True)
+def test_the_installed_version_is_recorded_not_the_reports(make_runner, standin):
+    r = make_runner()
+    m = r.measure(cfg(), r.scenario.workload, [2])
+    (replica,) = m.raw["load_points"][0]["replicas"]
+    assert replica["report_version"] == "1.2"  # what 1.2 and later write, whatever they are
+    assert replica["trtllm_version"] == r.settings()["trtllm_version"] == RELEASES["1.3"]
+
+
+@pytest.mark.parametrize("mode", ["oom-malloc", "oom-executor"])
+def test_more_out_of_memory_texts_are_out_of_memory(make_runner, standin, mode):
+    r = make_runner()
+    standin.fail(mode)
+    with pytest.raises(OutOfMemory, match="also with kv_fraction lowered"):
+        r.measure(cfg(), r.scenario.workload, [2])
+    assert len(standin.calls("throughput")) == 2  # retried once at a lower KV share
+
+
+def test_a_prompt_over_the_token_budget_without_chunking_is_invalid(make_runner, standin,
+                                                                     tmp_path):
+    r = make_runner()
+    unchunked = cfg(chunked_prefill=False, max_num_tokens=512)  # the workload's prompts: 1024
+    with pytest.raises(InvalidConfig, match="without chunked prefill"):
+        r.measure(unchunked, r.scenario.workload, [2])
+    assert not standin.calls("throughput")  # refused before anything ran
+    # With the user's own data the length is the engine's to find: its error is classified.
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"task_id": i, "input_ids": list(range(900)),
+                                        "output_tokens": 8}) + "\n" for i in range(8)))
+    r = make_runner(dataset=str(data))
+    with pytest.raises(InvalidConfig, match="should not exceed max_num_tokens"):
+        r.measure(unchunked, r.scenario.workload, [2])
+
+
+@pytest.mark.parametrize("standin, refused", [(RELEASES["1.0"], True), (RELEASES["1.2"], False)],
+                         ids=["1.0", "1.2"], indirect=["standin"])
+def test_datasets_without_task_id_where_the_release_needs_it(make_runner, standin, refused,
+                                                             tmp_path):
+    data = tmp_path / "no-task-id.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": list(range(64)), "output_tokens": 8}) + "\n"
+                            for _ in range(8)))
+    if refused:
+        with pytest.raises(UserError, match="lacks task_id"):
+            make_runner(dataset=str(data))
+    else:
+        r = make_runner(dataset=str(data))
+        assert r.measure(cfg(), r.scenario.workload, [2]).load_points
+
+
+def test_paths_with_spaces_are_refused_under_a_launcher(standin, scenario, tmp_path):
+    with pytest.raises(UserError, match="has a space"):
+        TrtllmRunner.check_options(scenario, launcher="mpirun", trtllm_bench=standin.exe,
+                                   workspace=str(tmp_path / "my runs"))
+    TrtllmRunner.check_options(scenario, launcher="local", trtllm_bench=standin.exe,
+                               workspace=str(tmp_path / "my runs"))

@@ -213,6 +213,9 @@ def parse_report(report_path: Path, requests_path: Path | None = None) -> Replic
         num_requests=num_requests, request_throughput=request_tps, output_throughput=output_tps,
         output_throughput_per_user=per_user, duration_s=duration_s,
         # trtllm-bench reports no separate inter-token latency: each request's ITL is its TPOT.
+        # trtllm-bench records no token times, only each request's first and last: its "ITL"
+        # can only be the per-request TPOT (a mean over the request's gaps). The runner says so
+        # (Runner.token_gaps) wherever an ITL bound is given.
         latency_ms={"ttft": ttft, "tpot": tpot, "itl": dict(tpot), "e2e": e2e},
         world_size=world_size if isinstance(world_size, int) else None,
         version=str(version) if version not in (None, "") else None,

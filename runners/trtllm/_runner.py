@@ -92,6 +92,7 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
 
     name = "trtllm"
     settings_class: ClassVar[type] = TrtllmSettings
+    token_gaps = False  # trtllm-bench keeps no token times (see _report.py)
 
     def __init__(self, scenario: Scenario, *, store=None, **options):
         super().__init__(scenario)
@@ -137,7 +138,8 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
             "runner": self.name, "backend": o.backend, "model": o.hf_name,
             "model_path": o.model_path, "trtllm_version": self.version or "unknown",
             "launcher": o.launcher, "num_requests": o.num_requests or "auto",
-            "warmup": o.warmup, "dataset": dataset, "streaming": True, "eos_id": -1,
+            "warmup": o.warmup, "dataset": dataset, "streaming": True,
+            "eos_id": -1 if self.release.eos_id else None,
             "env": public_env(o.env),
         }
 
