@@ -21,7 +21,7 @@ The search is deterministic: Levenberg-Marquardt steps on log(model / measured) 
 constants in log space (finite-difference Jacobian), reweighted each step so that it minimises
 the absolute log error (close to the mean absolute percentage error it reports). Each row runs
 with the engine limits trtllm-bench chose for it (``accuracy.bench_limits``). It starts from
-``perfmodel.Calibration``'s defaults and runs a fixed number of steps, so running it again
+``autotune.model.Calibration``'s defaults and runs a fixed number of steps, so running it again
 writes the same files (``--warm-start``: continue from the shipped files instead). Usage (about
 ten minutes on two cores):
 
@@ -54,7 +54,7 @@ BOUNDS = {
     "attn_eff": (0.05, 1.0), "ar_latency_us": (1.0, 200.0), "ar_bw_eff": (0.05, 1.0),
     "iter_overhead_ms": (0.01, 50.0), "seq_overhead_us": (0.01, 200.0),
 }
-START = Calibration()  # the defaults in autotune/perfmodel.py
+START = Calibration()  # the defaults in autotune/model/calibration.py
 FD_STEP = 0.05  # finite-difference step in log space (5 %)
 #: Each online-serving latency counts as this many throughput rows: the 15 online loads of a
 #: GPU (30 latencies) then weigh a quarter to a third as much as its 400-700 throughput rows.
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--warm-start", action="store_true",
-                    help="start from the shipped files, not perfmodel.Calibration's defaults")
+                    help="start from the shipped files, not the Calibration defaults")
     ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                     help="hold a constant (e.g. ar_latency_us=15) instead of fitting it")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
