@@ -37,13 +37,22 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: Query parameters of a database URL that carry a secret (libpq's ``password``, ``sslpassword``,
+#: a token): shown as ``***`` like the password in ``user:password@``.
+_SECRET_PARAMS = ("password", "sslpassword", "passfile", "token", "secret")
+
+
 def redact(url: str | URL) -> str:
-    """``url`` with any password replaced by ``***`` (safe for output, logs and the database)."""
+    """``url`` with any password replaced by ``***`` (safe for output, logs and the database),
+    whether it sits in ``user:password@`` or in the query (``?password=...``)."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
     except (ArgumentError, ValueError):
         return "<unparseable URL>"
-    return parsed.render_as_string(hide_password=True)
+    secret = {k: "***" for k in parsed.query if k.lower() in _SECRET_PARAMS}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def sqlite_path(url: URL) -> Path | None:

@@ -81,6 +81,9 @@ CASES = [
     ("storage-unreachable",
      ["search", *with_opt("--storage", "postgresql+psycopg://tuner:s3cret@127.0.0.1:1/test")],
      "cannot use database"),
+    ("storage-password-in-query",
+     ["studies", "--storage", "postgresql://tuner@127.0.0.1:1/test?password=s3cret"],
+     "cannot use database"),
     ("best-without-database", ["best"], "no database"),
     ("studies-without-database", ["studies"], "no database"),
 ]
