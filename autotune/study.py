@@ -34,9 +34,11 @@ from autotune.db import (
     first_line,
     install_sqlite_write_lock,
     parse_url,
+    read_only_url,
     redact,
     sqlite_path,
     utcnow,
+    writable,
 )
 from autotune.errors import (
     DISTRIBUTION,
@@ -94,7 +96,10 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
     parsed = parse_url(url)
     path = sqlite_path(parsed)
     if path is not None:
-        check_sqlite_file(path, must_exist=not create)
+        check_sqlite_file(path, must_exist=not create, write=create)
+        if not create and path.exists() and not writable(path):
+            # A finished study on a read-only archive can still be read.
+            parsed = read_only_url(path)
     elif parsed.drivername.startswith("sqlite"):
         # Every connection to ``sqlite://`` is a new, empty database: the heartbeat thread and
         # the workers would each see their own, and everything is gone at exit.

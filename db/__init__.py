@@ -6,8 +6,10 @@ from autotune.db._engine import (
     first_line,
     install_sqlite_write_lock,
     parse_url,
+    read_only_url,
     redact,
     sqlite_path,
+    writable,
 )
 from autotune.db._models import SCHEMA_VERSION, utcnow
 from autotune.db._store import Store, StoredMeasurement, StudySummary
@@ -15,5 +17,5 @@ from autotune.db._store import Store, StoredMeasurement, StudySummary
 __all__ = [
     "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
     "check_sqlite_file", "engine_kwargs", "first_line", "install_sqlite_write_lock", "parse_url",
-    "redact", "sqlite_path", "utcnow",
+    "read_only_url", "redact", "sqlite_path", "utcnow", "writable",
 ]

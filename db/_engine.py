@@ -64,8 +64,9 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
-    """UserError when the file is missing (if required), unwritable or not a SQLite database."""
+def check_sqlite_file(path: Path, *, must_exist: bool, write: bool = True) -> None:
+    """UserError when the file is missing (if required), unwritable (if ``write``) or not a
+    SQLite database."""
     if path.exists():
         if path.is_dir():
             raise UserError(f"database path {str(path)!r} is a directory")
@@ -74,7 +75,7 @@ def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
         if head and head != _SQLITE_MAGIC:
             raise UserError(
                 f"{str(path)!r} is not a SQLite database (corrupt or another file type)")
-        if not os.access(path, os.W_OK):
+        if write and not os.access(path, os.W_OK):
             raise UserError(f"database file {str(path)!r} is read-only")
         return
     if must_exist:
@@ -87,6 +88,20 @@ def check_sqlite_file(path: Path, *, must_exist: bool) -> None:
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot create database {str(path)!r}: "
                         f"folder {str(parent)!r} is read-only")
+
+
+def writable(path: Path) -> bool:
+    """Whether a SQLite database can be written here: the file, and its folder (where the
+    write-ahead log and its index live)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    return os.access(path, os.W_OK) and os.access(folder, os.W_OK)
+
+
+def read_only_url(path: Path) -> URL:
+    """A URL that reads a SQLite file and writes nothing, not even the write-ahead log's index
+    (``immutable=1``): how a read command opens an archive it may not write. Pending log
+    content of a database still being written is not seen, so it is for finished studies."""
+    return make_url(f"sqlite:///file:{path.resolve()}?immutable=1&uri=true")
 
 
 def engine_kwargs(url: URL) -> dict:
@@ -122,5 +137,5 @@ def install_sqlite_write_lock(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-__all__ = ["check_sqlite_file", "engine_kwargs", "install_sqlite_write_lock", "parse_url",
-           "redact", "sqlite_path"]
+__all__ = ["check_sqlite_file", "engine_kwargs", "first_line", "install_sqlite_write_lock",
+           "parse_url", "read_only_url", "redact", "sqlite_path", "writable"]

@@ -255,3 +255,29 @@ def test_bad_input_leaves_an_existing_study_unchanged(with_study, argv, message)
     assert message.lower() in " ".join(r.stderr.split()).lower(), r.stderr
     assert "Traceback" not in r.stderr
     assert _state(with_study) == before
+
+
+def test_a_finished_study_on_a_read_only_archive_can_be_read(files, monkeypatch):
+    ok = runner.invoke(app, ["search", *BASE, "--storage", "sqlite:///a.db", "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    archive = files / "archive"
+    archive.mkdir()
+    (files / "a.db").rename(archive / "a.db")
+    before = sorted(p.name for p in archive.iterdir()), (archive / "a.db").read_bytes()
+    # Root ignores file permissions, so the archive is read-only the way os.access says.
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and str(archive) in os.fspath(path):
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    url = f"sqlite:///{archive / 'a.db'}"
+    for argv in (["best", "--json"], ["studies", "--json"], ["export", "--out", "x.csv"]):
+        r = runner.invoke(app, [*argv, "--storage", url])
+        assert r.exit_code == 0, (argv, r.stderr)
+    # Writing to it is still refused, and nothing in the archive changed.
+    r = runner.invoke(app, ["search", *with_opt("--trials", "4"), "--storage", url])
+    assert r.exit_code == 2 and "read-only" in r.stderr
+    assert (sorted(p.name for p in archive.iterdir()), (archive / "a.db").read_bytes()) == before
