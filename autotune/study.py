@@ -467,6 +467,13 @@ class Tuner:
                 self._record(trial, config, key, failed_outcome(
                     Interrupted("interrupted by the user"), self.scenario.slo), started)
             raise
+        except BaseException:
+            # Anything else that breaks the trial (a runner's OSError, a database error) ends it
+            # unrecorded: its claim on the config must go too, or the re-queued copy would wait
+            # for this dead trial's result for ever.
+            if "measurement_id" not in trial.user_attrs:
+                self.store.release_key(self.study_name, key, trial._trial_id)
+            raise
 
     def _claim_or_wait(self, trial: Trial, key: str) -> StoredMeasurement | None:
         """The stored result for ``key``, or None once this trial holds the right to measure it.

@@ -11,6 +11,7 @@ the benchmarks all call ``evaluate``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -190,28 +191,37 @@ def bisect_ladder(runner: Measurer, config: EngineConfig, workload: Workload,
     runs = _Runs(runner, config, workload)
     loads = _ascending(ladder, config.dp)
 
-    def meets(index: int) -> bool:
+    def meets(load: int) -> bool:
         nonlocal loads
-        load = loads[index]
         met = slo.met(runs.run(load))
         if runs.capacity:
-            # Loads beyond what the KV cache holds at once behave like "max".
+            # Loads beyond what the KV cache holds at once behave like "max". (The bisection
+            # below works on load values, so a ladder that shrinks here stays consistent.)
             loads = [c for c in loads if c == MAX_CONCURRENCY or c <= runs.capacity or c == load]
         return met
 
+    def rank(load: int) -> float:
+        return math.inf if load == MAX_CONCURRENCY else load
+
     if not slo:
-        meets(len(loads) - 1)
+        meets(loads[-1])
         return runs.sweep()
-    if not meets(0):
+    if not meets(loads[0]):
         return runs.sweep()
-    good, bad = 0, len(loads)
+    # The highest load known to meet the SLO, and the lowest known to miss it (None: none).
+    good, bad = loads[0], None
     if len(loads) > 1:
-        if meets(len(loads) - 1):
-            good = len(loads) - 1
+        top = loads[-1]
+        if meets(top):
+            good = top
         else:
-            bad = len(loads) - 1
-    while bad - good > 1:
-        mid = (good + bad) // 2
+            bad = top
+    while True:
+        between = [c for c in loads
+                   if rank(good) < rank(c) and (bad is None or rank(c) < rank(bad))]
+        if not between:
+            break
+        mid = between[(len(between) - 1) // 2]
         if meets(mid):
             good = mid
         else:

@@ -204,3 +204,56 @@ def test_unknown_study_names_the_ones_that_exist(scenario, url):
     db = open_storage(url, create=False)
     with pytest.raises(UserError, match="studies here: s"):
         Results(db.store, "nope")
+
+
+def test_a_trial_broken_by_an_unexpected_error_frees_its_config(scenario, url):
+    """A runner error that is no TrialFailure (a full disk) ends the trial unrecorded; the
+    re-queued copy of its config must not wait for the dead trial's claim."""
+    class BreaksOnce(SimRunner):
+        broke = False
+
+        def measure(self, config, workload, loads):
+            if not BreaksOnce.broke:
+                BreaksOnce.broke = True
+                raise OSError(28, "No space left on device")
+            return super().measure(config, workload, loads)
+
+    db = open_storage(url)
+    space = SearchSpace.from_dict(SPACE)
+    tuner = Tuner(scenario, space, BreaksOnce(scenario), db, "s", seed=0)
+    tuner.open()
+    with pytest.raises(OSError):
+        tuner.optimize(3)
+    again = Tuner(scenario, space, SimRunner(scenario), open_storage(url), "s", seed=0)
+    again.open()
+    again.optimize(3, timeout=60)
+    assert again.finished() == 3  # the re-queued config was measured, not waited for
+
+
+def test_bisection_stays_consistent_when_capacity_appears_late():
+    """A real engine may report how many requests fit only after some runs: the ladder then
+    shrinks mid-bisection, and the search must go on over what is left."""
+    from autotune.measurement import Measurement
+    from autotune.sweep import bisect_ladder
+
+    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=8, precision="fp8",
+                          isl=512, osl=64, slo="tpot:p99<=40ms")
+    sim = SimRunner(scen)
+
+    class LateCapacity:
+        expensive = True
+        runs = 0
+
+        def measure(self, config, workload, loads):
+            m = sim.measure(config, workload, loads)
+            LateCapacity.runs += 1
+            fit = 16 if LateCapacity.runs >= 3 else 0  # unknown for the first two runs
+            return Measurement(m.runner, m.config, m.workload, m.load_points, fit, m.raw)
+
+    ladder = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, MAX_CONCURRENCY)
+    config = EngineConfig(tp=8, precision="fp8")
+    swept = bisect_ladder(LateCapacity(), config, scen.workload, ladder, scen.slo)
+    loads = [p.concurrency for p in swept.points]
+    assert len(loads) == len(set(loads)) >= 3 and loads[0] == 1
+    # Once 16 requests are known to fit, no higher load is bisected towards (only "max").
+    assert all(c <= 16 for c in loads[2:] if c != MAX_CONCURRENCY), loads
