@@ -388,11 +388,11 @@ class Tuner:
                     time.sleep(min(storage.heartbeat_s, 1.0))
                 continue
             trial = self.study.ask()
-            self.store.bind_slot(slot, trial._trial_id)
             counted = False
             try:
+                self.store.bind_slot(slot, trial._trial_id)
                 with Heartbeat(storage.optuna, trial._trial_id, storage.heartbeat_s,
-                               touch=partial(self.store.touch_slot, slot)):
+                               touch=partial(self.store.touch_slot, slot, trial._trial_id)):
                     report = self.run_trial(trial)
                     if report.status in (Status.FAILED, Status.INTERRUPTED):
                         # Recorded with its class and message; the search goes on.
@@ -400,6 +400,11 @@ class Tuner:
                     else:
                         self.study.tell(trial, report.objective)
                 counted = True
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker took this trial for dead (no sign of life for the grace
+                # period: a stalled process, a lost connection), failed and re-queued it, and
+                # its slot may have been handed on: leave both and go on with a new trial.
+                continue
             except BaseException:
                 # Interrupted (Ctrl-C, SIGTERM) or broken: the trial ends FAIL, its place is
                 # given back and its configuration queued, so a resumed search runs it again.
@@ -411,7 +416,7 @@ class Tuner:
                     pass
                 raise
             finally:
-                self.store.finish_slot(slot, counted=counted)
+                self.store.finish_slot(slot, counted=counted, trial_id=trial._trial_id)
             if on_trial is not None:
                 on_trial(report)
 
@@ -435,6 +440,18 @@ class Tuner:
             # it retries), so the two paths leave the same study.
             if frozen.params:
                 self._retry(self.study, self.storage.optuna.get_trial(trial_id))
+        # A worker killed between asking for a trial and binding it to its slot leaves a
+        # RUNNING trial that no slot holds and that never beat: fail it after the grace period.
+        bound = self.store.live_trial_ids(self.study_name)
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = frozen.datetime_start
+            if frozen._trial_id in bound or started is None or \
+                    time.time() - started.timestamp() < grace:
+                continue
+            try:
+                self.study.tell(frozen.number, state=TrialState.FAIL)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+                continue
 
     def run_trial(self, trial: Trial) -> TrialReport:
         """Propose, measure (or reuse) and record one configuration; what the trial concluded.

@@ -269,12 +269,16 @@ class Store:
             s.execute(update(SlotRow).where(SlotRow.id == slot_id)
                       .values(trial_id=trial_id, claimed_at=utcnow()))
 
-    def touch_slot(self, slot_id: int) -> None:
-        """A sign of life of the slot's worker (its trial's heartbeat)."""
+    def touch_slot(self, slot_id: int, trial_id: int | None = None) -> None:
+        """A sign of life of the slot's worker (its trial's heartbeat). With ``trial_id``, only
+        while the slot still holds that trial: a worker whose slot was reaped and handed on
+        must not keep the next holder's slot looking alive."""
         with self._session.begin() as s:
-            s.execute(update(SlotRow).where(SlotRow.id == slot_id, SlotRow.done.is_(False),
-                                            SlotRow.released.is_(False))
-                      .values(claimed_at=utcnow()))
+            q = update(SlotRow).where(SlotRow.id == slot_id, SlotRow.done.is_(False),
+                                      SlotRow.released.is_(False))
+            if trial_id is not None:
+                q = q.where(SlotRow.trial_id == trial_id)
+            s.execute(q.values(claimed_at=utcnow()))
 
     def reap_slots(self, study_name: str, stale_after_s: float) -> list[int]:
         """Release the slots whose worker showed no sign of life for ``stale_after_s`` (claimed,
@@ -309,11 +313,22 @@ class Store:
                 reaped.append(trial_id)
         return reaped
 
-    def finish_slot(self, slot_id: int, *, counted: bool) -> None:
-        """The slot's trial ended: it counts (``done``) or its place is given back."""
+    def finish_slot(self, slot_id: int, *, counted: bool, trial_id: int | None = None) -> None:
+        """The slot's trial ended: it counts (``done``) or its place is given back. With
+        ``trial_id``, only while the slot still holds that trial (once reaped and claimed by
+        another worker, it is that worker's)."""
         with self._session.begin() as s:
-            s.execute(update(SlotRow).where(SlotRow.id == slot_id)
-                      .values(done=counted, released=not counted))
+            q = update(SlotRow).where(SlotRow.id == slot_id)
+            if trial_id is not None:
+                q = q.where(SlotRow.trial_id == trial_id)
+            s.execute(q.values(done=counted, released=not counted))
+
+    def live_trial_ids(self, study_name: str) -> set[int]:
+        """The Optuna trial ids bound to the study's slots that are neither done nor released."""
+        with self._session() as s:
+            return set(s.scalars(select(SlotRow.trial_id).where(
+                SlotRow.study_name == study_name, SlotRow.done.is_(False),
+                SlotRow.released.is_(False), SlotRow.trial_id.is_not(None))))
 
     def release_trial(self, study_name: str, trial_id: int) -> None:
         """Give back the slot and key claims of a trial whose worker died."""

@@ -372,6 +372,21 @@ class StoreContract:
         assert store.claim_slot(study, total, "new") is None
 
     # ---- dead workers: Optuna's stale heartbeat -------------------------------------------
+    def test_a_reaped_worker_cannot_finish_or_touch_the_next_holders_slot(self, store, study):
+        slot = store.claim_slot(study, 1, "slow")
+        store.bind_slot(slot, 11)
+        time.sleep(WAIT_S)
+        assert store.reap_slots(study, STALE_AFTER_S) == [11]
+        assert store.claim_slot(study, 1, "next") == slot
+        store.bind_slot(slot, 12)
+        # The slow worker wakes up: its touch and its finish must not act on trial 12's slot.
+        store.touch_slot(slot, 11)
+        store.finish_slot(slot, counted=False, trial_id=11)
+        assert store.live_trial_ids(study) == {12}
+        assert store.slot_counts(study) == (0, 1)
+        store.finish_slot(slot, counted=True, trial_id=12)
+        assert store.slot_counts(study) == (1, 0) and store.live_trial_ids(study) == set()
+
     def test_release_trial(self, store, study):
         a = store.claim_slot(study, 2, "dead")
         b = store.claim_slot(study, 2, "alive")
