@@ -258,11 +258,11 @@ def best(
             "pareto": [fp.to_dict() for fp in results.pareto()] if pareto else None,
         })
     else:
-        from autotune.deploy import checkpoint_note, launch_plan, model_ref
+        from autotune.deploy import checkpoint_note, launch_plan, measured_release, model_ref
 
         first = recs[0] if recs else None
-        plan = (launch_plan(first.config, model_ref(results.scenario, first.runner_settings))
-                if first else None)
+        plan = (launch_plan(first.config, model_ref(results.scenario, first.runner_settings),
+                            measured_release(first.runner_settings)) if first else None)
         console.print_best(results, recs, closest, plan)
         note = checkpoint_note(results.scenario, first.runner_settings) if first else None
         if recs and note:
@@ -275,10 +275,11 @@ def best(
 
 def _with_launch(rec, scenario: dict) -> dict:
     """A recommendation as ``best --json`` prints it: with the commands that deploy it."""
-    from autotune.deploy import launch_plan, model_ref
+    from autotune.deploy import launch_plan, measured_release, model_ref
 
     model = model_ref(scenario, rec.runner_settings)
-    return {**rec.to_dict(), "launch": launch_plan(rec.config, model).to_dict()}
+    plan = launch_plan(rec.config, model, measured_release(rec.runner_settings))
+    return {**rec.to_dict(), "launch": plan.to_dict()}
 
 
 def _results(storage: str, study: str | None):

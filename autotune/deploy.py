@@ -17,12 +17,14 @@ from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, load_label, re
 from autotune.recommend import Recommendation
 from autotune.runners.trtllm.argv import (
     BASE_PORT,
+    NEWEST,
     OPTIONS_FILE,
     llm_api_options,
     prepare_dataset_argv,
     serve_argv,
     throughput_argv,
 )
+from autotune.runners.trtllm.releases import Release, Version
 from autotune.specs import Workload
 
 
@@ -51,7 +53,13 @@ class LaunchPlan:
                 "options_yaml": self.options_yaml}
 
 
-def launch_plan(config: EngineConfig, model: str) -> LaunchPlan:
+def measured_release(runner_settings: dict | None) -> Release:
+    """The TensorRT-LLM release a recommendation was measured on (its runner settings' version;
+    the newest behaviour when unknown, as for the sim)."""
+    return Release(Version.parse((runner_settings or {}).get("trtllm_version")))
+
+
+def launch_plan(config: EngineConfig, model: str, release: Release = NEWEST) -> LaunchPlan:
     """Commands that deploy ``config``: dp replicas of tp*pp GPUs each, on consecutive ports."""
     per = config.gpus_per_replica
     gpus = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(config.dp))
@@ -59,7 +67,7 @@ def launch_plan(config: EngineConfig, model: str) -> LaunchPlan:
     return LaunchPlan(
         commands=tuple(tuple(serve_argv(config, model, port=p)) for p in ports), gpus=gpus,
         ports=ports,
-        options_yaml=yaml.safe_dump(llm_api_options(config), sort_keys=False),
+        options_yaml=yaml.safe_dump(llm_api_options(config, release=release), sort_keys=False),
     )
 
 
@@ -72,8 +80,8 @@ DATASET_FILE, REPORT_FILE, REQUESTS_FILE = "dataset.jsonl", "bench_report.json",
     "bench_requests.json"
 
 
-def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrency: int
-                ) -> tuple[list[str], list[str]]:
+def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrency: int,
+                release: Release = NEWEST, warmup: int = 2) -> tuple[list[str], list[str]]:
     """``bench.sh``'s two commands: ``trtllm-bench prepare-dataset`` with the study's lengths,
     then ``trtllm-bench throughput`` on ONE replica at ``concurrency`` (over all replicas)
     spread over ``config.dp``: replicas serve independent requests, so one replica at
@@ -85,7 +93,8 @@ def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrenc
     prepare = prepare_dataset_argv(model, workload, n, DATASET_FILE)
     bench = throughput_argv(config, bench="trtllm-bench", model=model, concurrency=per_replica,
                             num_requests=n, dataset=DATASET_FILE, options_file=OPTIONS_FILE,
-                            report=REPORT_FILE, requests=REQUESTS_FILE)
+                            report=REPORT_FILE, requests=REQUESTS_FILE, release=release,
+                            warmup=warmup)
     return prepare, bench
 
 
@@ -123,10 +132,10 @@ def serve_script(plan: LaunchPlan, model: str, header: list[str]) -> str:
 
 
 def bench_script(config: EngineConfig, model: str, workload: Workload, concurrency: int,
-                 header: list[str]) -> str:
+                 header: list[str], release: Release = NEWEST, warmup: int = 2) -> str:
     """``bench.sh``: prepare a dataset with the study's lengths, then re-measure one replica at
     the recommended load with ``trtllm-bench`` (see ``bench_argvs``)."""
-    prepare, bench = bench_argvs(config, model, workload, concurrency)
+    prepare, bench = bench_argvs(config, model, workload, concurrency, release, warmup)
     gpus = ",".join(map(str, range(config.gpus_per_replica)))
     probe = _with_model_var(prepare[:prepare.index("prepare-dataset") + 1] + ["--help"], model)
     # `trtllm-bench prepare-dataset` came with TensorRT-LLM 1.3 (PR #9250); before it, the
@@ -182,7 +191,8 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
     it is the study's recommendation, not a trial the user picked)."""
     config, p = rec.config, rec.point
     model = model_ref(scenario, rec.runner_settings)
-    launch = launch_plan(config, model)
+    release = measured_release(rec.runner_settings)
+    launch = launch_plan(config, model, release)
     workload = Workload.from_dict(scenario["workload"])
     conc = load_label(p.concurrency, config.dp)
     per_replica = replica_load(p.concurrency, config.dp)
@@ -247,7 +257,8 @@ SLO {slo}
     return {
         SERVE_SCRIPT: serve_script(launch, model, header),
         OPTIONS_FILE: launch.options_yaml,
-        BENCH_SCRIPT: bench_script(config, model, workload, p.concurrency, header),
+        BENCH_SCRIPT: bench_script(config, model, workload, p.concurrency, header, release,
+                                   int((rec.runner_settings or {}).get("warmup", 2))),
         CONFIG_JSON: json.dumps(config_json, indent=2, default=str) + "\n",
         README_TXT: readme,
     }
@@ -267,5 +278,6 @@ def write_deploy(out, rec: Recommendation, scenario: dict, study: str, *,
 
 __all__ = [
     "BENCH_SCRIPT", "DEPLOY_FILES", "LaunchPlan", "bench_argvs", "bench_script", "deploy_files",
-    "checkpoint_note", "launch_plan", "model_ref", "serve_script", "write_deploy",
+    "checkpoint_note", "launch_plan", "measured_release", "model_ref", "serve_script",
+    "write_deploy",
 ]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
-from autotune.deploy import DEPLOY_FILES
+from autotune.deploy import DEPLOY_FILES, bench_argvs, launch_plan
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
 from autotune.runners.trtllm.argv import (
     llm_api_options,
@@ -225,3 +225,18 @@ def test_bench_sh_says_what_to_do_where_prepare_dataset_is_missing(study, tmp_pa
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 1 and "prepare_dataset.py" in r.stderr
     assert not (out / "dataset.jsonl").exists()
+
+
+def test_the_deploy_folder_speaks_the_release_it_was_measured_on():
+    from autotune.deploy import measured_release
+    from autotune.runners.trtllm.argv import llm_api_options as options
+
+    cfg = EngineConfig(tp=2, max_batch_size=64)
+    old = measured_release({"trtllm_version": "1.0.0rc3"})
+    plan = launch_plan(cfg, "m", old)
+    assert yaml.safe_load(plan.options_yaml) == options(cfg, release=old)
+    assert "padding_enabled" in plan.options_yaml  # that release's strict name for the field
+    _, bench = bench_argvs(cfg, "m", Workload(128, 16), 4, measured_release(
+        {"trtllm_version": "0.19.0"}), warmup=5)
+    assert "--eos_id" not in bench and bench[bench.index("--warmup") + 1] == "5"
+    assert "enable_padding" in launch_plan(cfg, "m", measured_release({})).options_yaml
