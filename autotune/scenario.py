@@ -31,15 +31,19 @@ class Scenario:
     @classmethod
     def build(cls, *, model: str, gpu: str, num_gpus: int, precision: str | None, isl: int,
               osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
-              osl_std: float = 0.0, profile: Profile | None = None) -> Scenario:
-        """Parse and check every user-given part; raises UserError on the first bad one."""
+              osl_std: float = 0.0, profile: Profile | None = None,
+              check_context: bool = True) -> Scenario:
+        """Parse and check every user-given part; raises UserError on the first bad one.
+
+        ``check_context``: refuse prompts plus outputs longer than the model's context (only
+        a replay of published runs that went past it turns this off)."""
         slo_v = parse_slo(slo)
         gpu_v = load_gpu(gpu)
         model_v = load_model(model)
         if not isinstance(num_gpus, int) or num_gpus < 1:
             raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
         workload = Workload(isl=isl, osl=osl, isl_std=isl_std, osl_std=osl_std)
-        if model_v.max_context and isl + osl > model_v.max_context:
+        if check_context and model_v.max_context and isl + osl > model_v.max_context:
             raise UserError(f"--isl {isl} + --osl {osl} = {isl + osl:,} tokens is longer than "
                             f"{model_v.name}'s context of {model_v.max_context:,} tokens")
         precision_v = resolve_precision(gpu_v, precision)
