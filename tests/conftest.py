@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,11 @@ def scenario_70b() -> Scenario:
                           isl=1024, osl=128, slo=None)
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh database on the real PostgreSQL server, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database(prefix: str = "autotune"):
+    """A new database on the real PostgreSQL server (its URL), dropped afterwards."""
     psycopg = pytest.importorskip("psycopg")
-    name = f"autotune_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
@@ -32,9 +33,18 @@ def postgres_url():
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the real PostgreSQL server, dropped afterwards."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def autotune_cmd(*args) -> list[str]:

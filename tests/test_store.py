@@ -6,6 +6,8 @@ from sqlalchemy import create_engine, text
 from autotune.db import Store, engine_kwargs, parse_url
 from autotune.db.testing import StoreContract
 
+from conftest import fresh_postgres_database
+
 
 class TestSQLite(StoreContract):
     @pytest.fixture
@@ -16,22 +18,8 @@ class TestSQLite(StoreContract):
 @pytest.fixture(scope="module")
 def pg_database():
     """One fresh PostgreSQL database for the module (making one costs about 0.5 s)."""
-    import uuid
-
-    psycopg = pytest.importorskip("psycopg")
-    from conftest import PG_ADMIN
-
-    name = f"autotune_store_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} (.ci/run starts it): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("autotune_store") as url:
+        yield url
 
 
 class TestPostgreSQL(StoreContract):
