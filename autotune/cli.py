@@ -120,7 +120,7 @@ def search(
     precision: Precision = None,
     slo: Slo = None,
     runner: Annotated[str, typer.Option(
-        "--runner", help="sim (built-in model), trtllm, or a plug-in module:Class.")] = "sim",
+        "--runner", help="sim (built-in model), trtllm, vllm, or a plug-in module:Class.")] = "sim",
     trials: Annotated[int, typer.Option("--trials", min=1,
                                         help="Total trials of the study (all workers).")] = 60,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Stop after this many "
@@ -143,24 +143,33 @@ def search(
         "--grace", help="Seconds without a heartbeat before a trial counts as lost and is "
         "re-queued.")] = 120,
     model_path: Annotated[str | None, typer.Option(
-        "--model-path", help="\\[trtllm] Local checkpoint folder.")] = None,
+        "--model-path", help="\\[trtllm, vllm] Local checkpoint folder.")] = None,
     hf_name: Annotated[str | None, typer.Option(
-        "--hf-name", help="\\[trtllm] Hugging Face model name.")] = None,
+        "--hf-name", help="\\[trtllm, vllm] Hugging Face model name.")] = None,
     backend: Annotated[str | None, typer.Option(
         "--backend", help="\\[trtllm] pytorch (default) or tensorrt.")] = None,
     workspace: Annotated[str | None, typer.Option(
-        "--workspace", help="\\[trtllm] Folder for datasets, engines, reports, logs.")] = None,
+        "--workspace", help="\\[trtllm, vllm] Folder for datasets, engines, reports, logs.")
+    ] = None,
     trtllm_bench: Annotated[str | None, typer.Option(
         "--trtllm-bench", help="\\[trtllm] Path to the trtllm-bench executable.")] = None,
     launcher: Annotated[str | None, typer.Option(
         "--launcher", help="\\[trtllm] local (default), mpirun or srun.")] = None,
     num_requests: Annotated[int | None, typer.Option(
-        "--num-requests", help="\\[trtllm] Requests per load point.")] = None,
+        "--num-requests", help="\\[trtllm, vllm] Requests per load point.")] = None,
     run_timeout: Annotated[float | None, typer.Option(
-        "--run-timeout", help="\\[trtllm] Seconds before a run counts as hung.")] = None,
+        "--run-timeout", help="\\[trtllm, vllm] Seconds before a run counts as hung.")] = None,
     build_timeout: Annotated[float | None, typer.Option(
         "--build-timeout",
         help="\\[trtllm] Seconds before an engine build counts as hung.")] = None,
+    vllm: Annotated[str | None, typer.Option(
+        "--vllm", help="\\[vllm] Path to the vllm executable (of any environment).")] = None,
+    startup_timeout: Annotated[float | None, typer.Option(
+        "--startup-timeout",
+        help="\\[vllm] Seconds before a server that is not ready counts as hung.")] = None,
+    eager: Annotated[bool | None, typer.Option(
+        "--eager/--no-eager", metavar=FLAG,
+        help="\\[vllm] --enforce-eager: no CUDA graphs or compilation (faster starts).")] = None,
 ):
     """Search for the best configuration and record every trial in the database."""
     from autotune import console
@@ -175,7 +184,8 @@ def search(
         runner_options=_runner_options(
             model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
             trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
-            run_timeout=run_timeout, build_timeout=build_timeout),
+            run_timeout=run_timeout, build_timeout=build_timeout, vllm=vllm,
+            startup_timeout=startup_timeout, eager=eager),
     )
     scen, runner_cls, _ = job.check()  # all the user typed, checked before the database
     if not runner_cls.token_gaps and any(b.metric == "itl" for b in scen.slo.bounds):
@@ -258,11 +268,10 @@ def best(
             "pareto": [fp.to_dict() for fp in results.pareto()] if pareto else None,
         })
     else:
-        from autotune.deploy import checkpoint_note, launch_plan, measured_release, model_ref
+        from autotune.deploy import checkpoint_note, plan_for
 
         first = recs[0] if recs else None
-        plan = (launch_plan(first.config, model_ref(results.scenario, first.runner_settings),
-                            measured_release(first.runner_settings)) if first else None)
+        plan = plan_for(first, results.scenario) if first else None
         console.print_best(results, recs, closest, plan)
         note = checkpoint_note(results.scenario, first.runner_settings) if first else None
         if recs and note:
@@ -275,11 +284,10 @@ def best(
 
 def _with_launch(rec, scenario: dict) -> dict:
     """A recommendation as ``best --json`` prints it: with the commands that deploy it."""
-    from autotune.deploy import launch_plan, measured_release, model_ref
+    from autotune.deploy import engine_of, plan_for
 
-    model = model_ref(scenario, rec.runner_settings)
-    plan = launch_plan(rec.config, model, measured_release(rec.runner_settings))
-    return {**rec.to_dict(), "launch": plan.to_dict()}
+    return {**rec.to_dict(), "engine": engine_of(rec),
+            "launch": plan_for(rec, scenario).to_dict()}
 
 
 def _results(storage: str, study: str | None):
@@ -510,18 +518,24 @@ def deploy(
     force: Annotated[bool, typer.Option(
         "--force", metavar=FLAG,
         help="Replace autotune's files in an existing, non-empty --out.")] = False,
+    engine: Annotated[str | None, typer.Option(
+        "--engine", help="trtllm or vllm (default: the engine the study measured on; "
+        "trtllm for the built-in model).")] = None,
     json_out: Json = False,
 ):
     """Write the recommended config as files to deploy and re-measure it.
 
-    serve.sh (trtllm-serve), its extra_llm_api_options.yaml, bench.sh (trtllm-bench
-    re-measures it), config.json and README.txt.
+    For TensorRT-LLM: serve.sh (trtllm-serve), its extra_llm_api_options.yaml, bench.sh
+    (trtllm-bench re-measures it); for vLLM: serve.sh (vllm serve), vllm-config.yaml, bench.sh
+    (vllm bench serve); and config.json and README.txt.
 
     Exits 1 when no config meets the SLO (it names the closest; --trial deploys one anyway)."""
     from autotune import console
     from autotune.atomic import check_out_dir
-    from autotune.deploy import DEPLOY_FILES, write_deploy
+    from autotune.deploy import DEPLOY_FILES, ENGINES, write_deploy
 
+    if engine is not None and engine not in ENGINES:
+        raise UserError(f"--engine {engine!r} is unknown: use {' or '.join(ENGINES)}")
     target = check_out_dir(out, names=DEPLOY_FILES, force=force)
     _, results = _results(storage, study)
     if trial is not None:
@@ -537,7 +551,7 @@ def deploy(
             raise typer.Exit(1)
         rec = recs[0]
     files = write_deploy(target, rec, results.scenario, results.study_name, force=force,
-                         recommended=trial is None)
+                         recommended=trial is None, engine=engine)
     if json_out:
         console.print_json({"study": results.study_name, "out": str(target),
                             "files": sorted(files),

@@ -1,7 +1,9 @@
-"""The deploy folder of a recommendation: ``serve.sh`` (one ``trtllm-serve`` per replica), the
-LLM-API YAML, ``bench.sh`` (re-measures it with the ``trtllm-bench`` command line the runner
-uses), ``config.json`` and a README. The command lines come from the runner's one builder
-(``autotune.runners.trtllm.argv``)."""
+"""The deploy folder of a recommendation, for the engine it was measured on: ``serve.sh`` (one
+server per replica: ``trtllm-serve`` with its LLM-API YAML, or ``vllm serve`` with its
+``--config`` YAML), ``bench.sh`` (re-measures it with the benchmark command line the runner
+uses), ``config.json`` and a README. The command lines come from each runner's one builder
+(``autotune.runners.trtllm.argv``, ``autotune.runners.vllm.argv``); a study of the built-in
+model deploys on TensorRT-LLM unless asked for vLLM."""
 
 from __future__ import annotations
 
@@ -25,12 +27,16 @@ from autotune.runners.trtllm.argv import (
     throughput_argv,
 )
 from autotune.runners.trtllm.releases import Release, Version
+from autotune.runners.vllm import argv as vllm_cmd
 from autotune.specs import Workload
+
+#: The engines a deploy folder can be written for.
+ENGINES = ("trtllm", "vllm")
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """One ``trtllm-serve`` per replica (argv + the GPUs it owns) and the YAML they share."""
+    """One server per replica (argv + the GPUs it owns) and the YAML they share."""
 
     commands: tuple[tuple[str, ...], ...]
     gpus: tuple[tuple[int, ...], ...]  # CUDA device indices per replica
@@ -71,11 +77,70 @@ def launch_plan(config: EngineConfig, model: str, release: Release = NEWEST) -> 
     )
 
 
-# ---- re-measuring with trtllm-bench --------------------------------------------------------
-#: Files of the deploy folder (``autotune deploy``).
+def engine_of(rec: Recommendation, engine: str | None = None) -> str:
+    """The engine to deploy ``rec`` on: ``engine`` when given, else the one it was measured on
+    (TensorRT-LLM for the built-in model's predictions)."""
+    if engine is not None:
+        if engine not in ENGINES:
+            from autotune.errors import UserError
+
+            raise UserError(f"--engine {engine!r} is unknown: use {' or '.join(ENGINES)}")
+        return engine
+    return "vllm" if rec.runner == "vllm" else "trtllm"
+
+
+def vllm_engine_args(config: EngineConfig, scenario: dict, measured: dict | None) -> dict:
+    """``vllm serve`` engine arguments of one replica: as the vllm runner measured them (its
+    settings' quantization and eager mode) or, for a study measured otherwise, the study's
+    precision as vLLM makes it from the served checkpoint."""
+    measured = measured or {}
+    workload = Workload.from_dict(scenario["workload"])
+    if measured.get("runner") == "vllm":
+        quant, kv = measured.get("quantization"), measured.get("kv_cache_dtype")
+    elif config.precision == "fp8":
+        # A published FP8 checkpoint carries its quantization; a BF16 one is quantized on load.
+        fp8_ckpt = bool(scenario.get("model_spec", {}).get("fp8_hf_name"))
+        quant, kv = (None if fp8_ckpt else "fp8"), "fp8"
+    else:
+        quant, kv = None, None
+    return vllm_cmd.engine_args(config, max_model_len=workload.max_seq_len, quantization=quant,
+                                kv_cache_dtype=kv, eager=bool(measured.get("eager")))
+
+
+def vllm_launch_plan(config: EngineConfig, model: str, scenario: dict,
+                     measured: dict | None = None) -> LaunchPlan:
+    """``vllm serve`` per replica (separate servers, as the vllm runner measured them), each
+    reading the engine arguments from one ``--config`` YAML."""
+    per = config.gpus_per_replica
+    gpus = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(config.dp))
+    ports = tuple(vllm_cmd.BASE_PORT + i for i in range(config.dp))
+    args = vllm_engine_args(config, scenario, measured)
+    served = scenario.get("model") or model
+    return LaunchPlan(
+        commands=tuple(tuple(vllm_cmd.serve_argv(model, args, vllm="vllm", host="0.0.0.0",
+                                                 port=p, served_name=served,
+                                                 config_file=vllm_cmd.CONFIG_FILE))
+                       for p in ports),
+        gpus=gpus, ports=ports, options_yaml=yaml.safe_dump(args, sort_keys=False),
+        options_file=vllm_cmd.CONFIG_FILE,
+    )
+
+
+def plan_for(rec: Recommendation, scenario: dict, engine: str | None = None) -> LaunchPlan:
+    """The commands that deploy ``rec`` on ``engine`` (default: the one it was measured on)."""
+    model = model_ref(scenario, rec.runner_settings)
+    if engine_of(rec, engine) == "vllm":
+        return vllm_launch_plan(rec.config, model, scenario, rec.runner_settings)
+    return launch_plan(rec.config, model, measured_release(rec.runner_settings))
+
+
+# ---- re-measuring ----------------------------------------------------------------------------
+#: Files of the deploy folder (``autotune deploy``); one options file per engine.
 SERVE_SCRIPT, BENCH_SCRIPT, CONFIG_JSON, README_TXT = "serve.sh", "bench.sh", "config.json", \
     "README.txt"
-DEPLOY_FILES = (SERVE_SCRIPT, OPTIONS_FILE, BENCH_SCRIPT, CONFIG_JSON, README_TXT)
+DEPLOY_FILES = (SERVE_SCRIPT, OPTIONS_FILE, vllm_cmd.CONFIG_FILE, BENCH_SCRIPT, CONFIG_JSON,
+                README_TXT)
+VLLM_RESULT_FILE = "bench_result.json"
 DATASET_FILE, REPORT_FILE, REQUESTS_FILE = "dataset.jsonl", "bench_report.json", \
     "bench_requests.json"
 
@@ -99,10 +164,13 @@ def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrenc
 
 
 def _with_model_var(argv: Sequence[str], model: str) -> str:
-    """``shlex.join(argv)`` with the model argument (``trtllm-serve MODEL``, ``--model MODEL``)
+    """``shlex.join(argv)`` with the model argument (``trtllm-serve MODEL``, ``vllm serve MODEL``,
+    ``--model MODEL``, ``--tokenizer MODEL``)
     written as ``"$MODEL"``, so a script's user can point it at a local checkpoint."""
     def is_model(i: int, arg: str) -> bool:
-        return arg == model and ((i == 1 and argv[0] == "trtllm-serve") or argv[i - 1] == "--model")
+        return arg == model and ((i == 1 and argv[0] == "trtllm-serve")
+                                 or (i == 2 and list(argv[:2]) == ["vllm", "serve"])
+                                 or argv[i - 1] in ("--model", "--tokenizer"))
 
     return " ".join('"$MODEL"' if is_model(i, a) else shlex.quote(a) for i, a in enumerate(argv))
 
@@ -157,6 +225,28 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
     ])
 
 
+def vllm_bench_script(config: EngineConfig, model: str, served: str, workload: Workload,
+                      concurrency: int, header: list[str], warmup: int = 4) -> str:
+    """``bench.sh`` for vLLM: waits for replica 0 of ``serve.sh`` to be healthy, then
+    re-measures it with ``vllm bench serve`` (see ``vllm_bench_argv``)."""
+    per_replica = replica_load(concurrency, config.dp)
+    bench = vllm_cmd.bench_argv(
+        workload, base_url=f"http://127.0.0.1:{vllm_cmd.BASE_PORT}", tokenizer=model,
+        concurrency=per_replica, num_prompts=BENCH_REQUESTS.requests(per_replica),
+        warmups=warmup, result_dir=".", result_file=VLLM_RESULT_FILE, served_name=served,
+        vllm="vllm")
+    url = f"http://127.0.0.1:{vllm_cmd.BASE_PORT}/health"
+    return "\n".join([
+        "#!/usr/bin/env bash", *_comments(header),
+        "# Start ./serve.sh first: this measures its replica 0 on port "
+        f"{vllm_cmd.BASE_PORT}.",
+        "set -euo pipefail", 'cd "$(dirname "$0")"',
+        f"MODEL=${{MODEL:-{shlex.quote(model)}}}",
+        f"until curl -sf {url} >/dev/null; do sleep 5; done",
+        _with_model_var(bench, model), "",
+    ])
+
+
 def model_ref(scenario: dict, measured: dict | None = None) -> str:
     """The checkpoint a deployment serves a study's model from: the one the runner measured
     (``measured``: its settings: a local ``model_path``, else its ``model``), else the published
@@ -186,13 +276,15 @@ def checkpoint_note(scenario: dict, measured: dict | None = None) -> str | None:
 
 
 def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
-                 recommended: bool = True) -> dict[str, str]:
-    """The deploy folder's files (name -> text) for ``rec`` of ``study`` (``recommended``:
-    it is the study's recommendation, not a trial the user picked)."""
+                 recommended: bool = True, engine: str | None = None) -> dict[str, str]:
+    """The deploy folder's files (name -> text) for ``rec`` of ``study`` on ``engine`` (default:
+    the one it was measured on; ``recommended``: it is the study's recommendation, not a trial
+    the user picked)."""
     config, p = rec.config, rec.point
+    engine = engine_of(rec, engine)
     model = model_ref(scenario, rec.runner_settings)
     release = measured_release(rec.runner_settings)
-    launch = launch_plan(config, model, release)
+    launch = plan_for(rec, scenario, engine)
     workload = Workload.from_dict(scenario["workload"])
     conc = load_label(p.concurrency, config.dp)
     per_replica = replica_load(p.concurrency, config.dp)
@@ -215,7 +307,7 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
         "measurement_id": rec.measurement_id, "runner": rec.runner, "model": model,
         "scenario": scenario, "config": config.to_dict(), "label": config.label(),
         "feasible": rec.feasible, "expected": expected, "slo": [t.to_dict() for t in rec.terms],
-        "launch": launch.to_dict(),
+        "engine": engine, "launch": launch.to_dict(),
     }
     terms = "\n".join(f"  {t.term}: measured {t.measured_ms:,.1f} ms, margin {t.margin:+.1%}"
                       for t in rec.terms) or "  (no SLO: maximum throughput)"
@@ -225,25 +317,45 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
                 f"{launch.ports[0]}")
     note = checkpoint_note(scenario, rec.runner_settings)
     quantized = f"  Note: {note}.\n" if note else ""
+    warmup = int((rec.runner_settings or {}).get("warmup", 2 if engine == "trtllm" else 4))
+    if engine == "vllm":
+        files_txt = f"""  {SERVE_SCRIPT:<28}starts vllm serve: {replicas}
+  {launch.options_file:<28}the engine arguments every `vllm serve --config` reads
+  {BENCH_SCRIPT:<28}re-measures replica 0 with vllm bench serve (serve.sh running)
+  {CONFIG_JSON:<28}the config, the scenario and the expected metrics"""
+        pad = " " * 30
+        remeasure = f"""  ./serve.sh & ./bench.sh     waits for replica 0, runs vllm bench serve at
+{pad}concurrency {per_rep} (random prompts: isl {workload.isl}, osl
+{pad}{workload.osl}) and writes {VLLM_RESULT_FILE}
+  Replicas serve independent requests, so one replica at concurrency/dp shows the
+  deployment's per-GPU throughput and latencies. Prefix caching is off, as measured;
+  `enable-prefix-caching: true` helps real traffic that shares prompt prefixes."""
+        bench = vllm_bench_script(config, model, scenario.get("model") or model, workload,
+                                  p.concurrency, header, warmup)
+    else:
+        files_txt = f"""  {SERVE_SCRIPT:<28}starts trtllm-serve: {replicas}
+  {OPTIONS_FILE:<28}the LLM API options serve.sh and bench.sh pass
+  {BENCH_SCRIPT:<28}re-measures the config with trtllm-bench (one replica)
+  {CONFIG_JSON:<28}the config, the scenario and the expected metrics"""
+        lengths = f"isl {workload.isl}, osl {workload.osl}"
+        remeasure = f"""  ./bench.sh                  prepares {DATASET_FILE} ({lengths}),
+                              runs trtllm-bench throughput on {config.gpus_per_replica} GPUs at
+                              concurrency {per_rep} and writes {REPORT_FILE}
+  Replicas serve independent requests, so one replica at concurrency/dp shows the
+  deployment's per-GPU throughput and latencies. Older TensorRT-LLM releases without
+  `trtllm-bench prepare-dataset` make the dataset with benchmarks/cpp/prepare_dataset.py."""
+        bench = bench_script(config, model, workload, p.concurrency, header, release, warmup)
     readme = f"""{header[0]}
 {header[1]}
 
 Files
-  {SERVE_SCRIPT:<28}starts trtllm-serve: {replicas}
-  {OPTIONS_FILE:<28}the LLM API options serve.sh and bench.sh pass
-  {BENCH_SCRIPT:<28}re-measures the config with trtllm-bench (one replica)
-  {CONFIG_JSON:<28}the config, the scenario and the expected metrics
+{files_txt}
 
 Serve it
   ./serve.sh                  (MODEL=/path/to/checkpoint ./serve.sh for a local copy)
 {quantized}
 Re-measure it
-  ./bench.sh                  prepares {DATASET_FILE} (isl {workload.isl}, osl {workload.osl}),
-                              runs trtllm-bench throughput on {config.gpus_per_replica} GPUs at
-                              concurrency {per_rep} and writes {REPORT_FILE}
-  Replicas serve independent requests, so one replica at concurrency/dp shows the
-  deployment's per-GPU throughput and latencies. Older TensorRT-LLM releases without
-  `trtllm-bench prepare-dataset` make the dataset with benchmarks/cpp/prepare_dataset.py.
+{remeasure}
 
 Expected (runner {rec.runner}, concurrency {conc} over all replicas)
   output tok/s          {p.output_throughput:,.1f}
@@ -256,28 +368,29 @@ SLO {slo}
 """
     return {
         SERVE_SCRIPT: serve_script(launch, model, header),
-        OPTIONS_FILE: launch.options_yaml,
-        BENCH_SCRIPT: bench_script(config, model, workload, p.concurrency, header, release,
-                                   int((rec.runner_settings or {}).get("warmup", 2))),
+        launch.options_file: launch.options_yaml,
+        BENCH_SCRIPT: bench,
         CONFIG_JSON: json.dumps(config_json, indent=2, default=str) + "\n",
         README_TXT: readme,
     }
 
 
 def write_deploy(out, rec: Recommendation, scenario: dict, study: str, *,
-                 force: bool = False, recommended: bool = True) -> dict[str, str]:
+                 force: bool = False, recommended: bool = True,
+                 engine: str | None = None) -> dict[str, str]:
     """Write the deploy folder ``out`` (all files or none); the files written (name -> text)."""
     from autotune.atomic import check_out_dir, write_folder
 
     out = check_out_dir(out, names=DEPLOY_FILES, force=force)
-    files = deploy_files(rec, scenario, study, recommended=recommended)
+    files = deploy_files(rec, scenario, study, recommended=recommended, engine=engine)
     write_folder(out, {name: (text.encode(), 0o755 if name.endswith(".sh") else 0o644)
                        for name, text in files.items()})
     return files
 
 
 __all__ = [
-    "BENCH_SCRIPT", "DEPLOY_FILES", "LaunchPlan", "bench_argvs", "bench_script", "deploy_files",
-    "checkpoint_note", "launch_plan", "measured_release", "model_ref", "serve_script",
+    "BENCH_SCRIPT", "DEPLOY_FILES", "ENGINES", "LaunchPlan", "bench_argvs", "bench_script",
+    "checkpoint_note", "deploy_files", "engine_of", "launch_plan", "measured_release", "model_ref",
+    "plan_for", "serve_script", "vllm_bench_script", "vllm_engine_args", "vllm_launch_plan",
     "write_deploy",
 ]

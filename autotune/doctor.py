@@ -36,7 +36,8 @@ class Check:
 def check_trtllm_bench(executable: str | None) -> Check:
     """trtllm-bench found (on PATH or at the given path), TensorRT-LLM's version and what that
     release implies for a search."""
-    from autotune.runners.trtllm import find_executable, trtllm_version
+    from autotune.runners._tools import find_executable
+    from autotune.runners.trtllm import trtllm_version
     from autotune.runners.trtllm.releases import SUPPORTED, Release, Version
 
     name = executable or "trtllm-bench"

@@ -164,13 +164,14 @@ def load_point_from_requests(
     first_token_s: np.ndarray,
     end_s: np.ndarray,
     output_tokens: np.ndarray,
-    itl_ms: tuple[np.ndarray, np.ndarray] | None = None,
+    itl_ms: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> LoadPoint:
     """Build a LoadPoint from per-request timestamps (seconds), with trtllm-bench's definitions.
 
     TTFT = first token - start; TPOT = (end - first token) / (output tokens - 1);
     e2e = end - start; system throughput = all output tokens / (last end - first start).
-    ``itl_ms`` is (gap values, weights) when the caller knows the token gaps; else TPOT's.
+    ``itl_ms`` is (gap values, weights or None) when the caller knows the token gaps; else
+    TPOT's.
     """
     ttft = (first_token_s - start_s) * 1e3
     decode_tokens = np.maximum(output_tokens - 1, 1)

@@ -72,7 +72,8 @@ class SearchJob:
         scen = self.scenario()
         runner_cls = get_runner(self.runner)
         runner_cls.check_options(scen, **self.runner_options)
-        space = SearchSpace.load(self.space)
+        # A runner declares its space (the settings its engine has, in its engine's terms).
+        space = SearchSpace.load(self.space or runner_cls.default_space)
         # UserError when no layout of the space can work
         space.layouts(scen, weights_only=not runner_cls.predicts)
         return scen, runner_cls, space

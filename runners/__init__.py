@@ -11,6 +11,7 @@ from autotune.runners._base import EngineBuilder, NoOptions, Runner
 RUNNERS: dict[str, str] = {
     "sim": "autotune.runners.sim:SimRunner",
     "trtllm": "autotune.runners.trtllm:TrtllmRunner",
+    "vllm": "autotune.runners.vllm:VllmRunner",
 }
 
 

@@ -54,6 +54,9 @@ class Runner(ABC):
     #: True when every run costs real time (a real engine): the study then finds each trial's
     #: operating point by bisecting the load ladder rather than walking up all of it.
     expensive: ClassVar[bool] = True
+    #: The shipped search space used when the user names none: the settings this runner's
+    #: engine has, with values in its engine's terms.
+    default_space: ClassVar[str] = "default"
     #: The options the runner takes, as a dataclass (its fields are the option names).
     settings_class: ClassVar[type] = NoOptions
     #: True when the runner's numbers are autotune's own model's predictions.

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.config import EngineConfig
-from autotune.deploy import DEPLOY_FILES, bench_argvs, launch_plan
+from autotune.deploy import bench_argvs, launch_plan
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, replica_load
 from autotune.runners.trtllm.argv import (
     llm_api_options,
@@ -28,6 +28,9 @@ from autotune.specs import Workload
 from sample_study import STUDY, sample_copy
 
 runner = CliRunner()
+
+#: A TensorRT-LLM deploy folder (a study of the built-in model deploys on TensorRT-LLM).
+TRTLLM_FILES = ["serve.sh", "extra_llm_api_options.yaml", "bench.sh", "config.json", "README.txt"]
 
 
 def cli(*args):
@@ -81,7 +84,7 @@ def test_deploy_folder_holds_the_recommendation(study, best, tmp_path):
     out = tmp_path / "deploy"
     r = cli("deploy", "--storage", study, "--out", out)
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == sorted(DEPLOY_FILES)
+    assert sorted(os.listdir(out)) == sorted(TRTLLM_FILES)
     for name in ("serve.sh", "bench.sh"):
         assert os.stat(out / name).st_mode & stat.S_IXUSR, name
         assert subprocess.run(["bash", "-n", out / name], check=False).returncode == 0, name
@@ -164,7 +167,7 @@ def test_a_non_empty_folder_needs_force(study, tmp_path):
     assert os.listdir(out) == ["notes.txt"]
     r = cli("deploy", "--storage", study, "--out", out, "--force")
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == sorted([*DEPLOY_FILES, "notes.txt"])
+    assert sorted(os.listdir(out)) == sorted([*TRTLLM_FILES, "notes.txt"])
     assert (out / "notes.txt").read_text() == "mine"
     assert [p for p in os.listdir(tmp_path) if p != "deploy"] == []  # no staging left behind
 

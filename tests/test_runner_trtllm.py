@@ -31,9 +31,9 @@ from autotune.errors import (
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, STATISTICS, replica_load
 from autotune.model import Simulator
 from autotune.runners import EngineBuilder, get_runner
+from autotune.runners._process import group_alive
 from autotune.runners.testing import RunnerContract
 from autotune.runners.trtllm import TrtllmRunner
-from autotune.runners.trtllm._process import group_alive
 from autotune.runners.trtllm._report import parse_report
 from autotune.runners.trtllm.argv import llm_api_options, throughput_argv
 from autotune.runners.trtllm.releases import Release, Version

@@ -4,8 +4,9 @@
 - ``releases``: which TensorRT-LLM release has what (options, YAML fields, report quirks);
 - ``argv``: THE builder of ``trtllm-bench``/``trtllm-serve`` command lines and their LLM-API YAML
   (the deploy folder uses it too);
-- ``_runner``: the runner itself; ``_engines``: the engine cache; ``_process``: process groups,
-  timeouts and failure classes; ``_report``: report parsing; ``_dataset``: the request files.
+- ``_runner``: the runner itself; ``_engines``: the engine cache; ``_process``: failure classes
+  from logs (running commands is ``autotune.runners._process``'s); ``_report``: report parsing;
+  ``_dataset``: the request files.
 """
 
 from autotune.runners.trtllm._runner import TrtllmRunner
@@ -14,12 +15,11 @@ from autotune.runners.trtllm.settings import (
     LAUNCHERS,
     Tools,
     TrtllmSettings,
-    find_executable,
     resolve_settings,
     trtllm_version,
 )
 
 __all__ = [
-    "BACKENDS", "LAUNCHERS", "Tools", "TrtllmRunner", "TrtllmSettings", "find_executable",
+    "BACKENDS", "LAUNCHERS", "Tools", "TrtllmRunner", "TrtllmSettings",
     "resolve_settings", "trtllm_version",
 ]

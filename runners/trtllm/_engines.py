@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import socket
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 
 from autotune.config import EngineConfig
 from autotune.errors import BuildFailed, BuildOutOfMemory, Interrupted, InvalidConfig
-from autotune.runners.trtllm._process import Job, classify, log_tail, read_log
+from autotune.runners._process import Job, log_tail, read_log
+from autotune.runners._tools import public_env, write_json
+from autotune.runners.trtllm._process import classify
 from autotune.runners.trtllm.argv import QUANTIZATION
-from autotune.runners.trtllm.settings import public_env
 from autotune.specs import Workload
 
 ENGINE_INFO = "autotune-engine.json"
@@ -32,13 +32,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data) -> None:
-    """Write atomically (temporary file + rename): other workers read whole files only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 class EngineCache:
@@ -104,7 +97,7 @@ class EngineCache:
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / "build.log"
         argv = self.build_argv(config, folder, max_seq_len)
-        _write_json(folder / "argv.json", {"argv": argv, "env": public_env(self.options.env)})
+        write_json(folder / "argv.json", {"argv": argv, "env": public_env(self.options.env)})
         (result,) = self._procs.run([Job(tuple(argv), log, self._env(), cwd=folder)],
                                     self.options.build_timeout, what="trtllm-bench build")
         settings = {**config.engine_settings(), "quantization": QUANTIZATION.get(config.precision),
@@ -136,7 +129,7 @@ class EngineCache:
         return info
 
     def _record_engine(self, key: str, folder: Path, info: dict) -> None:
-        _write_json(folder / ENGINE_INFO, info)
+        write_json(folder / ENGINE_INFO, info)
         if self.engine_store is not None:
             self.engine_store.engine_put(key, self.name, info)
 

@@ -1,223 +1,32 @@
-"""Running ``trtllm-bench``: argv lists in their own process groups, wall-clock limits, whole-group
-kills, and reading what a failed run left in its log.
+"""What a failed ``trtllm-bench`` run left in its log: the class of failure it stands for.
 
-Nothing here goes through a shell: every command is an argv list started with ``shell=False``.
+Running the commands is ``autotune.runners._process``'s (process groups, timeouts, logs).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from autotune.errors import (
     BuildFailed,
     BuildOutOfMemory,
     Crashed,
-    Interrupted,
     InvalidConfig,
     Killed,
     OutOfMemory,
     SequenceLimit,
-    TimedOut,
     TrialFailure,
 )
+from autotune.runners._process import (
+    KILLED_CODES,
+    JobResult,
+    first_error,
+    line_at,
+    log_tail,
+    read_log,
+)
 
-#: Lines of a failed run's log kept with the failure (and in the database).
-TAIL_LINES = 40
-#: Seconds a process group gets between SIGTERM and SIGKILL when its run timed out.
-TERM_GRACE_S = 5.0
-#: Exit statuses of a process killed by SIGKILL: as Popen reports it, and as shells and MPI
-#: launchers report it (128 + 9).
-KILLED_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One command to run: argv (never a shell string), its log file and its environment."""
-
-    argv: tuple[str, ...]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict, hash=False)
-    cwd: Path | None = None
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """How a job ended. ``returncode`` is None when it was stopped because a sibling failed."""
-
-    job: Job
-    returncode: int | None
-    elapsed_s: float
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
-class ProcessGroups:
-    """Runs jobs, each as the leader of a new process group, and kills whole groups.
-
-    ``interrupt()`` may be called from a signal handler or another thread: it sends SIGKILL to
-    every running group without waiting or taking locks, and the ``run`` in progress then raises
-    ``Interrupted`` (or the signal handler's KeyboardInterrupt unwinds through it, killing what
-    is left).
-    """
-
-    def __init__(self, drain_s: float = 60.0):
-        self.drain_s = drain_s  # how long to wait for a killed group's processes to be gone
-        self.interrupted = False
-        self._running: list[subprocess.Popen] = []
-
-    def run(self, jobs: list[Job], timeout_s: float, what: str = "trtllm-bench") -> list[JobResult]:
-        """Run ``jobs`` side by side until all end, one fails, or ``timeout_s`` passes.
-
-        Raises TimedOut (all groups killed), Interrupted, or Crashed when a command cannot be
-        started; otherwise returns one result per job (a failed one is the caller's to classify).
-        """
-        started = time.monotonic()
-        procs: list[subprocess.Popen] = []
-        codes: list[int | None] = []
-        try:
-            for job in jobs:
-                procs.append(self._start(job))
-                codes.append(None)
-            deadline = started + timeout_s
-            pause = 0.02
-            while True:
-                if self.interrupted:
-                    raise Interrupted(f"{what} interrupted by the user; its processes were killed",
-                                      log_tail=log_tail(jobs[0].log_path),
-                                      log_path=str(jobs[0].log_path))
-                for i, p in enumerate(procs):
-                    if codes[i] is None:
-                        codes[i] = p.poll()
-                if all(c is not None for c in codes):
-                    break
-                if any(c not in (None, 0) for c in codes):
-                    break  # one replica failed: the measurement has failed, stop the others
-                if time.monotonic() > deadline:
-                    for p in procs:
-                        self._kill(p, grace_s=TERM_GRACE_S)
-                    raise TimedOut(
-                        f"{what} made no result within {timeout_s:g} s; its process group was "
-                        "killed", log_tail=log_tail(jobs[0].log_path),
-                        log_path=str(jobs[0].log_path))
-                time.sleep(pause)
-                pause = min(pause * 1.5, 0.5)  # quick for short runs, idle for long ones
-        finally:
-            # Whatever happened (done, failed, timed out, KeyboardInterrupt), no process of these
-            # groups may outlive the run: stragglers (MPI ranks) would keep GPU memory.
-            for p in procs:
-                self._kill(p, grace_s=0.0)
-                if p in self._running:
-                    self._running.remove(p)
-        elapsed = time.monotonic() - started
-        return [JobResult(job, code, elapsed) for job, code in zip(jobs, codes)]
-
-    def interrupt(self) -> None:
-        """Kill every running group now (safe from a signal handler: no locks, no waiting)."""
-        self.interrupted = True
-        for p in list(self._running):
-            _signal_group(p.pid, signal.SIGKILL)
-
-    def _start(self, job: Job) -> subprocess.Popen:
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log_path, "ab") as log:
-            try:
-                # A new session makes the child the leader of its own process group, so a kill
-                # reaches everything it spawned (MPI ranks, launch wrappers) and nothing of ours.
-                proc = subprocess.Popen(
-                    list(job.argv), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, env=job.env or None, cwd=job.cwd,
-                    start_new_session=True, close_fds=True, shell=False)
-            except OSError as exc:
-                raise Crashed(f"cannot start {job.argv[0]!r}: {exc.strerror or exc}",
-                              log_path=str(job.log_path)) from None
-        self._running.append(proc)
-        return proc
-
-    def _kill(self, proc: subprocess.Popen, grace_s: float) -> None:
-        """SIGTERM (when ``grace_s``), then SIGKILL the group; wait until its processes are gone."""
-        if grace_s > 0 and proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=self.drain_s)
-        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state) process
-            pass
-        # GPU memory is only free once every process of the group has exited.
-        wait_group_gone(proc.pid, self.drain_s)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_alive(pgid: int) -> bool:
-    """True while a process (not a zombie) of process group ``pgid`` exists."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # pragma: no cover - not Linux
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name (which may hold spaces and parentheses): state, ppid,
-        # pgrp, ...
-        rest = stat.rsplit(")", 1)[-1].split()
-        if len(rest) >= 3 and rest[2] == str(pgid) and rest[0] != "Z":
-            return True
-    return False
-
-
-def wait_group_gone(pgid: int, limit_s: float) -> bool:
-    """Wait up to ``limit_s`` for every process of group ``pgid`` to exit; True if they did."""
-    deadline = time.monotonic() + limit_s
-    while group_alive(pgid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-# ---- logs ----------------------------------------------------------------------------------
-def read_log(path: Path, max_bytes: int = 4 * 2**20) -> str:
-    """The last ``max_bytes`` of a log (decoded leniently; '' when there is none)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            return fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log."""
-    return "\n".join(read_log(path, 256 * 1024).splitlines()[-lines:])
-
-
-# Patterns from TensorRT-LLM's logs (shared/docs/trtllm.md, "Failures a runner must classify").
 _RUN_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|"
                       r"CUDA error: out of memory|Error Code 2: OutOfMemory|"
                       # the C++ allocator, and the PyTorch executor (1.x) at start-up
@@ -237,8 +46,6 @@ _MPI = re.compile(r"PRTE ERROR|NCCL error|ncclInternalError|ncclSystemError|nccl
                   r"MPI_ABORT|MPI_ERR_")
 _USAGE = re.compile(r"^(?:Error: (?:No such option|Missing option|Invalid value|Got unexpected).*|"
                     r"Usage: .*)$", re.MULTILINE)
-_ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception)\b.*$|^.*\[E\].*$|^Error: .*$",
-                         re.MULTILINE)
 
 
 def _meaningful(text: str) -> str:
@@ -251,7 +58,7 @@ def _invalid_layout(text: str) -> str | None:
     """The line that says the parallel layout is refused, if any."""
     m = _INVALID.search(text)
     if m:
-        return _line_at(text, m.start(), m.end())
+        return line_at(text, m.start(), m.end())
     lines = text.splitlines()
     for i, line in enumerate(lines):
         # A bare ``AssertionError`` under an ``assert ... % tp ...`` source line: TensorRT-LLM's
@@ -262,21 +69,6 @@ def _invalid_layout(text: str) -> str | None:
                 return (context.strip().splitlines() or ["AssertionError"])[-1].strip() + \
                     " -> AssertionError"
     return None
-
-
-def _line_at(text: str, start: int, end: int) -> str:
-    """The whole line holding ``text[start:end]``."""
-    first = text.rfind("\n", 0, start) + 1
-    last = text.find("\n", end)
-    return text[first:last if last != -1 else len(text)].strip()[:300]
-
-
-def _first_error(text: str) -> str:
-    """The most telling error line of a log (the last exception line, else its last line)."""
-    found = _ERROR_LINE.findall(text)
-    line = (found[-1] if found else next(
-        (ln for ln in reversed(text.splitlines()) if ln.strip()), "")).strip()
-    return line[:300]
 
 
 def needed_sequence(message: str) -> int | None:
@@ -305,9 +97,9 @@ def classify(result: JobResult, *, phase: str) -> TrialFailure:
         # the configuration infeasible.
         if m := _BUILD_OOM.search(text):
             return BuildOutOfMemory(f"engine build ran out of GPU memory: {m.group(0)}", **kw)
-        return BuildFailed(f"engine build failed (exit {rc}): {_first_error(text)}", **kw)
+        return BuildFailed(f"engine build failed (exit {rc}): {first_error(text)}", **kw)
     if m := _SEQUENCE.search(text):
-        return SequenceLimit(_line_at(text, m.start(), m.end()), **kw)
+        return SequenceLimit(line_at(text, m.start(), m.end()), **kw)
     if (why := _invalid_layout(text)) is not None:
         return InvalidConfig(f"TensorRT-LLM refused the layout: {why}", **kw)
     if m := _PROMPT_TOO_LONG.search(text):
@@ -317,11 +109,11 @@ def classify(result: JobResult, *, phase: str) -> TrialFailure:
     if rc in KILLED_CODES:
         return Killed(f"run killed by SIGKILL (exit {rc})", **kw)
     if m := _MPI.search(text):
-        return Crashed(f"MPI/NCCL failure (exit {rc}): {_first_error(text) or m.group(0)}", **kw)
+        return Crashed(f"MPI/NCCL failure (exit {rc}): {first_error(text) or m.group(0)}", **kw)
     if rc == 2 and (m := _USAGE.search(text)):
         return Crashed(f"trtllm-bench refused its arguments (exit 2; another TensorRT-LLM "
-                       f"version?): {_first_error(text)}", **kw)
-    return Crashed(f"trtllm-bench exited with {rc}: {_first_error(text)}", **kw)
+                       f"version?): {first_error(text)}", **kw)
+    return Crashed(f"trtllm-bench exited with {rc}: {first_error(text)}", **kw)
 
 
 def oom_in_log(path: Path) -> bool:
@@ -329,16 +121,4 @@ def oom_in_log(path: Path) -> bool:
     return bool(_RUN_OOM.search(_meaningful(read_log(path))))
 
 
-__all__ = [
-    "TAIL_LINES",
-    "Job",
-    "JobResult",
-    "ProcessGroups",
-    "classify",
-    "group_alive",
-    "log_tail",
-    "needed_sequence",
-    "oom_in_log",
-    "read_log",
-    "wait_group_gone",
-]
+__all__ = ["classify", "needed_sequence", "oom_in_log"]

@@ -44,26 +44,19 @@ from autotune.measurement import (
 )
 from autotune.model import check_layout
 from autotune.runners._base import EngineBuilder, Runner
+from autotune.runners._process import Job, JobResult, ProcessGroups, log_tail, read_log
+from autotune.runners._tools import public_env, replica_devices
+from autotune.runners._tools import write_json as _write_json
 from autotune.runners.trtllm import argv as cmd
 from autotune.runners.trtllm._dataset import Dataset, synthetic_dataset, user_dataset
-from autotune.runners.trtllm._engines import EngineCache, _write_json
-from autotune.runners.trtllm._process import (
-    Job,
-    JobResult,
-    ProcessGroups,
-    classify,
-    log_tail,
-    needed_sequence,
-    oom_in_log,
-    read_log,
-)
+from autotune.runners.trtllm._engines import EngineCache
+from autotune.runners.trtllm._process import classify, needed_sequence, oom_in_log
 from autotune.runners.trtllm._report import ReplicaResult, merge_replicas, parse_report
 from autotune.runners.trtllm.releases import Release, Version
 from autotune.runners.trtllm.settings import (
     FORWARD_PREFIXES,
     TrtllmSettings,
     check_release,
-    public_env,
     resolve_settings,
     trtllm_version,
 )
@@ -237,16 +230,10 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
     def _replica_gpus(self, config: EngineConfig) -> list[str | None]:
         """``CUDA_VISIBLE_DEVICES`` for each replica (None: left as it is, for one replica and
         under an external launcher, which places the ranks itself)."""
-        if config.dp == 1 or self.options.launcher != "local":
+        if self.options.launcher != "local":
             return [None] * config.dp
-        visible = self._env().get("CUDA_VISIBLE_DEVICES")
-        devices = ([d.strip() for d in visible.split(",") if d.strip()] if visible
-                   else [str(i) for i in range(self.scenario.num_gpus)])
-        per = config.gpus_per_replica
-        if len(devices) < per * config.dp:
-            raise InvalidConfig(f"{config.label()} needs {per * config.dp} GPUs; "
-                                f"{len(devices)} are visible")
-        return [",".join(devices[r * per:(r + 1) * per]) for r in range(config.dp)]
+        return replica_devices(config, self.scenario.num_gpus,
+                               self._env().get("CUDA_VISIBLE_DEVICES"))
 
     # ---- argv ---------------------------------------------------------------------------------
     def _launch_prefix(self, world: int, env_names: Sequence[str]) -> list[str]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.runners._tools import find_executable, package_version
 from autotune.runners.trtllm.argv import LAUNCH_WRAPPER, QUANTIZATION
 from autotune.runners.trtllm.releases import Release
 from autotune.scenario import Scenario
@@ -22,7 +20,6 @@ DEFAULT_BUILD_TIMEOUT_S = 5400.0  # engine builds take 10-60 minutes
 #: Variables of our environment that ``--launcher mpirun`` names with ``-x``: Open MPI gives remote
 #: ranks only the variables it is told to (srun exports everything by default).
 FORWARD_PREFIXES = ("NCCL_", "TLLM_", "TRTLLM_", "HF_", "UCX_")
-_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 @dataclass
@@ -63,15 +60,6 @@ class Tools:
     bench: str
     launcher: str | None = None  # mpirun / srun
     wrapper: str | None = None  # trtllm-llmapi-launch
-
-
-def find_executable(name: str) -> str | None:
-    """An executable by path (when ``name`` holds a slash) or on PATH, as an absolute path."""
-    if os.sep in name:
-        p = Path(name).expanduser()
-        return str(p.resolve()) if p.is_file() and os.access(p, os.X_OK) else None
-    found = shutil.which(name)
-    return str(Path(found).resolve()) if found else None
 
 
 def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings, Tools]:
@@ -161,33 +149,8 @@ def trtllm_version(executable: str, env: dict[str, str] | None = None,
     """TensorRT-LLM's version beside ``executable``: the package metadata of the Python its
     ``#!`` line names (read without importing tensorrt_llm, which takes seconds); None if
     unknown. ``trtllm-bench`` has no ``--version`` option."""
-    try:
-        with open(executable, "rb") as fh:
-            first = fh.readline(512)
-    except OSError:
-        return None
-    if not first.startswith(b"#!"):
-        return None
-    interpreter = first[2:].decode("utf-8", errors="replace").split()
-    if not interpreter or not any("python" in Path(part).name for part in interpreter):
-        return None
-    code = ("import importlib.metadata as m\n"
-            "for d in ('tensorrt_llm', 'tensorrt-llm'):\n"
-            "    try:\n        print(m.version(d)); break\n"
-            "    except m.PackageNotFoundError:\n        pass\n")
-    try:
-        out = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True,
-                             timeout=timeout_s, env=env, stdin=subprocess.DEVNULL, shell=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    version = out.stdout.strip().splitlines()
-    return version[0].strip() if out.returncode == 0 and version else None
+    return package_version(executable, ("tensorrt_llm", "tensorrt-llm"), env, timeout_s)
 
 
-def public_env(env: dict[str, str]) -> dict[str, str]:
-    """Environment for the settings key and the database: secrets named, never stored."""
-    return {k: ("<redacted>" if _SECRET.search(k) else v) for k, v in sorted(env.items())}
-
-
-__all__ = ["BACKENDS", "LAUNCHERS", "Tools", "TrtllmSettings", "check_release", "find_executable",
-           "public_env", "resolve_settings", "trtllm_version"]
+__all__ = ["BACKENDS", "LAUNCHERS", "Tools", "TrtllmSettings", "check_release",
+           "resolve_settings", "trtllm_version"]

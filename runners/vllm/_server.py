@@ -1,0 +1,187 @@
+"""``vllm serve`` processes: a free loopback port, readiness through ``/health``, the log kept,
+the whole process group ended on every exit path; and what a failed server or benchmark left in
+its log (the class of failure).
+
+Patterns are vLLM 0.32's messages (``vllm/v1/core/kv_cache_utils.py``,
+``vllm/config/model.py``, ``vllm/config/scheduler.py``, ``vllm/v1/worker/cpu_worker.py``).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from autotune.errors import (
+    Crashed,
+    Interrupted,
+    InvalidConfig,
+    Killed,
+    OutOfMemory,
+    TimedOut,
+    TrialFailure,
+)
+from autotune.runners._process import (
+    KILLED_CODES,
+    Job,
+    ProcessGroups,
+    first_error,
+    line_at,
+    log_tail,
+    read_log,
+)
+
+#: Memory errors at start-up: the KV cache cannot hold one sequence, no memory is left for it,
+#: or the device ran out while loading or profiling.
+_OOM = re.compile(r"To serve at least one request with the model's max seq len|"
+                  r"No available memory for the cache blocks|"
+                  r"less than requested memory for kv|"
+                  r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError|"
+                  r"CUDA error: out of memory")
+#: Configurations vLLM refuses before it loads anything.
+_INVALID = re.compile(r"must be divisible by tensor parallel size|"
+                      r"Pipeline parallelism is not supported for this model|"
+                      r"is smaller than max_model_len|"
+                      r"must be greater than or equal to max_num_seqs|"
+                      r"is greater than the derived max_model_len|"
+                      r"exceeds the maximum supported value|"
+                      r"is not divisible by|must be divisible by")
+#: argparse's refusal of an argument (exit 2): another vLLM release than the one tested.
+_USAGE = re.compile(r"^(?:usage: .*|.*: error: (?:unrecognized arguments|argument|the following "
+                    r"arguments are required).*)$", re.MULTILINE)
+_PORT_TAKEN = re.compile(r"Address already in use|address already in use")
+#: The KV cache's capacity, as vLLM logs it at start-up.
+_CAPACITY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.,]+)x")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(base_url: str, timeout_s: float = 2.0) -> bool:
+    """True when ``GET /health`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Server:
+    """One running ``vllm serve``: its process (the leader of its own group), port and log."""
+
+    proc: subprocess.Popen
+    job: Job
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.job.log_path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def capacity(self) -> int | None:
+        """Requests of the longest length the KV cache holds at once (vLLM's "Maximum
+        concurrency" line), None when the log does not say."""
+        found = _CAPACITY.findall(read_log(self.log_path))
+        if not found:
+            return None
+        return int(float(found[-1][1].replace(",", "")))
+
+
+def launch_server(procs: ProcessGroups, job: Job, port: int) -> Server:
+    """Start ``job`` (a ``vllm serve`` listening on ``port``) without waiting for it."""
+    return Server(procs.start(job), job, port)
+
+
+def wait_ready(procs: ProcessGroups, server: Server, timeout_s: float) -> Server:
+    """Wait until ``server`` answers ``/health``: the server, or the failure it stands for with
+    its whole process group ended (TimedOut past ``timeout_s``; Interrupted after
+    ``procs.interrupt()``)."""
+    job = server.job
+    deadline = time.monotonic() + timeout_s
+    pause = 0.2
+    try:
+        while True:
+            if procs.interrupted:
+                raise Interrupted("vllm serve interrupted by the user while starting; its "
+                                  "processes were killed", log_tail=log_tail(job.log_path),
+                                  log_path=str(job.log_path))
+            if not server.alive():
+                raise classify_start(server.proc.returncode, job.log_path)
+            if healthy(server.base_url):
+                return server
+            if time.monotonic() > deadline:
+                raise TimedOut(f"vllm serve was not ready (GET /health) within {timeout_s:g} s; "
+                               "its process group was killed", log_tail=log_tail(job.log_path),
+                               log_path=str(job.log_path))
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+    except BaseException:
+        procs.stop(server.proc)
+        raise
+
+
+def classify_start(returncode: int | None, log_path: Path) -> TrialFailure:
+    """The failure a ``vllm serve`` that exited before it was ready stands for."""
+    text = read_log(log_path)
+    kw = {"log_tail": log_tail(log_path), "log_path": str(log_path)}
+    has_traceback = "Traceback (most recent call last)" in text
+    if returncode in KILLED_CODES and not has_traceback:
+        return Killed(f"vllm serve killed by SIGKILL (exit {returncode}) with no traceback: "
+                      "typically the host ran out of memory", **kw)
+    if m := _OOM.search(text):
+        return OutOfMemory(f"vllm serve ran out of memory at start-up: "
+                           f"{line_at(text, m.start(), m.end())}", **kw)
+    if m := _INVALID.search(text):
+        return InvalidConfig(f"vLLM refused the configuration: "
+                             f"{line_at(text, m.start(), m.end())}", **kw)
+    if returncode == 2 and (m := _USAGE.search(text)):
+        return Crashed(f"vllm serve refused its arguments (exit 2; another vLLM release?): "
+                       f"{first_error(text) or m.group(0)}", **kw)
+    if _PORT_TAKEN.search(text):
+        return Crashed(f"vllm serve could not listen on its port: {first_error(text)}", **kw)
+    return Crashed(f"vllm serve exited with {returncode} before it was ready: "
+                   f"{first_error(text)}", **kw)
+
+
+def port_taken(failure: TrialFailure) -> bool:
+    """True when a start failed only because another process took the port first."""
+    return isinstance(failure, Crashed) and "could not listen on its port" in str(failure)
+
+
+def classify_run(returncode: int | None, log_path: Path, server: Server | None = None
+                 ) -> TrialFailure:
+    """The failure a ``vllm bench serve`` that exited non-zero stands for (a server that died
+    under it is named: its log says why)."""
+    if server is not None and not server.alive():
+        failure = classify_start(server.proc.returncode, server.log_path)
+        return type(failure)(f"the server died during the load point: {failure}",
+                             log_tail=failure.log_tail, log_path=failure.log_path)
+    text = read_log(log_path)
+    kw = {"log_tail": log_tail(log_path), "log_path": str(log_path)}
+    if returncode in KILLED_CODES:
+        return Killed(f"vllm bench serve killed by SIGKILL (exit {returncode})", **kw)
+    if returncode == 2 and _USAGE.search(text):
+        return Crashed(f"vllm bench serve refused its arguments (exit 2; another vLLM "
+                       f"release?): {first_error(text)}", **kw)
+    return Crashed(f"vllm bench serve exited with {returncode}: {first_error(text)}", **kw)
+
+
+__all__ = ["Server", "classify_run", "classify_start", "free_port", "healthy", "launch_server",
+           "port_taken", "wait_ready"]
