@@ -565,8 +565,12 @@ def deploy(
 @app.command()
 @handles_errors
 def doctor(
+    runner: Annotated[str, typer.Option(
+        "--runner", help="The runner to check the node for: trtllm or vllm.")] = "trtllm",
     trtllm_bench: Annotated[str | None, typer.Option(
         "--trtllm-bench", help="Path to the trtllm-bench executable (default: on PATH).")] = None,
+    vllm: Annotated[str | None, typer.Option(
+        "--vllm", help="Path to the vllm executable (default: on PATH).")] = None,
     model_path: Annotated[str | None, typer.Option(
         "--model-path", help="Local checkpoint folder to check.")] = None,
     workspace: Annotated[str, typer.Option(
@@ -576,14 +580,16 @@ def doctor(
         "--min-free-gb", help="Free GiB the workspace needs.")] = 50.0,
     json_out: Json = False,
 ):
-    """Check that this node is ready for `search --runner trtllm` (exit 0) or not (exit 1).
+    """Check that this node is ready for `search --runner trtllm|vllm` (exit 0) or not (exit 1).
 
-    One line each: trtllm-bench and its version, GPUs, the model, workspace disk, the database."""
+    One line each: trtllm-bench or vllm and its version, GPUs, the model, workspace disk, the
+    database."""
     from autotune import console
     from autotune.doctor import print_checks, ready, run_checks, verdict
 
-    checks = run_checks(trtllm_bench=trtllm_bench, model_path=model_path, workspace=workspace,
-                        storage=storage, min_free_gib=min_free_gb)
+    checks = run_checks(runner=runner, trtllm_bench=trtllm_bench, vllm=vllm,
+                        model_path=model_path, workspace=workspace, storage=storage,
+                        min_free_gib=min_free_gb)
     if json_out:
         console.print_json({"ready": ready(checks), "verdict": verdict(checks),
                             "checks": [c.to_dict() for c in checks]})

@@ -1,4 +1,5 @@
-"""``autotune doctor``: is this node ready for ``autotune search --runner trtllm``?
+"""``autotune doctor``: is this node ready for ``autotune search --runner trtllm`` (or
+``--runner vllm``)?
 
 Each check gives one line and a status: ``ok``, ``warn`` (works, but look), ``skip`` (not asked
 for) or ``fail``. The node is ready when nothing failed.
@@ -58,6 +59,33 @@ def check_trtllm_bench(executable: str | None) -> Check:
     return Check("trtllm-bench", "ok", detail)
 
 
+#: The vLLM release the vllm runner is tested against (a real engine in the test suite).
+VLLM_TESTED = "0.32"
+
+
+def check_vllm(executable: str | None) -> Check:
+    """vllm found (on PATH or at the given path) and its version (package metadata, read
+    without importing vllm)."""
+    from autotune.runners._tools import find_executable
+    from autotune.runners.vllm import vllm_version
+
+    name = executable or "vllm"
+    path = find_executable(name)
+    if path is None:
+        where = "at that path" if os.sep in name else "on PATH"
+        return Check("vllm", "fail", f"{name!r} not found {where}: install vLLM (pip install "
+                     "vllm, in any environment) or pass --vllm PATH")
+    version = vllm_version(path)
+    if version is None:
+        return Check("vllm", "warn", f"{path} (vLLM version unknown: its Python has no vllm "
+                     "package metadata)")
+    build = " (a CPU build: use --gpu cpu)" if "+cpu" in version else ""
+    detail = f"{path}: vLLM {version}{build}"
+    if not version.startswith(VLLM_TESTED):
+        return Check("vllm", "warn", f"{detail}; autotune is tested with vLLM {VLLM_TESTED}")
+    return Check("vllm", "ok", detail)
+
+
 def check_gpus() -> Check:
     """GPUs visible to ``nvidia-smi --query-gpu`` (count, name, memory)."""
     smi = shutil.which("nvidia-smi")
@@ -95,12 +123,12 @@ def check_gpus() -> Check:
     return Check("GPUs", "ok" if len(kinds) == 1 else "warn", detail)
 
 
-def check_model(model_path: str | None) -> Check:
+def check_model(model_path: str | None, engine: str = "trtllm-bench") -> Check:
     """The checkpoint folder is readable and its config.json describes a decoder model."""
     from autotune.specs import model_from_hf_config
 
     if model_path is None:
-        return Check("model", "skip", "no --model-path (trtllm-bench downloads the model from "
+        return Check("model", "skip", f"no --model-path ({engine} downloads the model from "
                      "Hugging Face by name)")
     folder = Path(model_path).expanduser()
     if not folder.is_dir():
@@ -184,16 +212,24 @@ def check_database(url: str) -> Check:
     return Check("database", "ok", f"{safe}: reachable")
 
 
-def run_checks(*, trtllm_bench: str | None, model_path: str | None, workspace: str,
-               storage: str, min_free_gib: float = DEFAULT_MIN_FREE_GIB) -> list[Check]:
-    """Every check, in the order they are printed."""
-    return [
-        check_trtllm_bench(trtllm_bench),
-        check_gpus(),
-        check_model(model_path),
-        check_workspace(workspace, min_free_gib),
-        check_database(storage),
-    ]
+RUNNERS = ("trtllm", "vllm")
+
+
+def run_checks(*, model_path: str | None, workspace: str, storage: str,
+               trtllm_bench: str | None = None, vllm: str | None = None, runner: str = "trtllm",
+               min_free_gib: float = DEFAULT_MIN_FREE_GIB) -> list[Check]:
+    """Every check for ``runner``, in the order they are printed."""
+    if runner not in RUNNERS:
+        raise UserError(f"doctor checks --runner {' or '.join(RUNNERS)}, not {runner!r}")
+    if runner == "vllm":
+        engine = check_vllm(vllm)
+        # A CPU build of vLLM runs on the cores (`--gpu cpu`): no GPU to look for.
+        gpus = (Check("GPUs", "skip", "a CPU build of vLLM: ranks are CPU cores (--gpu cpu)")
+                if "+cpu" in engine.detail else check_gpus())
+        checks = [engine, gpus, check_model(model_path, "vllm serve")]
+    else:
+        checks = [check_trtllm_bench(trtllm_bench), check_gpus(), check_model(model_path)]
+    return [*checks, check_workspace(workspace, min_free_gib), check_database(storage)]
 
 
 def ready(checks: list[Check]) -> bool:
@@ -203,7 +239,8 @@ def ready(checks: list[Check]) -> bool:
 def verdict(checks: list[Check]) -> str:
     failed = [c.name for c in checks if c.status == "fail"]
     if not failed:
-        return "ready: `autotune search --runner trtllm` can run on this node"
+        runner = "vllm" if checks and checks[0].name == "vllm" else "trtllm"
+        return f"ready: `autotune search --runner {runner}` can run on this node"
     return f"not ready: {len(failed)} check(s) failed ({', '.join(failed)})"
 
 
@@ -229,6 +266,7 @@ __all__ = [
     "check_gpus",
     "check_model",
     "check_trtllm_bench",
+    "check_vllm",
     "check_workspace",
     "print_checks",
     "ready",

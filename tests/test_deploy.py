@@ -243,3 +243,25 @@ def test_the_deploy_folder_speaks_the_release_it_was_measured_on():
         {"trtllm_version": "0.19.0"}), warmup=5)
     assert "--eos_id" not in bench and bench[bench.index("--warmup") + 1] == "5"
     assert "enable_padding" in launch_plan(cfg, "m", measured_release({})).options_yaml
+
+
+def test_a_sim_study_deploys_on_vllm_when_asked(study, best, tmp_path):
+    out = tmp_path / "vllm"
+    r = cli("deploy", "--storage", study, "--out", out, "--engine", "vllm", "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out)) == ["README.txt", "bench.sh", "config.json", "serve.sh",
+                                       "vllm-config.yaml"]
+    cfg = best["config"]
+    args = yaml.safe_load((out / "vllm-config.yaml").read_text())
+    assert args["tensor-parallel-size"] == cfg["tp"]
+    assert args["pipeline-parallel-size"] == cfg["pp"]
+    assert args["max-num-seqs"] == cfg["max_batch_size"]
+    assert args["max-num-batched-tokens"] == cfg["max_num_tokens"]
+    assert args["enable-chunked-prefill"] is cfg["chunked_prefill"]
+    serve = (out / "serve.sh").read_text()
+    assert serve.count("vllm serve") == cfg["dp"]
+    assert subprocess.run(["bash", "-n", out / "serve.sh"], check=False).returncode == 0
+    assert subprocess.run(["bash", "-n", out / "bench.sh"], check=False).returncode == 0
+    assert json.loads((out / "config.json").read_text())["engine"] == "vllm"
+    bad = cli("deploy", "--storage", study, "--out", tmp_path / "x", "--engine", "sglang")
+    assert bad.exit_code == 2 and "--engine 'sglang' is unknown" in bad.output

@@ -154,8 +154,9 @@ def test_replicas_are_separate_servers_on_their_own_gpus_and_share_the_load(on_p
 
 
 def test_one_server_serves_a_config_across_measure_calls_and_stops_for_the_next(on_path,
-                                                                               tmp_path):
+                                                                               tmp_path, request):
     r = make_runner(on_path, tmp_path)
+    request.addfinalizer(r.close)
     a = EngineConfig(tp=1, max_batch_size=16, max_num_tokens=2048, precision="bf16")
     b = EngineConfig(tp=2, max_batch_size=16, max_num_tokens=2048, precision="bf16")
     m1 = r.measure(a, r.scenario.workload, [1])
@@ -179,6 +180,8 @@ CFG = EngineConfig(tp=2, max_batch_size=32, max_num_tokens=2048, precision="bf16
     ("start-killed", Killed, "SIGKILL"),
     ("start-hang", TimedOut, "not ready"),
     ("run-die", Crashed, "the server died during the load point"),
+    ("engine-dead", Crashed, "the engine died during the load point: assert self.intermediate_"
+                             "tensors is not None -> AssertionError"),
     ("partial", BadReport, r"24 of 32 requests completed \(8 failed\): Server disconnected"),
     ("bad-result", BadReport, "not JSON"),
 ])
@@ -189,9 +192,11 @@ def test_each_fault_is_its_failure_class_and_leaves_no_process(on_path, tmp_path
     started = []
     real = r._launch
     r._launch = lambda *a, **k: started.append(real(*a, **k)) or started[-1]
-    with pytest.raises(failure, match=words) as info:
-        r.measure(CFG, r.scenario.workload, [4])
-    r.close()
+    try:
+        with pytest.raises(failure, match=words) as info:
+            r.measure(CFG, r.scenario.workload, [4])
+    finally:
+        r.close()
     assert info.value.log_path and Path(info.value.log_path).exists()
     assert started and not any(group_alive(s.proc.pid) for s in started)
 
@@ -229,8 +234,11 @@ def test_interrupt_while_a_server_starts_ends_its_whole_group(on_path, tmp_path,
     r._launch = lambda *a, **k: started.append(real(*a, **k)) or started[-1]
     threading.Timer(1.0, r.interrupt).start()
     t0 = time.monotonic()
-    with pytest.raises(Interrupted):
-        r.measure(CFG, r.scenario.workload, [1])
+    try:
+        with pytest.raises(Interrupted):
+            r.measure(CFG, r.scenario.workload, [1])
+    finally:
+        r.close()
     assert time.monotonic() - t0 < 20
     assert not any(group_alive(s.proc.pid) for s in started)
 
@@ -290,3 +298,32 @@ def test_search_best_and_deploy_with_the_vllm_runner(on_path, tmp_path):
     assert 'vllm serve "$MODEL"' in serve and "--config vllm-config.yaml" in serve
     bench = (out / "bench.sh").read_text()
     assert "vllm bench serve" in bench and '--tokenizer "$MODEL"' in bench
+
+
+# ---- doctor -------------------------------------------------------------------------------------
+def test_doctor_for_vllm_names_the_executable_version_and_model(on_path, tmp_path):
+    r = CliRunner().invoke(app, ["doctor", "--runner", "vllm", "--vllm", on_path["vllm"],
+                                 "--model-path", on_path["model"], "--workspace",
+                                 str(tmp_path / "ws"), "--min-free-gb", "0", "--storage",
+                                 f"sqlite:///{tmp_path / 'd.db'}", "--json"])
+    report = json.loads(r.output)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["vllm"]["status"] == "ok" and "vLLM 0.32.0" in checks["vllm"]["detail"]
+    assert checks["model"]["status"] == "warn"  # a config.json without weight files
+    assert "32 layers" in checks["model"]["detail"]
+    missing = CliRunner().invoke(app, ["doctor", "--runner", "vllm", "--vllm",
+                                       str(tmp_path / "none"), "--json"])
+    assert missing.exit_code == 1
+    assert json.loads(missing.output)["checks"][0]["status"] == "fail"
+    bad = CliRunner().invoke(app, ["doctor", "--runner", "sglang"])
+    assert bad.exit_code == 2 and "doctor checks --runner trtllm or vllm" in bad.output
+
+
+def test_a_cpu_build_of_vllm_needs_no_gpu(tmp_path, monkeypatch):
+    env = make_standin(tmp_path / "cpu", version="0.32.0+cpu")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(app, ["doctor", "--runner", "vllm", "--vllm",
+                                 str(tmp_path / "cpu" / "bin" / "vllm"), "--json"])
+    checks = {c["name"]: c for c in json.loads(r.output)["checks"]}
+    assert "a CPU build" in checks["vllm"]["detail"] and checks["GPUs"]["status"] == "skip"

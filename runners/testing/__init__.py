@@ -2,13 +2,19 @@
 
 Subclass it in a test module and provide the ``runner`` fixture (a runner for a Llama-3.1-8B
 on 8xH100 scenario, or the scenario your runner needs) plus ``oom_config`` (a config that cannot
-fit). The sim runner, the trtllm runner (against its stand-in) and later runners all pass it.
+fit); override ``config`` for a scenario of another size. The sim runner, the trtllm runner
+(against its stand-in) and the vllm runner (against its stand-in and a real vLLM engine) all
+pass it. Tests that measure one config come first and the ones that start others last, so a
+runner that keeps a server for its config between calls (vllm) starts it once.
+
+``vllm_standin`` is a stand-in ``vllm`` for fast tests of a runner of a real engine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -51,20 +57,18 @@ class RunnerContract:
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"]
         assert p.latency("e2e", "p50") >= p.latency("ttft", "p50")
 
+    def test_more_load_means_more_throughput_and_latency(self, runner, config):
+        low, high = runner.measure(config, runner.scenario.workload, [1, 32]).load_points
+        assert high.output_throughput > low.output_throughput
+        assert high.latency("tpot", "mean") >= low.latency("tpot", "mean")
+
     def test_a_load_point_says_what_was_in_flight_over_all_replicas(self, runner, config):
-        replicas = EngineConfig(tp=config.tp, pp=1, dp=2, max_batch_size=config.max_batch_size,
-                                max_num_tokens=config.max_num_tokens,
-                                precision=config.precision)
+        replicas = replace(config, pp=1, dp=2)
         # 3 requests over 2 replicas: each gets 2, so 4 are in flight.
         (p,) = runner.measure(replicas, runner.scenario.workload, [3]).load_points
         assert p.concurrency == 4
         assert math.isclose(p.output_throughput_per_gpu * replicas.gpus, p.output_throughput,
                             rel_tol=1e-6)
-
-    def test_more_load_means_more_throughput_and_latency(self, runner, config):
-        low, high = runner.measure(config, runner.scenario.workload, [1, 32]).load_points
-        assert high.output_throughput > low.output_throughput
-        assert high.latency("tpot", "mean") >= low.latency("tpot", "mean")
 
     def test_config_that_cannot_fit_is_out_of_memory(self, runner, oom_config):
         with pytest.raises(OutOfMemory) as info:

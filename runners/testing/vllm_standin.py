@@ -9,7 +9,9 @@ real engine's do (more sequences in flight: more throughput, slower steps).
 Faults, for failure-class tests, from ``AUTOTUNE_STANDIN_VLLM_FAULT``: ``start-crash``,
 ``start-hang`` (never healthy), ``start-killed`` (SIGKILL, no traceback), ``run-die`` (the server
 exits when the benchmark starts: every request fails, and ``vllm bench serve`` still exits 0, as
-the real one does), ``partial`` (some requests fail), ``bad-result`` (a truncated result file).
+the real one does), ``engine-dead`` (the engine dies, logging a worker's AssertionError, and the
+API server answers 500 to every request), ``partial`` (some requests fail), ``bad-result`` (a
+truncated result file).
 ``AUTOTUNE_STANDIN_VLLM_GIB`` is the device memory (GiB, default 80).
 
 ``make_standin(folder)`` writes an executable ``vllm`` (and the distribution metadata that
@@ -188,6 +190,15 @@ def serve(argv: list[str]) -> None:
                 if fault == "run-die":
                     engine.kill()
                     os._exit(1)
+                if fault == "engine-dead":
+                    pre = f"(Worker_PP1 pid={os.getpid()}) ERROR 12-02 01:00:56 [multiproc_" \
+                          "executor.py:1063]"
+                    print(f"{pre} WorkerProc hit an exception.\n{pre} Traceback (most recent "
+                          f"call last):\n{pre}     assert self.intermediate_tensors is not None"
+                          f"\n{pre} AssertionError\n(APIServer pid={os.getpid()}) ERROR 12-02 "
+                          "01:00:56 [async_llm.py:906] vllm.v1.engine.exceptions."
+                          "EngineDeadError: EngineCore encountered an issue.", flush=True)
+                    state["dead"] = True
                 self._json(200, state)
             else:
                 self._json(404, {"detail": "Not Found"})
@@ -248,11 +259,11 @@ def bench(argv: list[str]) -> None:
     ri, ro = _ratio(args.random_range_ratio, "input"), _ratio(args.random_range_ratio, "output")
     isl = [max(1, round(args.random_input_len * rng.uniform(1 - ri, 1 + ri))) for _ in range(n)]
     osl = [max(1, round(args.random_output_len * rng.uniform(1 - ro, 1 + ro))) for _ in range(n)]
-    failed = set(range(n)) if state is None else set()
+    failed = set(range(n)) if state is None or state.get("dead") else set()
     if fault == "partial":
         failed = set(range(0, n, 4))
     recs = []
-    if state is not None:
+    if state is not None and not state.get("dead"):
         conc = args.max_concurrency or n
         batch = max(1, min(conc, state["max_num_seqs"], state["capacity"] * state["pp"]))
         step = 0.004 * (1 + 0.04 * batch) / math.sqrt(state["tp"]) * (1.3 if state["eager"]
@@ -288,7 +299,8 @@ def bench(argv: list[str]) -> None:
            [0.0] * n,
            "start_times": [base + recs[i][0] for i in range(n)] if recs else [base] * n,
            "errors": [error if i in failed else "" for i in range(n)] if state is None else
-           ["" if i in ok else "Server disconnected" for i in range(n)],
+           ["" if i in ok else ("Internal Server Error" if state.get("dead") else
+                                "Server disconnected") for i in range(n)],
            "generated_texts": ["" for _ in range(n)]}
     pcts = [float(p) for p in args.metric_percentiles.split(",")]
     per = {"ttft": [recs[i][1] * 1e3 for i in ok],

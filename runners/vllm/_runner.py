@@ -48,6 +48,7 @@ from autotune.runners.vllm._result import BenchResult, load_point, parse_result
 from autotune.runners.vllm._server import (
     Server,
     classify_run,
+    engine_death,
     free_port,
     launch_server,
     port_taken,
@@ -294,7 +295,8 @@ class VllmRunner(Runner):
         try:
             return parse_result(path)
         except BadReport as exc:
-            if not server.alive():  # the server died under the benchmark: its log says why
+            # A server or an engine that died under the benchmark: its log says why.
+            if not server.alive() or engine_death(server) is not None:
                 raise classify_run(0, path, server) from None
             raise BadReport(str(exc), log_tail="", log_path=str(path)) from None
 

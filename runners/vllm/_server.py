@@ -55,6 +55,10 @@ _INVALID = re.compile(r"must be divisible by tensor parallel size|"
 _USAGE = re.compile(r"^(?:usage: .*|.*: error: (?:unrecognized arguments|argument|the following "
                     r"arguments are required).*)$", re.MULTILINE)
 _PORT_TAKEN = re.compile(r"Address already in use|address already in use")
+#: The engine process died under a running server (the API server then answers 500).
+_ENGINE_DEAD = re.compile(r"EngineDeadError|WorkerProc hit an exception|Engine core proc .* died")
+_LOGGED_LINE = re.compile(r"^\(\w+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^\]]+\] ?(.*)$", re.MULTILINE)
+_EXCEPTION = re.compile(r"^(?:\w+\.)*\w+(?:Error|Exception)\b")
 #: The KV cache's capacity, as vLLM logs it at start-up.
 _CAPACITY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.,]+)x")
 
@@ -165,10 +169,32 @@ def port_taken(failure: TrialFailure) -> bool:
     return isinstance(failure, Crashed) and "could not listen on its port" in str(failure)
 
 
+def engine_death(server: Server) -> TrialFailure | None:
+    """Crashed when the server's log says its engine died (vLLM keeps the API server up,
+    answering every request with an error), None otherwise."""
+    text = read_log(server.log_path)
+    if not _ENGINE_DEAD.search(text):
+        return None
+    # The root cause: the last exception a worker or the engine logged before the API server's
+    # EngineDeadError (log lines look like "(Worker_PP1 pid=7) ERROR ... [file:line] KeyError: x"),
+    # with the assert statement above a bare AssertionError.
+    segment = text[_ENGINE_DEAD.search(text).start():].split("EngineDeadError")[0]
+    lines = [m.group(1).strip() for m in _LOGGED_LINE.finditer(segment)]
+    errors = [i for i, line in enumerate(lines) if _EXCEPTION.match(line)]
+    cause = lines[errors[-1]] if errors else first_error(text)
+    if cause == "AssertionError":
+        asserts = [line for line in lines[:errors[-1]] if line.startswith("assert ")]
+        cause = f"{asserts[-1]} -> AssertionError" if asserts else cause
+    return Crashed(f"the engine died during the load point: {cause}",
+                   log_tail=log_tail(server.log_path), log_path=str(server.log_path))
+
+
 def classify_run(returncode: int | None, log_path: Path, server: Server | None = None
                  ) -> TrialFailure:
     """The failure a ``vllm bench serve`` that exited non-zero stands for (a server that died
     under it is named: its log says why)."""
+    if server is not None and (died := engine_death(server)) is not None:
+        return died
     if server is not None and not server.alive():
         failure = classify_start(server.proc.returncode, server.log_path)
         return type(failure)(f"the server died during the load point: {failure}",
@@ -183,5 +209,6 @@ def classify_run(returncode: int | None, log_path: Path, server: Server | None =
     return Crashed(f"vllm bench serve exited with {returncode}: {first_error(text)}", **kw)
 
 
-__all__ = ["Server", "classify_run", "classify_start", "free_port", "healthy", "launch_server",
+__all__ = ["Server", "classify_run", "classify_start", "engine_death", "free_port", "healthy",
+           "launch_server",
            "port_taken", "wait_ready"]
