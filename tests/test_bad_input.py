@@ -66,7 +66,7 @@ CASES = [
     ("osl-negative", ["search", *with_opt("--osl", "-5")], "--osl"),
     ("isl-absurd", ["search", *with_opt("--isl", "1000000000")], "--isl"),
     ("num-gpus-zero", ["search", *with_opt("--num-gpus", "0")], "--num-gpus"),
-    ("unknown-runner", ["search", *with_opt("--runner", "vllm")], "unknown runner"),
+    ("unknown-runner", ["search", *with_opt("--runner", "sglang")], "unknown runner"),
     ("trtllm-flag-with-sim", ["search", *with_opt("--backend", "tensorrt")],
      "runner 'sim' does not take --backend"),
     ("trtllm-flag-with-plugin", ["search", *with_opt("--runner", "plugins.slow_sim:SlowSim"),

@@ -21,6 +21,7 @@ from autotune.errors import (
     Interrupted,
     InvalidConfig,
     Killed,
+    OutOfMemory,
     TimedOut,
     UserError,
 )
@@ -327,3 +328,34 @@ def test_a_cpu_build_of_vllm_needs_no_gpu(tmp_path, monkeypatch):
                                  str(tmp_path / "cpu" / "bin" / "vllm"), "--json"])
     checks = {c["name"]: c for c in json.loads(r.output)["checks"]}
     assert "a CPU build" in checks["vllm"]["detail"] and checks["GPUs"]["status"] == "skip"
+
+
+@pytest.mark.parametrize("line, failure", [
+    # vllm/v1/core/kv_cache_utils.py
+    ("ValueError: To serve at least one request with the model's max seq len (8192), (1.00 GiB "
+     "KV cache is needed, which is larger than the available KV cache memory (0.50 GiB).",
+     OutOfMemory),
+    ("ValueError: No available memory for the cache blocks. Try increasing "
+     "`gpu_memory_utilization` when initializing the engine.", OutOfMemory),
+    # vllm/v1/worker/gpu_worker.py and cpu_worker.py: the share asked for is not free
+    ("ValueError: Free memory on device (10.5/79.2 GiB) on startup is less than desired GPU "
+     "memory utilization (0.9, 71.3 GiB).", OutOfMemory),
+    ("ValueError: Available memory on node 0 (6.07/23.54 GiB) on startup is less than desired "
+     "CPU memory utilization (0.3, 7.06 GiB).", OutOfMemory),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", OutOfMemory),
+    # vllm/config/model.py, vllm/config/scheduler.py
+    ("ValueError: Total number of attention heads (64) must be divisible by tensor parallel "
+     "size (3).", InvalidConfig),
+    ("ValueError: max_num_batched_tokens (2048) is smaller than max_model_len (4096).",
+     InvalidConfig),
+    ("vllm serve: error: unrecognized arguments: --no-such-flag", Crashed),
+])
+def test_start_up_failures_are_classified_from_vllms_own_messages(tmp_path, line, failure):
+    from autotune.runners.vllm._server import classify_start
+
+    log = tmp_path / "server.log"
+    log.write_text(f"(EngineCore pid=1) INFO 12-02 01:00:00 [core.py:1] starting\n"
+                   f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{line}\n")
+    found = classify_start(2 if "unrecognized" in line else 1, log)
+    assert type(found) is failure and str(found)
+    assert found.log_path == str(log)

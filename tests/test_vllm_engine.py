@@ -5,7 +5,7 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-All of them run in one xdist worker, one engine at a time (each server takes 2-5 GB).
+The tests run in two xdist groups (the contract; the other two), one engine at a time in each.
 """
 
 import json
@@ -25,12 +25,22 @@ from autotune.runners.testing import RunnerContract
 from autotune.runners.vllm import VllmRunner
 from autotune.scenario import Scenario
 
-pytestmark = [pytest.mark.xdist_group("vllm-engine"), pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
+#: Two groups of engine tests, each kept to one xdist worker (one engine at a time in each; a
+#: server takes 2-5 GB): on two workers they run side by side.
+CONTRACT = pytest.mark.xdist_group("vllm-engine-contract")
+SEARCH = pytest.mark.xdist_group("vllm-engine-search")
 
 ISL, OSL = 128, 32
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
-from vllm_cpu import KV_SHARE, PP_ENV_DROP, TWO_RANKS, Unavailable  # noqa: E402
+from vllm_cpu import (  # noqa: E402
+    KV_SHARE,
+    KV_SHARE_TWO_RANKS,
+    PP_ENV_DROP,
+    TWO_RANKS,
+    Unavailable,
+)
 from vllm_cpu import engine as real_engine  # noqa: E402
 
 
@@ -72,6 +82,7 @@ def processes_under(folder: Path) -> list[int]:
     return found
 
 
+@CONTRACT
 class TestRealVllmContract(RunnerContract):
     @pytest.fixture(scope="class")
     @classmethod
@@ -93,17 +104,18 @@ class TestRealVllmContract(RunnerContract):
                             precision="bf16")
 
 
+@SEARCH
 def test_tp2_and_pp2_run_on_two_ranks(engine):
     two = {**engine["env"], **TWO_RANKS}
     with real_runner(engine, "tp2", env=two) as r:
         tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE, precision="bf16"),
+                                     kv_fraction=KV_SHARE_TWO_RANKS, precision="bf16"),
                         r.scenario.workload, [4])
     # PP on vLLM 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
     compiled = {k: v for k, v in two.items() if k not in PP_ENV_DROP}
     with real_runner(engine, "pp2", env=compiled, eager=False) as r:
         pp2 = r.measure(EngineConfig(pp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE, precision="bf16"),
+                                     kv_fraction=KV_SHARE_TWO_RANKS, precision="bf16"),
                         r.scenario.workload, [4])
     for m, flag in ((tp2, "--tensor-parallel-size"), (pp2, "--pipeline-parallel-size")):
         argv = m.raw["servers"][0]["argv"]
@@ -126,6 +138,7 @@ def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
+@SEARCH
 def test_a_real_search_measures_survives_ctrl_c_records_a_start_failure_and_deploys(engine):
     work = engine["work"]
     space = work / "space.yaml"

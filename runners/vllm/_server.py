@@ -41,6 +41,8 @@ from autotune.runners._process import (
 _OOM = re.compile(r"To serve at least one request with the model's max seq len|"
                   r"No available memory for the cache blocks|"
                   r"less than requested memory for kv|"
+                  # vLLM's start-up check that the asked share of memory is free (GPU and CPU)
+                  r"is less than desired (?:GPU|CPU) memory utilization|"
                   r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError|"
                   r"CUDA error: out of memory")
 #: Configurations vLLM refuses before it loads anything.

@@ -5,6 +5,7 @@ belong here, after shared/docs/vllm-cpu.md)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -25,8 +26,11 @@ PP_ENV_DROP = ("VLLM_CPU_CI_ENV",)
 #: Two ranks (TP2 / PP2) on two cores: rank 0 on core 0, rank 1 on core 1 (automatic binding
 #: wants one NUMA node per rank).
 TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-#: What vLLM's CPU build may take of the node's memory: weights, activations and KV cache.
+#: What vLLM's CPU build may take of the node's memory: weights, activations and KV cache. With
+#: one rank the node is what automatic binding sees (~9 GiB here); with two ranks bound to cores
+#: it is the whole machine (23.5 GiB), and each rank asks for its share.
 KV_SHARE = 0.3
+KV_SHARE_TWO_RANKS = 0.12
 
 
 class Unavailable(Exception):
@@ -58,10 +62,12 @@ def engine() -> dict:
     venv = Path(os.environ.get("AUTOTUNE_VLLM_VENV") or DEFAULT_VENV)
     install(venv)
     model = venv.parent / "tiny-llama"
-    if not (model / "model.safetensors").exists():
-        subprocess.run([str(venv / "bin" / "python"), str(HERE / "make_tiny_model.py"),
-                        str(model)], check=True, capture_output=True, timeout=300,
-                       env={**os.environ, **ENGINE_ENV})
+    with open(venv.parent / "tiny-llama.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers share it: one of them makes it
+        if not (model / "model.safetensors").exists():
+            subprocess.run([str(venv / "bin" / "python"), str(HERE / "make_tiny_model.py"),
+                            str(model)], check=True, capture_output=True, timeout=300,
+                           env={**os.environ, **ENGINE_ENV})
     env = dict(ENGINE_ENV)
     lib = [str(p) for p in (venv / "lib" / "libiomp5.so",
                             Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"))
