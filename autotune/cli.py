@@ -35,7 +35,9 @@ Osl = Annotated[int, typer.Option("--osl", help="Output length, tokens.")]
 Slo = Annotated[str | None, typer.Option(
     "--slo", help="Latency SLO, e.g. 'tpot:p99<=25ms,ttft:p99<=2s'. None: max throughput.")]
 Storage = Annotated[str, typer.Option(
-    "--storage", help="SQLAlchemy URL of the study database (sqlite:///… or postgresql://…).")]
+    "--storage", envvar="AUTOTUNE_STORAGE",
+    help="SQLAlchemy URL of the study database (sqlite:///… or postgresql://…); from "
+    "AUTOTUNE_STORAGE when not given, which keeps a password out of `ps`.")]
 StudyName = Annotated[str | None, typer.Option(
     "--study", help="Study name (default: derived from model, GPUs, workload and SLO).")]
 NewestStudy = Annotated[str | None, typer.Option(

@@ -131,7 +131,25 @@ def run_here(job: SearchJob, tuner=None, on_trial: Callable | None = None) -> No
         tuner.optimize(job.trials, timeout=job.timeout, on_trial=on_trial)
 
 
-def _worker_main(job: SearchJob, index: int) -> None:  # pragma: no cover - runs in a child
+#: Seconds between a worker's checks that the ``--workers`` parent is still there.
+PARENT_CHECK_S = 1.0
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """Ask this process to stop (SIGTERM, handled like Ctrl-C: the trial is recorded as
+    interrupted, nothing stays claimed) once its parent is gone: a ``--workers`` parent killed
+    with SIGKILL can pass nothing on, and its workers must not go on without output."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="autotune-parent-watch", daemon=True).start()
+
+
+def _worker_main(job: SearchJob, index: int, parent: int
+                 ) -> None:  # pragma: no cover - runs in a child
+    _stop_when_orphaned(parent)
     try:
         tuner = job.tuner(index)
         run_here(job, tuner)
@@ -149,12 +167,13 @@ def run_workers(job: SearchJob, workers: int, poll: Callable[[], None] | None = 
     """Start ``workers`` processes on the study and wait for them; their exit codes.
 
     Ctrl-C reaches the children from the terminal; SIGTERM to this process is passed on to
-    them. Either way they record their trial as interrupted and exit; then KeyboardInterrupt is
-    raised here.
+    them; a SIGKILL of this process leaves them orphans, which stop by themselves within
+    ``PARENT_CHECK_S``. Each way they record their trial as interrupted and exit; then
+    KeyboardInterrupt is raised here.
     """
     ctx = multiprocessing.get_context("spawn")  # no forked database connections or threads
-    procs = [ctx.Process(target=_worker_main, args=(job, i), name=f"autotune-worker-{i}")
-             for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(job, i, os.getpid()),
+                         name=f"autotune-worker-{i}") for i in range(workers)]
     interrupted = False
 
     def forward(signum, frame):

@@ -5,7 +5,8 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-The tests run in two xdist groups (the contract; the other two), one engine at a time in each.
+The tests run in two xdist groups (the runner's: the contract, TP2 and PP2; the search), one
+engine at a time in each.
 """
 
 import json
@@ -26,9 +27,9 @@ from autotune.runners.vllm import VllmRunner
 from autotune.scenario import Scenario
 
 pytestmark = pytest.mark.timeout(900)
-#: Two groups of engine tests, each kept to one xdist worker (one engine at a time in each; a
-#: server takes 2-5 GB): on two workers they run side by side.
-CONTRACT = pytest.mark.xdist_group("vllm-engine-contract")
+#: Two groups of engine tests of about the same length, each kept to one xdist worker (one
+#: engine at a time in each; a server takes 1-3 GB): on two workers they run side by side.
+RUNNER = pytest.mark.xdist_group("vllm-engine-runner")
 SEARCH = pytest.mark.xdist_group("vllm-engine-search")
 
 ISL, OSL = 128, 32
@@ -36,7 +37,7 @@ AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
 from vllm_cpu import (  # noqa: E402
     KV_SHARE,
-    KV_SHARE_TWO_RANKS,
+    KV_SHARE_NONE,
     PP_ENV_DROP,
     TWO_RANKS,
     Unavailable,
@@ -82,7 +83,7 @@ def processes_under(folder: Path) -> list[int]:
     return found
 
 
-@CONTRACT
+@RUNNER
 class TestRealVllmContract(RunnerContract):
     @pytest.fixture(scope="class")
     @classmethod
@@ -99,23 +100,23 @@ class TestRealVllmContract(RunnerContract):
 
     @pytest.fixture
     def oom_config(self) -> EngineConfig:
-        # 3% of the node: less than the server itself takes, so nothing is left for a KV cache.
-        return EngineConfig(tp=1, max_batch_size=16, max_num_tokens=512, kv_fraction=0.03,
-                            precision="bf16")
+        # Less of the node than the server itself takes: nothing is left for a KV cache.
+        return EngineConfig(tp=1, max_batch_size=16, max_num_tokens=512,
+                            kv_fraction=KV_SHARE_NONE, precision="bf16")
 
 
-@SEARCH
+@RUNNER
 def test_tp2_and_pp2_run_on_two_ranks(engine):
     two = {**engine["env"], **TWO_RANKS}
     with real_runner(engine, "tp2", env=two) as r:
         tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE_TWO_RANKS, precision="bf16"),
+                                     kv_fraction=KV_SHARE, precision="bf16"),
                         r.scenario.workload, [4])
     # PP on vLLM 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
     compiled = {k: v for k, v in two.items() if k not in PP_ENV_DROP}
     with real_runner(engine, "pp2", env=compiled, eager=False) as r:
         pp2 = r.measure(EngineConfig(pp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE_TWO_RANKS, precision="bf16"),
+                                     kv_fraction=KV_SHARE, precision="bf16"),
                         r.scenario.workload, [4])
     for m, flag in ((tp2, "--tensor-parallel-size"), (pp2, "--pipeline-parallel-size")):
         argv = m.raw["servers"][0]["argv"]
@@ -144,7 +145,7 @@ def test_a_real_search_measures_survives_ctrl_c_records_a_start_failure_and_depl
     space = work / "space.yaml"
     space.write_text(yaml.safe_dump({
         "tp": [1], "pp": [1], "max_batch_size": [1, 4, 16], "max_num_tokens": [256, 512],
-        "kv_fraction": [KV_SHARE, 0.03], "chunked_prefill": [True, False],
+        "kv_fraction": [KV_SHARE, KV_SHARE_NONE], "chunked_prefill": [True, False],
         "concurrency": [1, 16]}))
     db = f"sqlite:///{work / 'real.db'}"
 
@@ -164,7 +165,7 @@ def test_a_real_search_measures_survives_ctrl_c_records_a_start_failure_and_depl
     # A configuration whose KV cache cannot exist, queued first: recorded with its class.
     study = optuna.load_study(study_name="real", storage=db)
     study.enqueue_trial({"layout": "tp1-pp1-dp1", "max_batch_size": 4, "max_num_tokens": 512,
-                         "kv_fraction": 0.03, "chunked_prefill": True})
+                         "kv_fraction": KV_SHARE_NONE, "chunked_prefill": True})
 
     proc = _search(engine, db, space, 4)
     try:

@@ -183,3 +183,30 @@ def test_eight_workers_creating_a_new_database_at_once_all_open_it(backend, tmp_
     (tmp_path / "go").touch()  # released together, as workers started by one scheduler
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, "\n".join(e for e in errors if e)
+
+
+def test_workers_of_a_parent_killed_with_sigkill_stop_and_the_study_resumes(tmp_path, space):
+    from autotune.runners._process import group_alive
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    args = ["search", *SCENARIO, "--space", space, "--study", "o", "--trials", 6,
+            "--runner", "plugins.slow_sim:SlowSim", "--workers", 2]
+    # The URL comes from the environment: nothing of it in the command line `ps` shows.
+    proc = subprocess.Popen(autotune_cmd(*args),
+                            env=subprocess_env(AUTOTUNE_TEST_RUN_S=2.0, AUTOTUNE_STORAGE=url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_running(url, "o", proc)
+    proc.kill()  # the parent only: it can pass nothing on to its workers
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while group_alive(proc.pid) and time.monotonic() < deadline:  # its workers, orphaned
+        time.sleep(0.2)
+    assert not group_alive(proc.pid), "the workers of a killed parent went on"
+    trials, rows, _ = study_state(url, "o")
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials]
+    assert "interrupted" in {r.status for r in rows}
+
+    r = run_cli(*args, AUTOTUNE_TEST_RUN_S=0.05, AUTOTUNE_STORAGE=url)
+    assert r.returncode == 0, r.stderr
+    assert_consistent(url, "o", 6)

@@ -26,11 +26,12 @@ PP_ENV_DROP = ("VLLM_CPU_CI_ENV",)
 #: Two ranks (TP2 / PP2) on two cores: rank 0 on core 0, rank 1 on core 1 (automatic binding
 #: wants one NUMA node per rank).
 TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-#: What vLLM's CPU build may take of the node's memory: weights, activations and KV cache. With
-#: one rank the node is what automatic binding sees (~9 GiB here); with two ranks bound to cores
-#: it is the whole machine (23.5 GiB), and each rank asks for its share.
-KV_SHARE = 0.3
-KV_SHARE_TWO_RANKS = 0.12
+#: What each rank of vLLM's CPU build may take of the NUMA node's memory (here the whole 23.5 GiB
+#: machine): weights, activations and KV cache, ~2.4 GiB. Servers run side by side with the other
+#: tests, so they must stay small.
+KV_SHARE = 0.1
+#: A share below what a server itself takes (~0.75 GiB): no KV cache can exist.
+KV_SHARE_NONE = 0.01
 
 
 class Unavailable(Exception):
