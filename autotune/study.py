@@ -198,20 +198,36 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="autotune-heartbeat")
 
-    def beat(self) -> None:
+    #: Seconds between the first beat's tries when the database fails it (a lock held, a
+    #: dropped connection): the trial starts only once its first beat is recorded.
+    FIRST_BEAT_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+    def beat(self) -> bool:
+        """Record one beat; False when the database failed it (the next beat will do: the grace
+        period covers a few missed ones). Optuna wraps some database errors in its own
+        StorageInternalError: both count, so the thread never dies of one."""
         try:
             self.storage.record_heartbeat(self.trial_id)
             if self.touch is not None:
                 self.touch()
-        except SQLAlchemyError:
-            pass  # a busy database: the next beat will do; the grace period covers it
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError):
+            return False
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.beat()
 
     def __enter__(self) -> Heartbeat:
-        self.beat()
+        for pause in self.FIRST_BEAT_BACKOFF_S:
+            if self.beat():
+                break
+            time.sleep(pause)
+        else:
+            # The database is gone for good: fail loudly here, before anything was measured.
+            self.storage.record_heartbeat(self.trial_id)
+            if self.touch is not None:
+                self.touch()
         self._thread.start()
         return self
 

