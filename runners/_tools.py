@@ -83,6 +83,44 @@ def replica_devices(config, num_gpus: int, visible: str | None) -> list[str | No
     return [",".join(devices[r * per:(r + 1) * per]) for r in range(config.dp)]
 
 
+def check_run_options(settings, timeouts: Sequence[str]) -> None:
+    """The options every runner of a real engine shares (UserError, one line): ``num_requests``
+    a positive integer or None, ``warmup`` a non-negative integer, each of ``timeouts`` a
+    positive number of seconds, ``env`` a mapping of names to strings."""
+    from autotune.errors import UserError
+
+    n = settings.num_requests
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise UserError(f"--num-requests must be a positive integer, got {n!r}")
+    w = settings.warmup
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise UserError(f"warmup must be a non-negative integer, got {w!r}")
+    for name in timeouts:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
+                            f"got {value!r}")
+    env = settings.env
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise UserError("env must map variable names to string values")
+
+
+def checkpoint_folder(value: str | None) -> str | None:
+    """``--model-path`` as an absolute path (None stays None); UserError when it is not a
+    readable folder."""
+    from autotune.errors import UserError
+
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if not p.is_dir():
+        raise UserError(f"--model-path {str(value)!r} is not a folder")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise UserError(f"--model-path {str(value)!r} is not readable")
+    return str(p.resolve())
+
+
 def write_json(path: Path, data) -> None:
     """Write atomically (temporary file + rename): other workers read whole files only."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -90,5 +128,5 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["find_executable", "interpreter_of", "package_version", "public_env",
-           "replica_devices", "write_json"]
+__all__ = ["check_run_options", "checkpoint_folder", "find_executable", "interpreter_of",
+           "package_version", "public_env", "replica_devices", "write_json"]

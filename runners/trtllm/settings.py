@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.runners._tools import find_executable, package_version
+from autotune.runners._tools import (
+    check_run_options,
+    checkpoint_folder,
+    find_executable,
+    package_version,
+)
 from autotune.runners.trtllm.argv import LAUNCH_WRAPPER, QUANTIZATION
 from autotune.runners.trtllm.releases import Release
 from autotune.scenario import Scenario
@@ -87,27 +91,8 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
             raise UserError(f"--launcher {launcher} needs {LAUNCH_WRAPPER} (next to trtllm-bench "
                             "or on PATH); it ships with TensorRT-LLM")
         tools = Tools(bench=bench, launcher=runner, wrapper=wrapper)
-    if s.num_requests is not None and (not isinstance(s.num_requests, int)
-                                       or isinstance(s.num_requests, bool) or s.num_requests < 1):
-        raise UserError(f"--num-requests must be a positive integer, got {s.num_requests!r}")
-    if not isinstance(s.warmup, int) or s.warmup < 0:
-        raise UserError(f"warmup must be a non-negative integer, got {s.warmup!r}")
-    for name in ("run_timeout", "build_timeout", "drain_timeout"):
-        value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
-                            f"got {value!r}")
-    if not isinstance(s.env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                              for k, v in s.env.items()):
-        raise UserError("env must map variable names to string values")
-    model_path = None
-    if s.model_path is not None:
-        p = Path(s.model_path).expanduser()
-        if not p.is_dir():
-            raise UserError(f"--model-path {str(s.model_path)!r} is not a folder")
-        if not os.access(p, os.R_OK | os.X_OK):
-            raise UserError(f"--model-path {str(s.model_path)!r} is not readable")
-        model_path = str(p.resolve())
+    check_run_options(s, ("run_timeout", "build_timeout", "drain_timeout"))
+    model_path = checkpoint_folder(s.model_path)
     # trtllm-bench names the model with --model (a Hugging Face name); with a local checkpoint
     # the name only labels the run and the engine folder.
     hf_name = s.hf_name or scenario.model.hf_name or (Path(model_path).name if model_path else "")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.runners._tools import find_executable, package_version
+from autotune.runners._tools import (
+    check_run_options,
+    checkpoint_folder,
+    find_executable,
+    package_version,
+)
 from autotune.scenario import Scenario
 
 DEFAULT_WORKSPACE = "autotune-workspace"
@@ -94,32 +98,13 @@ def resolve_settings(scenario: Scenario, options: dict) -> VllmSettings:
     if vllm is None:
         raise UserError(f"vllm not found ({s.vllm!r}): install vLLM on this node or pass "
                         "--vllm PATH (the vllm executable of its environment)")
-    if s.num_requests is not None and (not isinstance(s.num_requests, int)
-                                       or isinstance(s.num_requests, bool) or s.num_requests < 1):
-        raise UserError(f"--num-requests must be a positive integer, got {s.num_requests!r}")
-    if isinstance(s.warmup, bool) or not isinstance(s.warmup, int) or s.warmup < 0:
-        raise UserError(f"warmup must be a non-negative integer, got {s.warmup!r}")
+    check_run_options(s, ("startup_timeout", "run_timeout", "drain_timeout"))
     if not isinstance(s.eager, bool):
         raise UserError(f"eager must be true or false, got {s.eager!r}")
-    for name in ("startup_timeout", "run_timeout", "drain_timeout"):
-        value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
-                            f"got {value!r}")
-    if not isinstance(s.env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                              for k, v in s.env.items()):
-        raise UserError("env must map variable names to string values")
-    model_path = None
-    if s.model_path is not None:
-        p = Path(s.model_path).expanduser()
-        if not p.is_dir():
-            raise UserError(f"--model-path {str(s.model_path)!r} is not a folder")
-        if not os.access(p, os.R_OK | os.X_OK):
-            raise UserError(f"--model-path {str(s.model_path)!r} is not readable")
-        if not (p / "config.json").is_file():
-            raise UserError(f"--model-path {str(s.model_path)!r} has no config.json (not a "
-                            "Hugging Face checkpoint folder)")
-        model_path = str(p.resolve())
+    model_path = checkpoint_folder(s.model_path)
+    if model_path is not None and not (Path(model_path) / "config.json").is_file():
+        raise UserError(f"--model-path {str(s.model_path)!r} has no config.json (not a "
+                        "Hugging Face checkpoint folder)")
     hf_name = s.hf_name or scenario.model.hf_name
     if model_path is None and not hf_name:
         raise UserError(f"model {scenario.model.name!r} has no Hugging Face name: pass "
