@@ -97,9 +97,9 @@ def main() -> None:
         if best is None:
             sys.exit("no configuration met the SLO")
         config = EngineConfig.from_dict(best["config"])
-        load = best["point"]["concurrency"]
+        load = best["concurrency"]
         print(f"  best: {config.label()} at concurrency {load}: "
-              f"{best['point']['output_throughput']:.0f} tok/s")
+              f"{best['throughput']['output_tok_s']:.0f} tok/s")
         runs = repeats(eng, work, config, load, args.repeats)
         for r in runs:
             print(f"  repeat: {r['output_tok_s']:.0f} tok/s, TPOT p50 {r['tpot_p50_ms']:.2f} ms, "
