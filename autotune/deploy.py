@@ -107,6 +107,15 @@ def vllm_engine_args(config: EngineConfig, scenario: dict, measured: dict | None
                                 kv_cache_dtype=kv, eager=bool(measured.get("eager")))
 
 
+def served_name(scenario: dict, model: str) -> str:
+    """The name clients ask a deployed vLLM for: the catalog name of the study's model (e.g.
+    ``llama-3.1-70b``), else the checkpoint's folder or Hugging Face name's last part."""
+    name = str(scenario.get("model") or "")
+    if name and "/" not in name and not name.endswith(".json"):
+        return name
+    return model.rstrip("/").rsplit("/", 1)[-1] or "model"
+
+
 def vllm_launch_plan(config: EngineConfig, model: str, scenario: dict,
                      measured: dict | None = None) -> LaunchPlan:
     """``vllm serve`` per replica (separate servers, as the vllm runner measured them), each
@@ -115,7 +124,7 @@ def vllm_launch_plan(config: EngineConfig, model: str, scenario: dict,
     gpus = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(config.dp))
     ports = tuple(vllm_cmd.BASE_PORT + i for i in range(config.dp))
     args = vllm_engine_args(config, scenario, measured)
-    served = scenario.get("model") or model
+    served = served_name(scenario, model)
     return LaunchPlan(
         commands=tuple(tuple(vllm_cmd.serve_argv(model, args, vllm="vllm", host="0.0.0.0",
                                                  port=p, served_name=served,
@@ -330,7 +339,7 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
   Replicas serve independent requests, so one replica at concurrency/dp shows the
   deployment's per-GPU throughput and latencies. Prefix caching is off, as measured;
   `enable-prefix-caching: true` helps real traffic that shares prompt prefixes."""
-        bench = vllm_bench_script(config, model, scenario.get("model") or model, workload,
+        bench = vllm_bench_script(config, model, served_name(scenario, model), workload,
                                   p.concurrency, header, warmup)
     else:
         files_txt = f"""  {SERVE_SCRIPT:<28}starts trtllm-serve: {replicas}
