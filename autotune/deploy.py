@@ -177,9 +177,11 @@ def _with_model_var(argv: Sequence[str], model: str) -> str:
     ``--model MODEL``, ``--tokenizer MODEL``)
     written as ``"$MODEL"``, so a script's user can point it at a local checkpoint."""
     def is_model(i: int, arg: str) -> bool:
-        return arg == model and ((i == 1 and argv[0] == "trtllm-serve")
-                                 or (i == 2 and list(argv[:2]) == ["vllm", "serve"])
-                                 or argv[i - 1] in ("--model", "--tokenizer"))
+        if arg != model:
+            return False
+        if argv[0] == "vllm":  # `vllm bench serve --model` is the served name, not the model
+            return (i == 2 and argv[1] == "serve") or argv[i - 1] == "--tokenizer"
+        return (i == 1 and argv[0] == "trtllm-serve") or argv[i - 1] == "--model"
 
     return " ".join('"$MODEL"' if is_model(i, a) else shlex.quote(a) for i, a in enumerate(argv))
 
@@ -251,7 +253,10 @@ def vllm_bench_script(config: EngineConfig, model: str, served: str, workload: W
         f"{vllm_cmd.BASE_PORT}.",
         "set -euo pipefail", 'cd "$(dirname "$0")"',
         f"MODEL=${{MODEL:-{shlex.quote(model)}}}",
-        f"until curl -sf {url} >/dev/null; do sleep 5; done",
+        # Up to 30 minutes for the server to load (large checkpoints), then give up loudly.
+        f"for _ in $(seq 360); do curl -sf {url} >/dev/null && break; sleep 5; done",
+        f"curl -sf {url} >/dev/null || {{ echo 'bench.sh: no healthy vllm serve at {url} "
+        "(start ./serve.sh first)' >&2; exit 1; }",
         _with_model_var(bench, model), "",
     ])
 

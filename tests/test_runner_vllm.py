@@ -196,10 +196,12 @@ def test_each_fault_is_its_failure_class_and_leaves_no_process(on_path, tmp_path
     try:
         with pytest.raises(failure, match=words) as info:
             r.measure(CFG, r.scenario.workload, [4])
+        # Ended by the failure itself, not only by close: a server a load point failed on is
+        # never reused for the next one.
+        assert started and not any(group_alive(s.proc.pid) for s in started)
     finally:
         r.close()
     assert info.value.log_path and Path(info.value.log_path).exists()
-    assert started and not any(group_alive(s.proc.pid) for s in started)
 
 
 @pytest.mark.parametrize("cfg, words", [
@@ -359,3 +361,21 @@ def test_start_up_failures_are_classified_from_vllms_own_messages(tmp_path, line
     found = classify_start(2 if "unrecognized" in line else 1, log)
     assert type(found) is failure and str(found)
     assert found.log_path == str(log)
+
+
+def test_replicas_throughput_is_the_sum_of_each_replicas_own_rate():
+    import numpy as np
+
+    from autotune.runners.vllm._result import BenchResult, load_point
+
+    def replica(t0: float) -> BenchResult:  # 10 requests, one after another, 1 s each
+        start = t0 + np.arange(10.0)
+        return BenchResult(start_s=start, ttft_s=np.full(10, 0.1), latency_s=np.full(10, 1.0),
+                           itl_s=np.full(90, 0.01), output_tokens=np.full(10, 100))
+
+    # The second benchmark started 5 s after the first: each ran 1000 tokens in 10 s.
+    p = load_point([replica(0.0), replica(5.0)], concurrency=2, gpus=2)
+    assert p.output_throughput == pytest.approx(200.0)  # not 2000 tokens / 15 s
+    assert p.output_throughput_per_gpu == pytest.approx(100.0)
+    assert p.request_throughput == pytest.approx(2.0)
+    assert p.num_requests == 20 and p.latency("ttft", "p50") == pytest.approx(100.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +79,24 @@ def parse_result(path: Path) -> BenchResult:
 
 
 def load_point(results: Sequence[BenchResult], *, concurrency: int, gpus: int) -> LoadPoint:
-    """One load point from replicas measured side by side (their requests taken together; the
-    benchmark clients' clocks are the host's monotonic clock, so their times compare)."""
+    """One load point from replicas measured side by side: latencies over their requests taken
+    together; throughputs the sum of each replica's own (its tokens over its own span: the
+    benchmarks start a few seconds apart, so one window over all would count their skew as idle
+    time)."""
     cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
     start, ttft, latency = cat("start_s"), cat("ttft_s"), cat("latency_s")
     gaps = cat("itl_s") * 1e3
-    return load_point_from_requests(
+    point = load_point_from_requests(
         concurrency=concurrency, gpus=gpus, start_s=start, first_token_s=start + ttft,
         end_s=start + latency, output_tokens=cat("output_tokens"),
         itl_ms=(gaps, None) if gaps.size else None)
+    if len(results) == 1:
+        return point
+    spans = [float((r.start_s + r.latency_s).max() - r.start_s.min()) for r in results]
+    tokens = sum(float(r.output_tokens.sum() / s) for r, s in zip(results, spans) if s > 0)
+    requests = sum(r.output_tokens.size / s for r, s in zip(results, spans) if s > 0)
+    return replace(point, output_throughput=tokens, output_throughput_per_gpu=tokens / gpus,
+                   request_throughput=requests, duration_s=max(spans))
 
 
 __all__ = ["BenchResult", "load_point", "parse_result"]

@@ -148,11 +148,17 @@ class VllmRunner(Runner):
         trial_dir = server_dir.parent
         points: list[LoadPoint] = []
         raws: list[dict] = []
-        for load in loads:
-            point, raw = self._run_load(config, workload, load, servers, trial_dir)
-            points.append(point)
-            raws.append(raw)
-        fits = [s.capacity() for s in servers]
+        try:
+            for load in loads:
+                point, raw = self._run_load(config, workload, load, servers, trial_dir)
+                points.append(point)
+                raws.append(raw)
+        except BaseException:
+            # A server a load point failed on (hung, engine dead, half shut down) never serves
+            # the next one: the next measurement starts afresh.
+            self._stop_servers()
+            raise
+        fits = [s.fit for s in servers]
         capacity = (min(min(f, config.max_batch_size) for f in fits) * config.dp
                     if all(fits) else 0)
         return Measurement(
@@ -254,7 +260,7 @@ class VllmRunner(Runner):
     def _run_load(self, config: EngineConfig, workload: Workload, load: int,
                   servers: list[Server], trial_dir: Path) -> tuple[LoadPoint, dict]:
         per_replica = replica_load(load, config.dp)
-        fits = [s.capacity() for s in servers]
+        fits = [s.fit for s in servers]
         n = self._requests_per_replica(per_replica, config.dp, min(fits) if all(fits) else None)
         name = "max" if load == MAX_CONCURRENCY else str(load)
         folder, again = trial_dir / f"load-{name}", 2

@@ -89,6 +89,9 @@ class Server:
     job: Job
     port: int
     host: str = "127.0.0.1"
+    #: Requests of the longest length its KV cache holds, read once it is ready (the log grows
+    #: with every request after that).
+    fit: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -131,6 +134,7 @@ def wait_ready(procs: ProcessGroups, server: Server, timeout_s: float) -> Server
             if not server.alive():
                 raise classify_start(server.proc.returncode, job.log_path)
             if healthy(server.base_url):
+                server.fit = server.capacity()
                 return server
             if time.monotonic() > deadline:
                 raise TimedOut(f"vllm serve was not ready (GET /health) within {timeout_s:g} s; "
