@@ -13,18 +13,22 @@ from pathlib import Path
 from autotune.errors import UserError
 
 
-def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` as a Path once its folder exists and is writable (UserError, one line, if not)."""
+def check_out_file(path: str | os.PathLike, flag: str = "--out", *, force: bool = False) -> Path:
+    """``path`` as a Path once its folder exists and is writable, and it is a new file (or
+    ``force``): UserError, one line, if not. A SQLite database is never replaced."""
     out = Path(path).expanduser()
     if out.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name")
-    if out.is_file():
+    if out.exists():
         with out.open("rb") as fh:
             if fh.read(16) == b"SQLite format 3\x00":
                 # A report or an export must never replace a study database (perhaps the
-                # very one it was read from).
+                # very one it was read from), --force or not.
                 raise UserError(f"{flag} {out} is a SQLite database (a study's?); "
                                 "pick another file name")
+        if not force:
+            raise UserError(f"{flag} {out} exists; pick another file name or pass --force "
+                            "to replace it")
     _check_writable_folder(out.parent if str(out.parent) else Path("."), flag, out)
     return out
 

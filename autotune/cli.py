@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from autotune.errors import UserError
+from autotune.errors import DatabaseUnavailable, UserError
 
 app = typer.Typer(
     name="autotune", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -48,6 +48,10 @@ ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
 
 
+Force = Annotated[bool, typer.Option("--force", metavar=FLAG,
+                                     help="Replace files that exist (never a database).")]
+
+
 def handles_errors(fn):
     """Map UserError to one line + exit 2 (inside the command, so CliRunner sees it too)."""
 
@@ -60,6 +64,11 @@ def handles_errors(fn):
         except UserError as exc:
             console.error(str(exc))
             raise typer.Exit(2) from None
+        except DatabaseUnavailable as exc:
+            from autotune.workers import EXIT_DATABASE
+
+            console.error(f"{exc}; stopped")
+            raise typer.Exit(EXIT_DATABASE) from None
         except Exception as exc:
             # A database that breaks while it is read (a truncated or corrupt file, a server
             # gone): one line naming it, never a traceback.
@@ -144,6 +153,9 @@ def search(
     grace: Annotated[int, typer.Option(
         "--grace", help="Seconds without a heartbeat before a trial counts as lost and is "
         "re-queued.")] = 120,
+    db_retry: Annotated[float, typer.Option(
+        "--db-retry", help="Seconds a worker retries a failing database (a dropped connection, "
+        "a restart, a lock, a full disk) before it stops with exit code 3.")] = 120.0,
     model_path: Annotated[str | None, typer.Option(
         "--model-path", help="\\[trtllm, vllm] Local checkpoint folder.")] = None,
     hf_name: Annotated[str | None, typer.Option(
@@ -177,12 +189,13 @@ def search(
     from autotune import console
     from autotune.measurement import load_label
     from autotune.recommend import Results
-    from autotune.workers import SearchJob, run_here, run_workers
+    from autotune.workers import EXIT_DATABASE, SearchJob, run_here, run_workers
 
     job = SearchJob(
         model=model, gpu=gpu, num_gpus=num_gpus, isl=isl, osl=osl, precision=precision, slo=slo,
         runner=runner, space=space, storage=storage, study=study, seed=seed, trials=trials,
-        timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, profile=profile, prior=prior,
+        timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, retry_s=db_retry, profile=profile,
+        prior=prior,
         runner_options=_runner_options(
             model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
             trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
@@ -216,6 +229,11 @@ def search(
         except KeyboardInterrupt:
             console.error(f"interrupted: the running trial is recorded as interrupted; {resume}")
             raise typer.Exit(130) from None
+        except DatabaseUnavailable as exc:
+            # Its trial is re-run by the other workers once it looks dead (the grace period),
+            # or by the resume.
+            console.error(f"{exc}; this worker stopped: {resume}")
+            raise typer.Exit(EXIT_DATABASE) from None
     elapsed = time.perf_counter() - started
 
     results = Results(db.store, tuner.study_name)
@@ -292,12 +310,13 @@ def _with_launch(rec, scenario: dict) -> dict:
             "launch": plan_for(rec, scenario).to_dict()}
 
 
-def _results(storage: str, study: str | None):
-    """The study's Results (UserError: no database, no studies, no such study)."""
+def _results(storage: str, study: str | None, *, write: bool = False):
+    """The study's Results (UserError: no database, no studies, no such study); the database
+    is opened read-only unless the command ``write``s to it."""
     from autotune.recommend import Results
     from autotune.study import open_storage
 
-    db = open_storage(storage, create=False)
+    db = open_storage(storage, create=False, write=write)
     return db, Results(db.store, _pick_study(db, study))
 
 
@@ -451,6 +470,7 @@ def report(
     study: NewestStudy = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Configs in the best-configs "
                                      "table.")] = 5,
+    force: Force = False,
     json_out: Json = False,
 ):
     """Write a report page: Pareto front, load curves, TP x PP grid, progress, failures."""
@@ -458,7 +478,7 @@ def report(
     from autotune.atomic import check_folder, check_out_file
     from autotune.report import FIGURES, require_matplotlib, write_report
 
-    target = check_out_file(out)
+    target = check_out_file(out, force=force)
     png_dir = check_folder(png, "--png") if png else None
     require_matplotlib()
     db, results = _results(storage, study)
@@ -484,6 +504,7 @@ def export(
         "--format", help="csv, parquet or json (default: from --out's suffix, else csv).")] = None,
     storage: Storage = DEFAULT_STORAGE,
     study: NewestStudy = None,
+    force: Force = False,
     json_out: Json = False,
 ):
     """Write every measurement as a table: one row per load point with config and metrics."""
@@ -492,7 +513,7 @@ def export(
     from autotune.export import check_format, format_from_suffix, load_point_frame, writer
 
     name = check_format(fmt if fmt is not None else (format_from_suffix(out) or "csv"))
-    target = check_out_file(out)
+    target = check_out_file(out, force=force)
     _, results = _results(storage, study)
     with console.steps(2, "export", enabled=not json_out) as advance:
         advance("reading the study")
@@ -619,7 +640,7 @@ def calibrate(
     from autotune.scenario import Scenario
 
     require_scipy()
-    db, results = _results(storage, study)
+    db, results = _results(storage, study, write=True)  # it stores the fitted profile
     study = results.study_name
     scen = Scenario.from_identity(results.scenario)
     used = results.scenario.get("profile")  # the study's model already had a profile

@@ -27,6 +27,11 @@ def install_hint(extra: str) -> str:
     return f"pip install '{DISTRIBUTION}[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
 
 
+class DatabaseUnavailable(AutotuneError):
+    """The database kept failing past the retry budget: the worker stops (exit code 3); what it
+    held is released by the other workers once its trial looks dead, or by the next resume."""
+
+
 class ScenarioMismatch(UserError):
     """A study exists under this name with a different scenario."""
 

@@ -59,7 +59,7 @@ class Scenario:
             "model": self.model.name,
             "model_spec": self.model.to_dict(),
             "gpu": self.gpu.name,
-            "gpu_spec": self.gpu.to_dict(),  # informative: not compared when workers join
+            "gpu_spec": self.gpu.to_dict(),  # the figures, not the name, say what it is
             "num_gpus": self.num_gpus,
             "precision": self.precision,
             "workload": self.workload.to_dict(),
@@ -90,14 +90,18 @@ def identity_differences(stored: dict, wanted: dict) -> list[str]:
     """Human lines naming each fact that differs between two scenario identities."""
     out = []
     for key in ("model", "gpu", "num_gpus", "precision", "workload", "slo", "runner", "profile",
-                "model_spec"):
+                "model_spec", "gpu_spec"):
         have, want = stored.get(key), wanted.get(key)
-        if key == "model_spec" and isinstance(have, dict) and isinstance(want, dict):
-            if stored.get("model") != wanted.get("model"):
-                continue  # already named by "model"
+        if key.endswith("_spec"):
+            name = key.removesuffix("_spec")
+            if not isinstance(have, dict) or not isinstance(want, dict) or \
+                    stored.get(name) != wanted.get(name):
+                continue  # not recorded by an older autotune, or already named by the name
+            # Two specs by one name (a custom GPU YAML called h100): each figure that differs.
             # A fact a study from an older autotune did not record is not a difference.
-            want = {k: v for k, v in want.items() if k in have}
-        if have != want:
+            out += [f"{name} {k}: study has {have[k]!r}, this run has {want[k]!r}"
+                    for k in sorted(have) if k in want and have[k] != want[k]]
+        elif have != want:
             out.append(f"{key}: study has {have!r}, this run has {want!r}")
     return out
 

@@ -27,12 +27,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from autotune.config import EngineConfig, stable_hash
 from autotune.db import (
+    RETRY_S,
+    Retry,
     Store,
     StoredMeasurement,
     check_sqlite_file,
     engine_kwargs,
     first_line,
     install_sqlite_write_lock,
+    once,
     parse_url,
     read_only_url,
     redact,
@@ -42,6 +45,7 @@ from autotune.db import (
 )
 from autotune.errors import (
     DISTRIBUTION,
+    DatabaseUnavailable,
     Interrupted,
     ScenarioMismatch,
     TrialFailure,
@@ -60,6 +64,10 @@ from autotune.sweep import Gate, Outcome, evaluate, failed_outcome, outcome_of
 HEARTBEAT_S, GRACE_S = 30, 120
 #: Tries at opening a new database that other workers are creating at the same moment.
 CREATE_ATTEMPTS = 8
+#: Seconds a read command (best, report, ...) retries a failing database before it gives up.
+READ_RETRY_S = 10.0
+#: System attribute of a trial failed because its worker died (not by the worker itself).
+REAPED = "autotune:reaped"
 
 
 def versions() -> dict[str, str]:
@@ -74,6 +82,43 @@ def versions() -> dict[str, str]:
 
 
 # ---- storage ------------------------------------------------------------------------------
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage with every call that reads or writes the study retried through
+    ``retry`` when the database fails transiently (see ``autotune.db.transient``).
+
+    Heartbeats are left alone: the heartbeat thread has its own policy (a missed beat is
+    covered by the grace period) and must never block on a retry.
+    """
+
+    retry: Retry | None = None  # set by open_storage once the storage is open
+
+
+def _retried_call(name: str):
+    base = getattr(optuna.storages.RDBStorage, name)
+
+    def call(self: RetryingRDBStorage, *args, **kwargs):
+        if self.retry is None:
+            return base(self, *args, **kwargs)
+        return self.retry(base, self, *args, **kwargs)
+
+    call.__name__, call.__doc__ = name, base.__doc__
+    return call
+
+
+for _name in (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+    "set_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
+    "get_n_trials", "get_best_trial", "_get_stale_trial_ids",
+    # What Optuna's cache in front of the storage calls instead of the public methods.
+    "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+):
+    setattr(RetryingRDBStorage, _name, _retried_call(_name))
+
+
 @dataclass
 class Storage:
     """Optuna's storage and autotune's Store over one database connection pool."""
@@ -89,17 +134,27 @@ class Storage:
         return redact(self.url)
 
 
-def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_S,
-                 grace_s: int = GRACE_S) -> Storage:
-    """Open (and with ``create``, initialise) the database; UserError with one line if not."""
+def open_storage(url: str, *, create: bool = True, write: bool | None = None,
+                 heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S,
+                 retry_s: float | None = None) -> Storage:
+    """Open (and with ``create``, initialise) the database; UserError with one line if not.
+    Without ``write`` (default: ``create``) it is opened read-only: nothing a read command does
+    can change it.
+
+    Once open, transient database failures are retried for ``retry_s`` seconds (default
+    ``RETRY_S`` for a search, ``READ_RETRY_S`` for a read command) before DatabaseUnavailable.
+    """
     quiet_optuna()
+    write = create if write is None else write or create
+    retry = Retry(retry_s if retry_s is not None else RETRY_S if write else READ_RETRY_S)
     parsed = parse_url(url)
     path = sqlite_path(parsed)
     if path is not None:
-        check_sqlite_file(path, must_exist=not create, write=create)
-        if not create and path.exists() and not writable(path):
-            # A finished study on a read-only archive can still be read.
-            parsed = read_only_url(path)
+        check_sqlite_file(path, must_exist=not create, write=write)
+        if not write:
+            # Read commands cannot change the study; a finished one on a read-only archive
+            # can still be read.
+            parsed = read_only_url(path, archive=not writable(path))
     elif parsed.drivername.startswith("sqlite"):
         # Every connection to ``sqlite://`` is a new, empty database: the heartbeat thread and
         # the workers would each see their own, and everything is gone at exit.
@@ -109,9 +164,9 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
         if not create:
             # Read commands: refuse a database without autotune's tables (an empty file, an
             # empty PostgreSQL database) before Optuna reads its own, which it cannot.
-            check = create_engine(parsed, **engine_kwargs(parsed))
+            check = create_engine(parsed, **engine_kwargs(parsed, read_only=True))
             try:
-                found = Store(check).has_schema()
+                found = Store(check, once()).has_schema()
             finally:
                 check.dispose()
             if not found:
@@ -119,18 +174,21 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
                                 "(run `autotune search` first)")
         for attempt in range(CREATE_ATTEMPTS):
             try:
-                storage = optuna.storages.RDBStorage(
+                storage = RetryingRDBStorage(
                     parsed.render_as_string(hide_password=False),
-                    engine_kwargs=engine_kwargs(parsed), heartbeat_interval=heartbeat_s,
+                    engine_kwargs=engine_kwargs(parsed, read_only=not write),
+                    heartbeat_interval=heartbeat_s,
                     grace_period=grace_s, skip_table_creation=not create,
                 )
                 install_sqlite_write_lock(storage.engine)
-                store = Store(storage.engine)
+                # One policy for both: once it gives up, every later call tries only once.
+                storage.retry = retry
+                store = Store(storage.engine, retry)
                 storage.heartbeat_stale_trial_callback = _on_stale_trial(store, grace_s)
                 if create:
-                    store.ensure_schema()
+                    store.with_retry(once()).ensure_schema()
                 break
-            except (DBAPIError, optuna.exceptions.StorageInternalError) as exc:
+            except (DBAPIError, optuna.exceptions.StorageInternalError, DatabaseUnavailable) as exc:
                 # Workers started together on a new database all create its tables; all but
                 # one lose that race (a duplicate table, type or version row). Once the winner
                 # is done the tables are there: try again after a short, random wait.
@@ -141,8 +199,11 @@ def open_storage(url: str, *, create: bool = True, heartbeat_s: int = HEARTBEAT_
         raise UserError(f"cannot use database {redact(parsed)}: its driver is not installed "
                         f"({exc}); autotune supports sqlite:/// and postgresql:// "
                         "(pip install psycopg)") from None
-    except (DBAPIError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        raise UserError(f"cannot use database {redact(parsed)}: {first_line(exc)}") from None
+    except (DBAPIError, SQLAlchemyError, optuna.exceptions.StorageInternalError,
+            DatabaseUnavailable) as exc:
+        # At the start a database that fails is the user's to fix: no retries, exit 2.
+        cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+        raise UserError(f"cannot use database {redact(parsed)}: {first_line(cause)}") from None
     except (RuntimeError, ValueError) as exc:  # optuna: incompatible or unreadable schema
         raise UserError(f"cannot use database {redact(parsed)}: {first_line(exc)}") from None
     return Storage(url=url, optuna=storage, store=store, heartbeat_s=heartbeat_s, grace_s=grace_s)
@@ -157,7 +218,10 @@ def _lost_creation_race(exc: BaseException) -> bool:
 
 def _record_lost(store: Store, study: optuna.Study, trial: FrozenTrial, why: str) -> None:
     """A ``lost`` row for a trial whose worker died after it proposed a config (once)."""
-    if "config" in trial.user_attrs and "measurement_id" not in trial.user_attrs:
+    # A worker killed between recording its measurement and noting it in the trial has
+    # recorded all there is: no second row for the same trial.
+    if "config" in trial.user_attrs and "measurement_id" not in trial.user_attrs and \
+            not store.has_measurement(study.study_name, trial.number):
         scenario = study.user_attrs.get("scenario", {})
         store.add_measurement(StoredMeasurement(
             study_name=study.study_name, trial_number=trial.number,
@@ -210,7 +274,7 @@ class Heartbeat:
             self.storage.record_heartbeat(self.trial_id)
             if self.touch is not None:
                 self.touch()
-        except (SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError, DatabaseUnavailable):
             return False
         return True
 
@@ -307,6 +371,9 @@ class Tuner:
         self.sampler = sampler or make_sampler(space, self.layouts, seed)
         self.prior = prior  # "sim" or None (checked by SearchJob before anything is opened)
         self.store: Store = storage.store
+        # The heartbeat thread's own view of the store: one try per beat, never a retry that
+        # would hold the thread (the grace period covers a few missed beats).
+        self._beat_store: Store = storage.store.with_retry(once())
         # The model's own runner needs no gate (it is the model); a real engine gets only the
         # "cannot run at all" one.
         self.gate: Gate | None = None if runner.predicts else memory_gate(scenario)
@@ -408,7 +475,7 @@ class Tuner:
             try:
                 self.store.bind_slot(slot, trial._trial_id)
                 with Heartbeat(storage.optuna, trial._trial_id, storage.heartbeat_s,
-                               touch=partial(self.store.touch_slot, slot, trial._trial_id)):
+                               touch=partial(self._beat_store.touch_slot, slot, trial._trial_id)):
                     report = self.run_trial(trial)
                     if report.status in (Status.FAILED, Status.INTERRUPTED):
                         # Recorded with its class and message; the search goes on.
@@ -440,11 +507,11 @@ class Tuner:
         """Fail the trials of dead workers: those whose Optuna heartbeat went stale, and those
         whose slot shows no sign of life for the grace period (a worker killed before its first
         heartbeat, which Optuna's stale check never sees)."""
-        optuna.storages.fail_stale_trials(self.study)
+        self._fail_stale_trials()
         grace = self.storage.grace_s
-        for trial_id in self.store.reap_slots(self.study_name, grace):
+        for trial_id in self.store.reap_slots(self.study_name, grace, counted=self._counted):
             frozen = self.storage.optuna.get_trial(trial_id)
-            if frozen.state != TrialState.RUNNING:
+            if frozen.state != TrialState.RUNNING or not self._mark_reaped(trial_id):
                 continue
             try:
                 self.study.tell(frozen.number, state=TrialState.FAIL)
@@ -468,6 +535,49 @@ class Tuner:
                 self.study.tell(frozen.number, state=TrialState.FAIL)
             except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
                 continue
+            # An enqueued configuration (the plan's) it had taken is queued again, not lost.
+            fixed = frozen.params or frozen.system_attrs.get("fixed_params")
+            if fixed:
+                self.study.enqueue_trial(fixed)
+
+    def _mark_reaped(self, trial_id: int) -> bool:
+        """Mark a dead worker's RUNNING trial as failed by a reaper, not by its worker (False
+        when it has finished meanwhile): see ``_counted``. The mark is the trial's number: a
+        re-queued copy inherits its system attributes, but not the mark's meaning."""
+        storage = self.storage.optuna
+        try:
+            storage.set_trial_system_attr(trial_id, REAPED,
+                                          storage.get_trial_number_from_id(trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def _fail_stale_trials(self) -> None:
+        """Optuna's ``fail_stale_trials``, with each trial marked as reaped before it fails."""
+        storage = self.storage.optuna
+        failed = []
+        for trial_id in storage._get_stale_trial_ids(self.study._study_id):
+            if not self._mark_reaped(trial_id):
+                continue
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first
+        on_stale = storage.get_heartbeat_stale_trial_callback()
+        for trial_id in failed:
+            on_stale(self.study, storage.get_trial(trial_id))
+
+    def _counted(self, trial_id: int) -> bool:
+        """Whether a trial counts towards the total: told by its own worker, with a result
+        (COMPLETE), or with a recorded failure of its configuration. A worker killed between
+        ``tell`` and finishing its slot leaves such a trial: its slot is finished as done, not
+        released, or the study would run one trial more than asked."""
+        frozen = self.storage.optuna.get_trial(trial_id)
+        if frozen.state == TrialState.COMPLETE:
+            return True
+        return (frozen.state == TrialState.FAIL and frozen.system_attrs.get(REAPED) != frozen.number
+                and frozen.user_attrs.get("failure_class") not in (None, "interrupted"))
 
     def run_trial(self, trial: Trial) -> TrialReport:
         """Propose, measure (or reuse) and record one configuration; what the trial concluded.
@@ -521,9 +631,24 @@ class Tuner:
                 return earlier
             if self.store.claim_key(self.study_name, key, trial._trial_id):
                 return None
+            self._release_orphaned_claim(key)
             self.reap()
             with self.stop.interruptible():
                 time.sleep(0.2)
+
+    def _release_orphaned_claim(self, key: str) -> None:
+        """Free ``key`` when the trial holding it has ended without a result that stands (its
+        worker failed to release the claim: the database broke under it, or it was killed
+        between ``tell`` and the release)."""
+        holder = self.store.key_holder(self.study_name, key)
+        if holder is None:
+            return
+        try:
+            state = self.storage.optuna.get_trial(holder).state
+        except KeyError:  # no such trial: nothing can ever release it but us
+            state = TrialState.FAIL
+        if state.is_finished():
+            self.store.release_key(self.study_name, key, holder)
 
     # -- recording
     def _outcome_from(self, stored: StoredMeasurement) -> Outcome:

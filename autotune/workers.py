@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from autotune.errors import UserError
+from autotune.errors import DatabaseUnavailable, UserError
 
 #: Exit code of a search stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
+#: Exit code of a worker whose database kept failing past the retry budget.
+EXIT_DATABASE = 3
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class SearchJob:
     timeout: float | None = None
     heartbeat_s: int = 30
     grace_s: int = 120
+    retry_s: float = 120.0  # a failing database is retried this long (autotune.db.Retry)
     profile: str | None = None  # a profile stored in ``storage``
     prior: str | None = None  # "sim": the built-in model picks the first trials
 
@@ -67,6 +70,9 @@ class SearchJob:
 
         if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
             raise UserError("--heartbeat must be >= 1 s and --grace longer than --heartbeat")
+        if not self.retry_s >= 0 or self.retry_s == float("inf"):
+            raise UserError(f"--db-retry must be a finite number of seconds >= 0, got "
+                            f"{self.retry_s:g}")
         if self.prior not in (None, "sim"):
             raise UserError(f"unknown --prior {self.prior!r}: use 'sim' (the built-in model)")
         scen = self.scenario()
@@ -93,7 +99,7 @@ class SearchJob:
 
         scen, runner_cls, space = self.check()
         db = open_storage(self.storage, create=True, heartbeat_s=self.heartbeat_s,
-                          grace_s=self.grace_s)
+                          grace_s=self.grace_s, retry_s=self.retry_s)
         # Distinct seeds per worker: the same seed would make every worker propose the same
         # start-up points.
         seed = None if self.seed is None else self.seed + worker_index
@@ -155,11 +161,11 @@ def _worker_main(job: SearchJob, index: int, parent: int
         run_here(job, tuner)
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except UserError as exc:
+    except (UserError, DatabaseUnavailable) as exc:
         from autotune import console
 
         console.error(f"worker {index}: {exc}")
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_DATABASE if isinstance(exc, DatabaseUnavailable) else 2) from None
 
 
 def run_workers(job: SearchJob, workers: int, poll: Callable[[], None] | None = None,
@@ -207,4 +213,4 @@ def run_workers(job: SearchJob, workers: int, poll: Callable[[], None] | None = 
     return codes
 
 
-__all__ = ["EXIT_INTERRUPTED", "SearchJob", "run_here", "run_workers"]
+__all__ = ["EXIT_DATABASE", "EXIT_INTERRUPTED", "SearchJob", "run_here", "run_workers"]

@@ -12,10 +12,11 @@ from autotune.db._engine import (
     writable,
 )
 from autotune.db._models import SCHEMA_VERSION, utcnow
+from autotune.db._retry import RETRY_S, Retry, once, transient
 from autotune.db._store import Store, StoredMeasurement, StudySummary
 
 __all__ = [
-    "SCHEMA_VERSION", "Store", "StoredMeasurement", "StudySummary",
+    "RETRY_S", "SCHEMA_VERSION", "Retry", "Store", "StoredMeasurement", "StudySummary",
     "check_sqlite_file", "engine_kwargs", "first_line", "install_sqlite_write_lock", "parse_url",
-    "read_only_url", "redact", "sqlite_path", "utcnow", "writable",
+    "once", "read_only_url", "redact", "sqlite_path", "transient", "utcnow", "writable",
 ]

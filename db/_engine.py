@@ -97,19 +97,31 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(folder, os.W_OK)
 
 
-def read_only_url(path: Path) -> URL:
-    """A URL that reads a SQLite file and writes nothing, not even the write-ahead log's index
-    (``immutable=1``): how a read command opens an archive it may not write. Pending log
-    content of a database still being written is not seen, so it is for finished studies."""
-    return make_url(f"sqlite:///file:{path.resolve()}?immutable=1&uri=true")
+def read_only_url(path: Path, *, archive: bool = False) -> URL:
+    """A URL that opens a SQLite file read-only (``mode=ro``): how read commands open a study,
+    so that they cannot change it whatever they do. An ``archive`` (a file this process may not
+    write) is opened ``immutable=1``: not even the write-ahead log's index is touched, and a
+    log still being written is not seen, so it is for finished studies."""
+    mode = "immutable=1" if archive else "mode=ro"
+    return make_url(f"sqlite:///file:{path.resolve()}?{mode}&uri=true")
 
 
-def engine_kwargs(url: URL) -> dict:
-    """Arguments for ``create_engine`` (and Optuna's RDBStorage) for this kind of database."""
+def read_only(url: URL) -> bool:
+    """Whether ``url`` is one of ``read_only_url``'s."""
+    query = url.query
+    return query.get("mode") == "ro" or query.get("immutable") == "1"
+
+
+def engine_kwargs(url: URL, *, read_only: bool = False) -> dict:
+    """Arguments for ``create_engine`` (and Optuna's RDBStorage) for this kind of database;
+    ``read_only``: a PostgreSQL session that refuses every write (SQLite: ``read_only_url``)."""
     if url.drivername.startswith("sqlite"):
         # Autocommit at the driver level so that the ``begin`` hook below decides how each
         # transaction starts (pysqlite would otherwise defer BEGIN until the first write).
         return {"connect_args": {"isolation_level": None, "timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if read_only:
+        return {"pool_pre_ping": True,
+                "connect_args": {"options": "-c default_transaction_read_only=on"}}
     return {"pool_pre_ping": True}
 
 
@@ -119,8 +131,8 @@ def install_sqlite_write_lock(engine: Engine) -> None:
     Without it two workers can both read an enqueued trial as WAITING and both run it
     (shared/docs/optuna-notes.md); with it the second waits for the first to commit.
     """
-    if not engine.url.drivername.startswith("sqlite"):
-        return
+    if not engine.url.drivername.startswith("sqlite") or read_only(engine.url):
+        return  # a read-only connection takes no write lock (and cannot)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, record):  # pragma: no cover - exercised through every connection
@@ -138,4 +150,4 @@ def install_sqlite_write_lock(engine: Engine) -> None:
 
 
 __all__ = ["check_sqlite_file", "engine_kwargs", "first_line", "install_sqlite_write_lock",
-           "parse_url", "read_only_url", "redact", "sqlite_path", "writable"]
+           "parse_url", "read_only", "read_only_url", "redact", "sqlite_path", "writable"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,10 +26,20 @@ from autotune.db._models import (
     StudyRow,
     utcnow,
 )
+from autotune.db._retry import Retry
 from autotune.errors import ScenarioMismatch, UserError
 from autotune.measurement import REUSABLE, LoadPoint, Status
 from autotune.scenario import identity_differences
 from autotune.specs import Workload
+
+
+def _retried(method):
+    """``method`` called through the store's retry policy."""
+    @functools.wraps(method)
+    def call(self: Store, *args, **kwargs):
+        return self.retry(method, self, *args, **kwargs)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -102,11 +114,19 @@ class Store:
     - **Measurements** are append-only; ``find_reusable`` returns the first reusable one.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, retry: Retry | None = None):
         self.engine = engine
+        #: Every method is one or more whole transactions, so a transient failure (a dropped
+        #: connection, a lock held too long) is met by calling it again (see ``_retry.py``).
+        self.retry = retry or Retry()
         self._session = sessionmaker(engine, expire_on_commit=False)
 
+    def with_retry(self, retry: Retry) -> Store:
+        """The same database under another retry policy (the heartbeat thread has its own)."""
+        return Store(self.engine, retry)
+
     # ---- schema ---------------------------------------------------------------------------
+    @_retried
     def ensure_schema(self) -> None:
         """Create missing tables; refuse a database written by a newer schema or read-only."""
         Base.metadata.create_all(self.engine, checkfirst=True)
@@ -126,11 +146,13 @@ class Store:
         except IntegrityError:
             pass  # another worker inserted the version row first: same schema, nothing to do
 
+    @_retried
     def has_schema(self) -> bool:
         from sqlalchemy import inspect
         return inspect(self.engine).has_table(StudyRow.__tablename__)
 
     # ---- studies --------------------------------------------------------------------------
+    @_retried
     def register_study(self, name: str, scenario: dict, space: dict, versions: dict) -> bool:
         """Record a new study's scenario (True), or check that an existing one has the same
         (False)."""
@@ -152,10 +174,12 @@ class Store:
                     s.rollback()
         return False
 
+    @_retried
     def study(self, name: str) -> StudyRow | None:
         with self._session() as s:
             return s.scalar(select(StudyRow).where(StudyRow.name == name))
 
+    @_retried
     def last_used_study(self) -> str | None:
         """The study whose latest measurement is the most recent (the one searched last); None
         when no study has a measurement (an empty study is never the default)."""
@@ -165,10 +189,12 @@ class Store:
                                       MeasurementRow.id.desc()).limit(1)).first()
             return row[0] if row else None
 
+    @_retried
     def study_names(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(select(StudyRow.name).order_by(StudyRow.created_at)))
 
+    @_retried
     def studies(self) -> list[StudySummary]:
         with self._session() as s:
             m = MeasurementRow
@@ -193,6 +219,7 @@ class Store:
             return out
 
     # ---- measurements ---------------------------------------------------------------------
+    @_retried
     def add_measurement(self, rec: StoredMeasurement) -> int:
         """Write one measurement and all its load points in one transaction; its id."""
         row = MeasurementRow(
@@ -215,6 +242,15 @@ class Store:
             s.flush()
             return row.id
 
+    @_retried
+    def has_measurement(self, study_name: str, trial_number: int) -> bool:
+        """Whether a row records trial ``trial_number`` of the study."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(MeasurementRow).where(
+                MeasurementRow.study_name == study_name,
+                MeasurementRow.trial_number == trial_number)) > 0
+
+    @_retried
     def find_reusable(self, study_name: str, key: str) -> StoredMeasurement | None:
         """The first measured (not reused, not failed) result with this key in the study."""
         with self._session() as s:
@@ -225,6 +261,7 @@ class Store:
                 .order_by(MeasurementRow.id).limit(1))
             return _to_value(row) if row is not None else None
 
+    @_retried
     def measurements(self, study_name: str, statuses: tuple[str, ...] | None = None
                      ) -> list[StoredMeasurement]:
         """The study's measurements in the order they were recorded."""
@@ -236,6 +273,15 @@ class Store:
             return [_to_value(r) for r in rows]
 
     # ---- slots: the study's total number of trials, shared by all workers ------------------
+    def _now(self, s) -> datetime:
+        """The time by the database server's clock: a slot's signs of life are stamped and
+        judged by one clock, however far the workers' machines drift apart. (A SQLite file is
+        on one machine: its clock is the server's.)"""
+        if self.engine.dialect.name == "sqlite":
+            return utcnow()
+        return s.scalar(select(func.now()))
+
+    @_retried
     def claim_slot(self, study_name: str, total: int, worker: str) -> int | None:
         """Claim a place for one more trial (its slot id), or None when all ``total`` are taken:
         a new slot while fewer than ``total`` exist, else a released one."""
@@ -249,26 +295,29 @@ class Store:
                     slots = s.scalars(select(SlotRow).where(SlotRow.study_name == study_name)
                                       .order_by(SlotRow.slot)).all()
                     if len(slots) < total:
-                        row = SlotRow(study_name=study_name, slot=len(slots), worker=worker)
+                        row = SlotRow(study_name=study_name, slot=len(slots), worker=worker,
+                                      claimed_at=self._now(s))
                         s.add(row)
                         s.flush()
                         return row.id
                     for row in slots:
                         if row.slot < total and row.released and not row.done:
                             row.released, row.trial_id = False, None
-                            row.worker, row.claimed_at = worker, utcnow()
+                            row.worker, row.claimed_at = worker, self._now(s)
                             return row.id
                     return None
             except IntegrityError:
                 continue
         return None
 
+    @_retried
     def bind_slot(self, slot_id: int, trial_id: int) -> None:
         """Record the Optuna trial that holds the slot (and a sign of life)."""
         with self._session.begin() as s:
             s.execute(update(SlotRow).where(SlotRow.id == slot_id)
-                      .values(trial_id=trial_id, claimed_at=utcnow()))
+                      .values(trial_id=trial_id, claimed_at=self._now(s)))
 
+    @_retried
     def touch_slot(self, slot_id: int, trial_id: int | None = None) -> None:
         """A sign of life of the slot's worker (its trial's heartbeat). With ``trial_id``, only
         while the slot still holds that trial: a worker whose slot was reaped and handed on
@@ -278,24 +327,30 @@ class Store:
                                       SlotRow.released.is_(False))
             if trial_id is not None:
                 q = q.where(SlotRow.trial_id == trial_id)
-            s.execute(q.values(claimed_at=utcnow()))
+            s.execute(q.values(claimed_at=self._now(s)))
 
-    def reap_slots(self, study_name: str, stale_after_s: float) -> list[int]:
+    @_retried
+    def reap_slots(self, study_name: str, stale_after_s: float,
+                   counted: Callable[[int], bool] | None = None) -> list[int]:
         """Release the slots whose worker showed no sign of life for ``stale_after_s`` (claimed,
         bound or touched longer ago), with their trials' key claims; the Optuna trial ids that
         were bound to them (the caller fails those trials).
 
+        A stale slot whose trial ``counted`` says counts (its worker died after recording the
+        trial's end, before finishing the slot) is finished as done instead, and not returned.
+
         Each orphan is released by exactly one caller, however many reap at once: the release
         is a conditional update, and only the caller whose update took it gets its trial id.
         """
-        cutoff = utcnow().timestamp() - stale_after_s
         with self._session() as s:
-            live = s.execute(select(SlotRow.id, SlotRow.claimed_at)
+            cutoff = self._now(s).timestamp() - stale_after_s
+            live = s.execute(select(SlotRow.id, SlotRow.claimed_at, SlotRow.trial_id)
                              .where(SlotRow.study_name == study_name, SlotRow.done.is_(False),
                                     SlotRow.released.is_(False))).all()
-        stale = [slot_id for slot_id, at in live if _ts(at) < cutoff]
+        stale = [(slot_id, trial_id) for slot_id, at, trial_id in live if _ts(at) < cutoff]
         reaped: list[int] = []
-        for slot_id in stale:
+        for slot_id, bound in stale:
+            done = bound is not None and counted is not None and counted(bound)
             with self._session.begin() as s:
                 # The release is conditional on the slot still being stale: when several workers
                 # reap at once, the database lets exactly one update take it.
@@ -303,9 +358,9 @@ class Store:
                     update(SlotRow)
                     .where(SlotRow.id == slot_id, SlotRow.done.is_(False),
                            SlotRow.released.is_(False), SlotRow.claimed_at < _moment(cutoff))
-                    .values(released=True)
+                    .values(released=not done, done=done)
                     .returning(SlotRow.trial_id)).all()
-                if not taken or taken[0][0] is None:
+                if not taken or taken[0][0] is None or done:
                     continue  # finished, reaped by another worker, alive after all, or unbound
                 trial_id = taken[0][0]
                 s.execute(delete(KeyClaimRow).where(KeyClaimRow.study_name == study_name,
@@ -313,6 +368,7 @@ class Store:
                 reaped.append(trial_id)
         return reaped
 
+    @_retried
     def finish_slot(self, slot_id: int, *, counted: bool, trial_id: int | None = None) -> None:
         """The slot's trial ended: it counts (``done``) or its place is given back. With
         ``trial_id``, only while the slot still holds that trial (once reaped and claimed by
@@ -323,6 +379,7 @@ class Store:
                 q = q.where(SlotRow.trial_id == trial_id)
             s.execute(q.values(done=counted, released=not counted))
 
+    @_retried
     def live_trial_ids(self, study_name: str) -> set[int]:
         """The Optuna trial ids bound to the study's slots that are neither done nor released."""
         with self._session() as s:
@@ -330,6 +387,7 @@ class Store:
                 SlotRow.study_name == study_name, SlotRow.done.is_(False),
                 SlotRow.released.is_(False), SlotRow.trial_id.is_not(None))))
 
+    @_retried
     def release_trial(self, study_name: str, trial_id: int) -> None:
         """Give back the slot and key claims of a trial whose worker died."""
         with self._session.begin() as s:
@@ -339,6 +397,7 @@ class Store:
             s.execute(delete(KeyClaimRow).where(KeyClaimRow.study_name == study_name,
                                                 KeyClaimRow.trial_id == trial_id))
 
+    @_retried
     def slot_counts(self, study_name: str) -> tuple[int, int]:
         """(finished trials that count towards the total, trials still in flight)."""
         with self._session() as s:
@@ -348,6 +407,7 @@ class Store:
         return done, sum(1 for d, r in rows if not d and not r)
 
     # ---- key claims: one measurement per configuration ---------------------------------------
+    @_retried
     def claim_key(self, study_name: str, key: str, trial_id: int) -> bool:
         """True when this trial may measure ``key`` (nobody has, or is doing it)."""
         try:
@@ -357,6 +417,14 @@ class Store:
         except IntegrityError:
             return False
 
+    @_retried
+    def key_holder(self, study_name: str, key: str) -> int | None:
+        """The Optuna trial id that holds the claim on ``key``, if any."""
+        with self._session() as s:
+            return s.scalar(select(KeyClaimRow.trial_id).where(
+                KeyClaimRow.study_name == study_name, KeyClaimRow.key == key))
+
+    @_retried
     def release_key(self, study_name: str, key: str, trial_id: int) -> None:
         """Let another trial measure ``key`` (this trial, which held it, failed or stopped)."""
         with self._session.begin() as s:
@@ -365,25 +433,30 @@ class Store:
                                                 KeyClaimRow.trial_id == trial_id))
 
     # ---- profiles -------------------------------------------------------------------------
+    @_retried
     def save_profile(self, name: str, data: dict) -> None:
         with self._session.begin() as s:
             s.merge(ProfileRow(name=name, data=data, created_at=utcnow()))
 
+    @_retried
     def profile(self, name: str) -> dict | None:
         with self._session() as s:
             row = s.get(ProfileRow, name)
             return dict(row.data) if row is not None else None
 
+    @_retried
     def profile_names(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(select(ProfileRow.name).order_by(ProfileRow.name)))
 
     # ---- engine cache ---------------------------------------------------------------------
+    @_retried
     def engine_get(self, key: str) -> dict | None:
         with self._session() as s:
             row = s.get(EngineCacheRow, key)
             return dict(row.info) if row is not None else None
 
+    @_retried
     def engine_put(self, key: str, runner: str, info: dict) -> None:
         with self._session.begin() as s:
             s.merge(EngineCacheRow(key=key, runner=runner, info=info))

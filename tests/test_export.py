@@ -144,9 +144,20 @@ def test_a_failed_write_leaves_the_old_file(study, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
     with pytest.raises(OSError):
-        runner.invoke(app, ["export", "--storage", study, "--out", str(out)],
+        runner.invoke(app, ["export", "--storage", study, "--out", str(out), "--force"],
                       catch_exceptions=False)
     assert out.read_text() == "old\n" and os.listdir(tmp_path) == ["m.csv"]
+
+
+def test_an_existing_file_is_replaced_only_with_force(study, tmp_path):
+    out = tmp_path / "m.csv"
+    out.write_text("old\n")
+    r = runner.invoke(app, ["export", "--storage", study, "--out", str(out)])
+    assert r.exit_code == 2 and "exists" in r.stderr and "--force" in r.stderr
+    assert out.read_text() == "old\n"
+    r = runner.invoke(app, ["export", "--storage", study, "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.stderr
+    assert out.read_text().startswith("measurement_id") or out.read_text() != "old\n"
 
 
 def test_postgresql_gives_the_same_table_report_and_deploy_folder(study, postgres_url,

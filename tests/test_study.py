@@ -201,6 +201,34 @@ def test_joining_with_another_scenario_is_refused_by_name(scenario, url):
     assert len(db.store.measurements("s")) == 2
 
 
+def test_a_gpu_yaml_by_a_catalog_name_with_other_figures_is_another_scenario(
+        scenario, url, tmp_path):
+    """A custom GPU file called h100 with half the bandwidth cannot join an H100 study: its
+    results would stand for hardware the study is not about."""
+    import yaml
+
+    from autotune.specs import load_gpu
+
+    run(scenario, url, 2)
+    spec = load_gpu("h100").to_dict()
+    custom = tmp_path / "h100.yaml"
+    custom.write_text(yaml.safe_dump({**spec, "mem_bw_tb_s": spec["mem_bw_tb_s"] / 2}))
+    other = Scenario.build(model="llama-3.1-70b", gpu=str(custom), num_gpus=8, precision="fp8",
+                           isl=1024, osl=128, slo="tpot:p99<=40ms")
+    assert other.gpu.name == "h100"
+    db = open_storage(url)
+    tuner = Tuner(other, SearchSpace.from_dict(SPACE), SimRunner(other), db, "s")
+    with pytest.raises(ScenarioMismatch, match="gpu mem_bw_tb_s: study has 3.35"):
+        tuner.open()
+    # The same figures under the same name join.
+    same = tmp_path / "same" / "h100.yaml"
+    same.parent.mkdir()
+    same.write_text(yaml.safe_dump(spec))
+    again = Scenario.build(model="llama-3.1-70b", gpu=str(same), num_gpus=8, precision="fp8",
+                           isl=1024, osl=128, slo="tpot:p99<=40ms")
+    Tuner(again, SearchSpace.from_dict(SPACE), SimRunner(again), db, "s").open()
+
+
 def test_unknown_study_names_the_ones_that_exist(scenario, url):
     run(scenario, url, 1)
     db = open_storage(url, create=False)
