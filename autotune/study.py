@@ -40,6 +40,7 @@ from autotune.db import (
     read_only_url,
     redact,
     sqlite_path,
+    transient,
     utcnow,
     writable,
 )
@@ -191,8 +192,12 @@ def open_storage(url: str, *, create: bool = True, write: bool | None = None,
             except (DBAPIError, optuna.exceptions.StorageInternalError, DatabaseUnavailable) as exc:
                 # Workers started together on a new database all create its tables; all but
                 # one lose that race (a duplicate table, type or version row). Once the winner
-                # is done the tables are there: try again after a short, random wait.
-                if not create or attempt == CREATE_ATTEMPTS - 1 or not _lost_creation_race(exc):
+                # is done the tables are there: try again after a short, random wait. So for a
+                # connection dropped while opening; a server that cannot be reached at all is
+                # the user's to fix (exit 2 at once).
+                again = (create and _lost_creation_race(exc)) or (
+                    transient(exc) and not _unreachable(exc))
+                if attempt == CREATE_ATTEMPTS - 1 or not again:
                     raise
                 time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
     except ImportError as exc:  # the URL names a driver that is not installed
@@ -214,6 +219,15 @@ def _lost_creation_race(exc: BaseException) -> bool:
     text = " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__) if e)
     return any(sign in text.lower() for sign in (
         "already exists", "unique constraint", "duplicate key", "database is locked"))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a database error says no connection could be made at all (a wrong host or
+    port, a server that is down), rather than that one was lost."""
+    text = " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__) if e)
+    return any(sign in text.lower() for sign in (
+        "connection refused", "could not translate host name", "name or service not known",
+        "no route to host", "timeout expired", "unable to open database file"))
 
 
 def _record_lost(store: Store, study: optuna.Study, trial: FrozenTrial, why: str) -> None:

@@ -138,6 +138,8 @@ STATEMENTS = {
     "user-attr": r"^insert into trial_user_attributes",
     "tell": r"^update trials set state",
     "heartbeat": r"trial_heartbeats",
+    "touch-slot": r"^update autotune_slots set claimed_at",
+    "find-reusable": r"^select [\s\S]*\sfrom autotune_measurements",
 }
 
 
