@@ -206,7 +206,7 @@ def open_storage(url: str, *, create: bool = True, write: bool | None = None,
                         "(pip install psycopg)") from None
     except (DBAPIError, SQLAlchemyError, optuna.exceptions.StorageInternalError,
             DatabaseUnavailable) as exc:
-        # At the start a database that fails is the user's to fix: no retries, exit 2.
+        # A database that still fails as it is opened is the user's to fix: one line, exit 2.
         cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
         raise UserError(f"cannot use database {redact(parsed)}: {first_line(cause)}") from None
     except (RuntimeError, ValueError) as exc:  # optuna: incompatible or unreadable schema
