@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,14 @@ TERM_GRACE_S = 5.0
 #: Exit statuses of a process killed by SIGKILL: as Popen reports it, and as shells and MPI
 #: launchers report it (128 + 9).
 KILLED_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+#: The watchdog of each engine's process group: it blocks on a pipe whose only writer is this
+#: process, and when that closes (this process ended, however: even by SIGKILL, which runs no
+#: clean-up) it kills the group. Without it a killed worker would leave a server holding the
+#: GPUs, and the next trial on them would run out of memory. (It cannot sit in the group: that
+#: is another session's, which setpgid may not join.)
+_WATCHDOG = ("import os, signal, sys\nsys.stdin.buffer.read()\ntry:\n"
+             "    os.killpg(int(sys.argv[1]), signal.SIGKILL)\nexcept OSError:\n    pass\n")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class ProcessGroups:
         self.drain_s = drain_s  # how long to wait for a killed group's processes to be gone
         self.interrupted = False
         self._running: list[subprocess.Popen] = []
+        # group id -> the write end of its watchdog's pipe, and the watchdog
+        self._watchdogs: dict[int, tuple[int, subprocess.Popen]] = {}
 
     def run(self, jobs: list[Job], timeout_s: float, what: str = "the command") -> list[JobResult]:
         """Run ``jobs`` side by side until all end, one fails, or ``timeout_s`` passes.
@@ -144,7 +155,22 @@ class ProcessGroups:
                 raise Crashed(f"cannot start {job.argv[0]!r}: {exc.strerror or exc}",
                               log_path=str(job.log_path)) from None
         self._running.append(proc)
+        self._watch(proc)
         return proc
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Start ``proc``'s group's watchdog (``_WATCHDOG``): the group dies with us."""
+        read, write = os.pipe()  # not inheritable: no other child holds the write end open
+        try:
+            dog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(proc.pid)], stdin=read,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   close_fds=True)
+        except OSError:  # pragma: no cover - cannot start our own interpreter
+            os.close(write)
+        else:
+            self._watchdogs[proc.pid] = (write, dog)
+        finally:
+            os.close(read)
 
     def _kill(self, proc: subprocess.Popen, grace_s: float) -> None:
         """SIGTERM (when ``grace_s``), then SIGKILL the group; wait until its processes are gone."""
@@ -161,6 +187,16 @@ class ProcessGroups:
             pass
         # GPU memory is only free once every process of the group has exited.
         wait_group_gone(proc.pid, self.drain_s)
+        watch = self._watchdogs.pop(proc.pid, None)
+        if watch is not None:
+            # The group is gone: end its watchdog before it could signal a group id that the
+            # system may hand out again.
+            watch[1].kill()
+            os.close(watch[0])
+            try:
+                watch[1].wait(timeout=self.drain_s)
+            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable process
+                pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:

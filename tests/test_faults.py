@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -234,6 +235,25 @@ def private_postgres(folder: Path, port: int = 54329):
         subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
 
 
+def _wait_for_trials(url: str, worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the worker has opened the study and finished a trial (a slot is done)."""
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert worker.poll() is None, worker.communicate()
+            try:
+                with engine.connect() as c:
+                    if c.execute(text("select count(*) from autotune_slots where done")).scalar():
+                        return
+            except Exception:  # the tables are not there yet
+                pass
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    raise AssertionError("no trial finished")
+
+
 def test_a_postgresql_server_stopped_for_seconds_and_restarted_is_ridden_out(tmp_path, args):
     folder = Path(tempfile.mkdtemp(prefix="autotune-pg-"))  # short: the socket path has a limit
     try:
@@ -241,7 +261,7 @@ def test_a_postgresql_server_stopped_for_seconds_and_restarted_is_ridden_out(tmp
             argv = autotune_cmd(*args(url))
             worker = subprocess.Popen(argv, env=subprocess_env(AUTOTUNE_TEST_RUN_S=0.5),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(4)  # the study is created and trials run
+            _wait_for_trials(url, worker)
             assert worker.poll() is None, worker.communicate()
             stop()
             time.sleep(6)  # longer than the grace period: nobody else is there to reap
@@ -254,3 +274,32 @@ def test_a_postgresql_server_stopped_for_seconds_and_restarted_is_ridden_out(tmp
             assert_whole(url)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---- engines die with their worker ---------------------------------------------------------------
+_ENGINE_OWNER = """
+import sys, time
+from pathlib import Path
+from autotune.runners._process import Job, ProcessGroups
+groups = ProcessGroups()
+server = groups.start(Job(("sleep", "300"), Path(sys.argv[1])))
+print(server.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_worker_killed_with_sigkill_takes_its_engine_processes_with_it(tmp_path):
+    """An engine server outliving a kill -9 of its worker would hold the GPUs, and every trial
+    after it would run out of memory."""
+    from autotune.runners._process import group_alive
+
+    owner = subprocess.Popen([sys.executable, "-c", _ENGINE_OWNER, str(tmp_path / "log")],
+                             env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    server = int(owner.stdout.readline())
+    assert group_alive(server)
+    owner.kill()  # no clean-up runs
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while group_alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(server), "the engine outlived its worker"
