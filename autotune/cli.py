@@ -48,6 +48,12 @@ ProfileName = Annotated[str | None, typer.Option(
     "--profile", help="Model with a profile from `probe`/`calibrate` stored in --storage.")]
 
 
+Nodes = Annotated[int | None, typer.Option(
+    "--nodes", min=1, help="Nodes of --gpu's system (all their GPUs; instead of --num-gpus).")]
+GpusPerNode = Annotated[int | None, typer.Option(
+    "--gpus-per-node", min=1, help="GPUs per node (default: the GPU spec's, 8 for HGX).")]
+Fabric = Annotated[str | None, typer.Option(
+    "--fabric", help="Fabric between nodes: ndr-ib (default), hdr-ib, xdr-ib, roce-400g, efa.")]
 Force = Annotated[bool, typer.Option("--force", metavar=FLAG,
                                      help="Replace files that exist (never a database).")]
 
@@ -127,7 +133,11 @@ def search(
     gpu: Gpu,
     isl: Isl,
     osl: Osl,
-    num_gpus: Annotated[int, typer.Option("--num-gpus", help="GPUs in the node.")] = 8,
+    num_gpus: Annotated[int | None, typer.Option(
+        "--num-gpus", help="GPUs in all (default: one node's).")] = None,
+    nodes: Nodes = None,
+    gpus_per_node: GpusPerNode = None,
+    fabric: Fabric = None,
     precision: Precision = None,
     slo: Slo = None,
     runner: Annotated[str, typer.Option(
@@ -192,7 +202,8 @@ def search(
     from autotune.workers import EXIT_DATABASE, SearchJob, run_here, run_workers
 
     job = SearchJob(
-        model=model, gpu=gpu, num_gpus=num_gpus, isl=isl, osl=osl, precision=precision, slo=slo,
+        model=model, gpu=gpu, num_gpus=num_gpus, nodes=nodes, gpus_per_node=gpus_per_node,
+        fabric=fabric, isl=isl, osl=osl, precision=precision, slo=slo,
         runner=runner, space=space, storage=storage, study=study, seed=seed, trials=trials,
         timeout=timeout, heartbeat_s=heartbeat, grace_s=grace, retry_s=db_retry, profile=profile,
         prior=prior,
@@ -353,7 +364,10 @@ def estimate(
     concurrency: Annotated[str, typer.Option(
         "--concurrency", help="Requests in flight, or 'max' (all at once).")] = "1",
     num_gpus: Annotated[int | None, typer.Option(
-        "--num-gpus", help="GPUs in the node (default tp*pp*dp).")] = None,
+        "--num-gpus", help="GPUs in all (default tp*pp*dp).")] = None,
+    nodes: Nodes = None,
+    gpus_per_node: GpusPerNode = None,
+    fabric: Fabric = None,
     precision: Precision = None,
     slo: Slo = None,
     profile: ProfileName = None,
@@ -369,17 +383,18 @@ def estimate(
     from autotune.scenario import Scenario
 
     load = _concurrency(concurrency)
-    gpus = num_gpus if num_gpus is not None else tp * pp * dp
-    if tp * pp * dp > gpus:
-        raise UserError(f"tp*pp*dp = {tp * pp * dp} GPUs but --num-gpus is {gpus}")
+    gpus = num_gpus if num_gpus is not None or nodes is not None else tp * pp * dp
     prof = None
     if profile:
         from autotune.profile import load_profile
         from autotune.study import open_storage
 
         prof = load_profile(open_storage(storage, create=False).store, profile)
-    scen = Scenario.build(model=model, gpu=gpu, num_gpus=gpus, precision=precision, isl=isl,
-                          osl=osl, slo=slo, profile=prof)
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=gpus, nodes=nodes,
+                          gpus_per_node=gpus_per_node, fabric=fabric, precision=precision,
+                          isl=isl, osl=osl, slo=slo, profile=prof)
+    if tp * pp * dp > scen.num_gpus:
+        raise UserError(f"tp*pp*dp = {tp * pp * dp} GPUs but --num-gpus is {scen.num_gpus}")
     config = EngineConfig(tp=tp, pp=pp, dp=dp, max_batch_size=max_batch_size,
                           max_num_tokens=max_num_tokens, kv_fraction=kv_fraction,
                           chunked_prefill=chunked_prefill, precision=scen.precision)

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 
 from autotune.errors import UserError
 from autotune.slo import SLO, parse_slo
-from autotune.specs import GpuSpec, ModelSpec, Workload, load_gpu, load_model, resolve_precision
+from autotune.specs import (
+    GpuSpec,
+    ModelSpec,
+    Workload,
+    load_gpu,
+    load_model,
+    resolve_precision,
+    with_nodes,
+)
 
 if TYPE_CHECKING:
     from autotune.model import Calibration
@@ -29,19 +37,23 @@ class Scenario:
     calibration: Calibration | None = None  # model constants (None: the GPU's defaults)
 
     @classmethod
-    def build(cls, *, model: str, gpu: str, num_gpus: int, precision: str | None, isl: int,
-              osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
+    def build(cls, *, model: str, gpu: str, num_gpus: int | None, precision: str | None,
+              isl: int, osl: int, slo: str | None, runner: str = "sim", isl_std: float = 0.0,
               osl_std: float = 0.0, profile: Profile | None = None,
-              check_context: bool = True) -> Scenario:
+              check_context: bool = True, nodes: int | None = None,
+              gpus_per_node: int | None = None, fabric: str | None = None) -> Scenario:
         """Parse and check every user-given part; raises UserError on the first bad one.
+
+        GPUs: ``num_gpus`` in all, or ``nodes`` whole nodes of the system's GPUs per node
+        (``gpus_per_node`` overrides the GPU spec's, ``fabric`` names its inter-node fabric);
+        neither: one node. More GPUs than one node holds must be whole nodes.
 
         ``check_context``: refuse prompts plus outputs longer than the model's context (only
         a replay of published runs that went past it turns this off)."""
         slo_v = parse_slo(slo)
-        gpu_v = load_gpu(gpu)
+        gpu_v = with_nodes(load_gpu(gpu), fabric=fabric, gpus_per_node=gpus_per_node)
         model_v = load_model(model)
-        if not isinstance(num_gpus, int) or num_gpus < 1:
-            raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
+        num_gpus = _gpu_count(gpu_v, num_gpus, nodes)
         workload = Workload(isl=isl, osl=osl, isl_std=isl_std, osl_std=osl_std)
         if check_context and model_v.max_context and isl + osl > model_v.max_context:
             raise UserError(f"--isl {isl} + --osl {osl} = {isl + osl:,} tokens is longer than "
@@ -79,11 +91,36 @@ class Scenario:
                    identity["precision"], Workload.from_dict(identity["workload"]),
                    parse_slo(identity.get("slo") or None), identity.get("runner", "sim"))
 
+    @property
+    def nodes(self) -> int:
+        """Nodes the scenario's GPUs fill (1 while they fit in one)."""
+        return -(-self.num_gpus // self.gpu.gpus_per_node)
+
     def default_study_name(self) -> str:
         slo = str(self.slo).replace(":", "-").replace("<=", "le").replace("<", "lt") or "maxtput"
         slo = slo.replace(",", "_")
         return (f"{self.model.name}-{self.gpu.name}x{self.num_gpus}-{self.precision}-"
                 f"{self.workload.label()}-{slo}")
+
+
+def _gpu_count(gpu: GpuSpec, num_gpus: int | None, nodes: int | None) -> int:
+    """All the scenario's GPUs, from ``--num-gpus`` and/or ``--nodes`` (UserError if bad)."""
+    per_node = gpu.gpus_per_node
+    if nodes is not None:
+        if not isinstance(nodes, int) or nodes < 1:
+            raise UserError(f"--nodes must be >= 1, got {nodes!r}")
+        if num_gpus is not None and num_gpus != nodes * per_node:
+            raise UserError(f"--num-gpus {num_gpus} is not --nodes {nodes} x {per_node} GPUs "
+                            f"per {gpu.name} node; give one of them (or --gpus-per-node)")
+        return nodes * per_node
+    if num_gpus is None:
+        return per_node
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        raise UserError(f"--num-gpus must be >= 1, got {num_gpus!r}")
+    if num_gpus > per_node and num_gpus % per_node:
+        raise UserError(f"--num-gpus {num_gpus} spans {gpu.name} nodes of {per_node} GPUs but "
+                        "not whole ones: use a multiple of it (--nodes N), or --gpus-per-node")
+    return num_gpus
 
 
 def identity_differences(stored: dict, wanted: dict) -> list[str]:

@@ -127,6 +127,7 @@ class SearchSpace:
         """
         # The model decides what fits; the layout rules are the engines' (one owner for both).
         from autotune.model import PerfModel, check_layout, gate
+        from autotune.model.feasibility import check_placement
 
         m, n = scenario.model, scenario.num_gpus
         out, reasons = [], []
@@ -139,6 +140,8 @@ class SearchSpace:
                                kv_fraction=max(self.kv_fraction))
             try:
                 check_layout(m, cfg)
+                if n > scenario.gpu.gpus_per_node:
+                    check_placement(scenario.gpu, cfg)
             except InvalidConfig as exc:
                 if m.heads % tp:  # the one rule worth naming: the others only trim the space
                     reasons.append(f"tp{tp}: {exc}")

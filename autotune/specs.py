@@ -7,7 +7,7 @@ files (a Hugging Face ``config.json`` for a model, a YAML file for a GPU).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -103,6 +103,12 @@ class GpuSpec:
     gpus_per_node: int = 8
     description: str = ""
     nvls: bool = False  # NVSwitch reduces all-reduces in the switch (NVLink SHARP, Hopper on)
+    # Between nodes (see FABRICS): the fabric's name, its bandwidth per GPU and direction (GB/s;
+    # one NIC per GPU, as HGX systems are cabled) and the latency of one message across it
+    # (microseconds: NIC, switch and the collective library's protocol).
+    fabric: str = "ndr-ib"
+    fabric_gb_s: float = 50.0
+    fabric_latency_us: float = 10.0
 
     @property
     def memory_bytes(self) -> float:
@@ -264,6 +270,36 @@ def _context_length(cfg: dict) -> int:
     return int(context)
 
 
+#: Inter-node fabrics: (bandwidth per GPU and direction in GB/s, latency of one message in us).
+#: One NIC per GPU. NDR InfiniBand (ConnectX-7, 400 Gb/s) is the HGX H100/H200/B200 reference;
+#: the latencies are of a small NCCL message across one switch, not the NIC's wire latency.
+FABRICS: dict[str, tuple[float, float]] = {
+    "ndr-ib": (50.0, 10.0),  # 400 Gb/s InfiniBand NDR
+    "hdr-ib": (25.0, 10.0),  # 200 Gb/s InfiniBand HDR (A100 systems)
+    "xdr-ib": (100.0, 10.0),  # 800 Gb/s InfiniBand XDR (ConnectX-8)
+    "roce-400g": (50.0, 15.0),  # 400 Gb/s RoCE v2 Ethernet
+    "efa": (50.0, 30.0),  # AWS EFA on p5 (3,200 Gb/s per 8 GPUs); SRD's higher latency
+}
+
+
+def with_nodes(spec: GpuSpec, *, fabric: str | None = None,
+               gpus_per_node: int | None = None) -> GpuSpec:
+    """``spec`` on another fabric (a FABRICS name) or with another GPU count per node
+    (UserError for an unknown fabric or a count below 1)."""
+    changes: dict = {}
+    if fabric is not None:
+        key = fabric.strip().lower()
+        if key not in FABRICS:
+            raise UserError(f"unknown --fabric {fabric!r}: use one of {', '.join(FABRICS)}")
+        changes.update(fabric=key, fabric_gb_s=FABRICS[key][0],
+                       fabric_latency_us=FABRICS[key][1])
+    if gpus_per_node is not None:
+        if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
+            raise UserError(f"--gpus-per-node must be >= 1, got {gpus_per_node!r}")
+        changes["gpus_per_node"] = gpus_per_node
+    return replace(spec, **changes) if changes else spec
+
+
 def load_gpu(name_or_path: str) -> GpuSpec:
     """A catalog name (``h100``, ``h200``, ``a100``, ``b200``) or a path to a GPU YAML file."""
     key = name_or_path.strip().lower()
@@ -292,7 +328,8 @@ def _positive(value) -> bool:
 def _check_gpu(spec: GpuSpec, where: str) -> None:
     """Every figure of a GPU YAML is a positive number (UserError naming the first that is
     not): a zero bandwidth or a bare ``tflops: 500`` would only fail deep inside the model."""
-    for name in ("memory_gib", "mem_bw_tb_s", "nvlink_gb_s"):
+    for name in ("memory_gib", "mem_bw_tb_s", "nvlink_gb_s", "fabric_gb_s",
+                 "fabric_latency_us"):
         if not _positive(getattr(spec, name)):
             raise UserError(f"{where!r}: {name} must be a positive number, got "
                             f"{getattr(spec, name)!r}")
@@ -333,6 +370,7 @@ def layer_split(layers: int, pp: int) -> list[int]:
 
 
 __all__ = [
+    "FABRICS",
     "GpuSpec",
     "MAX_SEQUENCE",
     "ModelSpec",
@@ -346,4 +384,5 @@ __all__ = [
     "model_catalog",
     "model_from_hf_config",
     "resolve_precision",
+    "with_nodes",
 ]

@@ -31,9 +31,12 @@ class SearchJob:
 
     model: str
     gpu: str
-    num_gpus: int
+    num_gpus: int | None
     isl: int
     osl: int
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    fabric: str | None = None
     precision: str | None = None
     slo: str | None = None
     runner: str = "sim"
@@ -60,6 +63,8 @@ class SearchJob:
 
             profile = load_profile(open_storage(self.storage, create=False).store, self.profile)
         return Scenario.build(model=self.model, gpu=self.gpu, num_gpus=self.num_gpus,
+                              nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                              fabric=self.fabric,
                               precision=self.precision, isl=self.isl, osl=self.osl, slo=self.slo,
                               runner=self.runner, profile=profile)
 

@@ -84,6 +84,12 @@ CASES = [
     ("storage-password-in-query",
      ["studies", "--storage", "postgresql://tuner@127.0.0.1:1/test?password=s3cret"],
      "cannot use database"),
+    ("nodes-and-other-gpu-count", ["search", *with_opt("--nodes", "2")], "is not --nodes 2 x 8"),
+    ("part-of-a-node", ["search", *with_opt("--num-gpus", "12")], "not whole ones"),
+    ("nodes-zero", ["estimate", "--model", "llama-3.1-8b", "--gpu", "h100", "--isl", "8",
+                    "--osl", "8", "--nodes", "0"], "--nodes"),
+    ("unknown-fabric", ["search", *with_opt("--fabric", "carrier-pigeon")], "unknown --fabric"),
+    ("gpus-per-node-zero", ["search", *with_opt("--gpus-per-node", "0")], "--gpus-per-node"),
     ("best-without-database", ["best"], "no database"),
     ("studies-without-database", ["studies"], "no database"),
 ]

@@ -14,7 +14,7 @@ from autotune.config import EngineConfig
 from autotune.errors import InvalidConfig, OutOfMemory, PredictedOutOfMemory
 from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, PerfModel
 from autotune.model.scheduler import Limits
-from autotune.specs import ModelSpec
+from autotune.specs import GpuSpec, ModelSpec
 
 
 def check_layout(model: ModelSpec, config: EngineConfig) -> None:
@@ -27,6 +27,21 @@ def check_layout(model: ModelSpec, config: EngineConfig) -> None:
         raise InvalidConfig(f"pp={config.pp} exceeds the model's {model.layers} layers")
     if not 0 < config.kv_fraction < 1:
         raise InvalidConfig(f"kv_fraction must be in (0, 1), got {config.kv_fraction}")
+
+
+def check_placement(gpu: GpuSpec, config: EngineConfig) -> None:
+    """How a layout sits on nodes of ``gpu.gpus_per_node`` GPUs when it spans several (raises
+    InvalidConfig): a TP group inside one node or over whole nodes, and a replica (``tp x pp``
+    GPUs, its stages in order) inside one node, a whole number of them per node, or over whole
+    nodes, so that no replica straddles a node boundary in two places."""
+    per_node = gpu.gpus_per_node
+    if config.tp > per_node and config.tp % per_node:
+        raise InvalidConfig(f"tp={config.tp} spans {gpu.name} nodes of {per_node} GPUs but not "
+                            "whole ones")
+    size = config.tp * config.pp
+    if (size > per_node and size % per_node) or (size < per_node and per_node % size):
+        raise InvalidConfig(f"a replica of tp*pp={size} GPUs does not tile {gpu.name} nodes of "
+                            f"{per_node} GPUs")
 
 
 @dataclass(frozen=True)
