@@ -8,7 +8,7 @@ summarises a run. The ``sim`` runner is a thin adapter over it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,26 +36,57 @@ SIM_REQUESTS = RequestBudget(least=32, waves=3, most=3000)
 RATE_REQUESTS = SIM_REQUESTS.most // 3
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """How a closed-loop serving client runs one load point (``vllm bench serve``, InferenceX).
+
+    It issues ``prompts_per_concurrency x concurrency`` requests, ``concurrency`` in flight at
+    any time, and averages over all of them: the first wave arrives together (the warm-up
+    burst), the later ones wherever a slot frees up (the staggered steady state). Lengths are
+    drawn uniformly from ``[range_ratio x L, L]`` (vLLM's ``random`` data set up to 0.8 as
+    InferenceX runs it, ``--random-range-ratio 0.8``), which is what keeps requests from
+    finishing in lockstep. The defaults are InferenceX's: ``--num-prompts $((CONC * 10))``.
+    """
+
+    prompts_per_concurrency: int = 10
+    range_ratio: float = 0.8  # shortest length as a share of the nominal one (1: fixed lengths)
+    min_prompts: int = 16  # a low concurrency still runs enough requests to average over
+
+    def prompts(self, concurrency: int) -> int:
+        return max(self.min_prompts, self.prompts_per_concurrency * concurrency)
+
+    def lengths(self, nominal: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` lengths uniform over ``[range_ratio x nominal, nominal]`` (tokens)."""
+        low = max(1, int(nominal * self.range_ratio))
+        return rng.integers(low, nominal + 1, n).astype(np.int64)
+
+
 class Simulator:
     """The built-in model of ``model`` on ``gpu`` with ``calibration`` (None: the shipped
     constants of each config's precision).
 
     ``num_requests`` fixes the requests per replica and load point (to reproduce a benchmark that
-    ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``.
+    ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``. ``engine``
+    (None: TensorRT-LLM) picks which engine's shipped constants apply when ``calibration`` is
+    None. ``benchmark``: closed-loop load points are run the way that client runs them (None:
+    ``SIM_REQUESTS`` requests of the workload's lengths).
     """
 
     name = "sim"
     expensive = False  # milliseconds per load point
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, calibration: Calibration | None = None,
-                 num_requests: int | None = None):
+                 num_requests: int | None = None, engine: str | None = None,
+                 benchmark: Benchmark | None = None):
         self.model, self.gpu = model, gpu
         self.calibration = calibration
         self.num_requests = num_requests
+        self.engine = engine
+        self.benchmark = benchmark
 
     def perf(self, config: EngineConfig) -> PerfModel:
         """The memory plan and iteration time of one replica of ``config``."""
-        return PerfModel(self.model, self.gpu, config, self.calibration)
+        return PerfModel(self.model, self.gpu, config, self.calibration, engine=self.engine)
 
     def capacity(self, config: EngineConfig, workload: Workload) -> tuple[PerfModel, Capacity]:
         """The replica's model and capacity (InvalidConfig / OutOfMemory when it cannot run)."""
@@ -70,8 +101,12 @@ class Simulator:
         points: list[LoadPoint] = []
         for load in loads:
             per_replica = replica_load(load, config.dp)
-            n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
-            isl, osl = self._lengths(workload, n, config)
+            if self.benchmark is not None and per_replica != MAX_CONCURRENCY:
+                n = self.num_requests or self.benchmark.prompts(per_replica)
+                isl, osl = self._benchmark_lengths(workload, n, config, per_replica)
+            else:
+                n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
+                isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
                              concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
             points.append(_all_replicas(trace, in_flight(load, config.dp), config))
@@ -104,6 +139,14 @@ class Simulator:
             points.append(_all_replicas(trace, 0, config))
         return points
 
+    def _benchmark_lengths(self, workload: Workload, n: int, config: EngineConfig,
+                           load: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(
+            int(stable_hash(workload.to_dict(), config.to_dict(), f"bench={load}"), 16) % 2**32)
+        assert self.benchmark is not None
+        return (self.benchmark.lengths(workload.isl, n, rng),
+                self.benchmark.lengths(workload.osl, n, rng))
+
     @staticmethod
     def _lengths(workload: Workload, n: int, config: EngineConfig) -> tuple[np.ndarray, np.ndarray]:
         if workload.isl_std == 0 and workload.osl_std == 0:
@@ -135,4 +178,4 @@ def _all_replicas(trace: Trace, concurrency: int, config: EngineConfig) -> LoadP
     )
 
 
-__all__ = ["RATE_REQUESTS", "SIM_REQUESTS", "Simulator"]
+__all__ = ["RATE_REQUESTS", "SIM_REQUESTS", "Benchmark", "Simulator"]
