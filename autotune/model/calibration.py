@@ -28,6 +28,8 @@ ENGINES = ("trtllm", "vllm", "sglang")
 #: - ``p2p_latency_us``: one stage-to-stage send (a copy-engine or NCCL send/recv);
 #: - ``layer_overhead_us``: what one layer's dozen kernels cost beyond their bytes and FLOPs
 #:   (launch gaps, tails, small kernels: norms, RoPE, KV-cache writes);
+#: - ``request_overhead_ms``: a request's path outside the GPU's iterations, paid once before
+#:   its first token (HTTP, tokenisation, hand-over to the scheduler, streaming the token back);
 #: - ``mem_eff``: achievable share of HBM bandwidth for streaming weight reads (~0.6-0.92 of the
 #:   datasheet; a device-to-device copy reaches ~0.9 on H100/H200).
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -41,6 +43,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "layer_overhead_us": (0.1, 60.0),
     "iter_overhead_ms": (0.01, 20.0),
     "seq_overhead_us": (0.01, 200.0),
+    "request_overhead_ms": (0.5, 300.0),
 }
 
 
@@ -62,6 +65,7 @@ class Calibration:
     seq_overhead_us: float = 5.0  # cost per request in every iteration (microseconds)
     layer_overhead_us: float = 5.0  # fixed cost of one layer per iteration (microseconds)
     p2p_latency_us: float = 15.0  # fixed cost of one stage-to-stage send (microseconds)
+    request_overhead_ms: float = 1.0  # once per request, before its first token (milliseconds)
 
     def out_of_bounds(self) -> list[str]:
         """Names of the constants outside their physical range (``BOUNDS``)."""

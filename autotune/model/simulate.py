@@ -109,7 +109,8 @@ class Simulator:
                 isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
                              concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
-            points.append(_all_replicas(trace, in_flight(load, config.dp), config))
+            points.append(_all_replicas(_served(trace, perf), in_flight(load, config.dp),
+                                        config))
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
             max_requests_in_flight=cap.fit * config.dp,
@@ -136,7 +137,7 @@ class Simulator:
             gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
             arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
             trace = simulate(perf.iteration_time, isl, osl, cap.limits, arrivals=arrivals)
-            points.append(_all_replicas(trace, 0, config))
+            points.append(_all_replicas(_served(trace, perf), 0, config))
         return points
 
     def _benchmark_lengths(self, workload: Workload, n: int, config: EngineConfig,
@@ -159,6 +160,17 @@ class Simulator:
         osl = np.clip(np.rint(rng.normal(workload.osl, workload.osl_std, n)), 1,
                       workload.osl + 3 * workload.osl_std)
         return isl.astype(np.int64), osl.astype(np.int64)
+
+
+def _served(trace: Trace, perf: PerfModel) -> Trace:
+    """``trace`` as the client sees it: each request's first token and end come its
+    ``request_overhead_ms`` later (the server's path outside the GPU's iterations). The closed
+    loop's next request is still issued at the engine's completion: a few milliseconds per
+    request of tens to thousands."""
+    lag = perf.cal.request_overhead_ms * 1e-3
+    if not lag:
+        return trace
+    return replace(trace, first_token=trace.first_token + lag, end=trace.end + lag)
 
 
 def _all_replicas(trace: Trace, concurrency: int, config: EngineConfig) -> LoadPoint:
