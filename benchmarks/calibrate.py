@@ -184,7 +184,8 @@ def mape_of(res: np.ndarray, n: int | None = None) -> float:
 
 def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iterations: int = 10,
             start: dict | None = None, csv: Path = accuracy.DEFAULT_CSV,
-            fixed: dict | None = None, serving: list | None = None) -> tuple[Params, float]:
+            fixed: dict | None = None, serving: list | None = None,
+            hold: tuple[str, ...] = ()) -> tuple[Params, float]:
     """Levenberg-Marquardt on log(model / measured) over log-scaled constants, reweighted so
     that it minimises the absolute (not squared) log error, close to the MAPE it reports."""
     log = log or (lambda *a: print(*a, flush=True))
@@ -211,8 +212,8 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iteratio
             if n == name or n.split("@")[0] == name:
                 params.values[n] = value
     cases += online + points
-    names = [n for n in params.names if n not in (fixed or {})
-             and n.split("@")[0] not in (fixed or {})]
+    held = set(fixed or {}) | set(hold)
+    names = [n for n in params.names if n not in held and n.split("@")[0] not in held]
     lo = np.log([BOUNDS[n.split("@")[0]][0] for n in names])
     hi = np.log([BOUNDS[n.split("@")[0]][1] for n in names])
     ev = Evaluator(cases, jobs)
@@ -361,7 +362,9 @@ def write_engine_file(engine: str, params: EngineParams, mape_fit: float, n: int
 
 
 def existing_values(gpu: str) -> dict[str, float]:
-    """The constants the shipped files hold now, as a starting point (name@precision/backend)."""
+    """The constants the shipped files hold now, as a starting point (name@precision/backend);
+    one outside its physical range (``BOUNDS``, a file from before the range) starts from the
+    default instead."""
     out: dict[str, float] = {}
     for path in sorted(CALIBRATION_DIR.glob(f"{gpu}-*.yaml")):
         precision = path.stem.split("-", 1)[1]
@@ -380,7 +383,8 @@ def existing_values(gpu: str) -> dict[str, float]:
             for b, over in backends.items():
                 if name in (over or {}):
                     out[f"{name}@{b}"] = float(over[name])
-    return out
+    return {n: v for n, v in out.items()
+            if BOUNDS[n.split("@")[0]][0] <= v <= BOUNDS[n.split("@")[0]][1]}
 
 
 def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
@@ -429,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="start from the shipped files, not the Calibration defaults")
     ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                     help="hold a constant (e.g. ar_latency_us=15) instead of fitting it")
+    ap.add_argument("--hold", action="append", default=[], metavar="NAME",
+                    help="hold a constant (all its @precision/@backend variants) at its start")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     ap.add_argument("--engine", action="append", choices=("vllm", "sglang"),
                     help="fit these engines' constants on their serving points instead")
@@ -453,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
                                iterations=args.iterations, start=start, csv=args.csv,
                                fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)},
-                               serving=serving)
+                               serving=serving, hold=tuple(args.hold))
         n = sum(1 for r in rows if r.gpu == gpu and not r.held_out)
         n_online = sum(1 for o in accuracy.load_online(args.csv) if o.gpu == gpu and not o.held_out)
         for name in params.names:
