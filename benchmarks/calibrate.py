@@ -47,7 +47,8 @@ import yaml
 from autotune.model import BOUNDS, DEFAULT_BACKEND, Calibration, load_calibration
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
-SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_bw_eff", "seq_overhead_us",
+SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
+          "seq_overhead_us",
           "layer_overhead_us", "p2p_latency_us", "request_overhead_ms")
 PER_PRECISION = ("gemm_eff", "gemm_half_tokens")
 PER_BACKEND = ("iter_overhead_ms",)

@@ -26,6 +26,8 @@ ENGINES = ("trtllm", "vllm", "sglang")
 #:   the custom one-shot/two-shot all-reduce kernels that TensorRT-LLM, vLLM and SGLang use for
 #:   decode-sized messages take ~5-15 us on 8 GPUs (NCCL's low-latency protocol ~10-25 us, which
 #:   they fall back to for large messages, where the bytes term dominates anyway);
+#: - ``ar_nccl_latency_us``: the same for a message too large for those kernels (NCCL's ring or
+#:   NVLS all-reduce: kernel launch, channel set-up, the protocol's hand-shakes, ~20-50 us);
 #: - ``p2p_latency_us``: one stage-to-stage send (a copy-engine or NCCL send/recv);
 #: - ``layer_overhead_us``: what one layer's dozen kernels cost beyond their bytes and FLOPs
 #:   (launch gaps, tails, small kernels: norms, RoPE, KV-cache writes);
@@ -39,6 +41,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "mem_eff": (0.5, 0.95),
     "attn_eff": (0.05, 1.0),
     "ar_latency_us": (2.0, 15.0),
+    "ar_nccl_latency_us": (10.0, 60.0),
     "p2p_latency_us": (2.0, 40.0),
     "ar_bw_eff": (0.05, 1.0),
     "layer_overhead_us": (0.1, 60.0),
@@ -62,6 +65,7 @@ class Calibration:
     attn_eff: float = 0.65  # fraction of 16-bit dense peak that prefill attention reaches
     ar_latency_us: float = 12.0  # launch + sync of one all-reduce, any size (microseconds)
     ar_bw_eff: float = 0.75  # all-reduce bus bandwidth / per-direction NVLink bandwidth
+    ar_nccl_latency_us: float = 30.0  # the same above the custom kernel's size (NCCL)
     iter_overhead_ms: float = 0.5  # fixed cost of one scheduler iteration (milliseconds)
     seq_overhead_us: float = 5.0  # cost per request in every iteration (microseconds)
     layer_overhead_us: float = 5.0  # fixed cost of one layer per iteration (microseconds)
