@@ -414,6 +414,17 @@ SERVING_ENGINES = ("trtllm", "vllm", "sglang")
 #: the memory (``--gpu-memory-utilization 0.9``).
 SERVING_MAX_NUM_TOKENS = 8192
 SERVING_KV_FRACTION = 0.9
+#: Engines whose memory fraction is of the whole GPU (vLLM's ``--gpu-memory-utilization``,
+#: SGLang's ``--mem-fraction-static``: weights, activations and KV cache together), not of
+#: the memory the weights leave (TensorRT-LLM's ``free_gpu_memory_fraction``).
+WHOLE_GPU_FRACTION = ("vllm", "sglang")
+#: Requests a harness keeps waiting beyond the engine's batch slots (``Benchmark.queued``), by
+#: (harness, engine). InferenceX starts the engine with ``--max-num-seqs $CONC`` and runs
+#: ``$CONC`` clients: none. The AIConfigurator gap-analysis sweeps of TensorRT-LLM
+#: (``source_file=.../aic-auto-gap-analysis/...``) show one: their TTFT is close to a base plus
+#: one request's duration / concurrency (it falls as concurrency rises and grows with OSL), the
+#: wait for the next completion. Their vLLM sweeps do not (TTFT below duration / concurrency).
+HARNESS_QUEUED = {("aic", "trtllm"): 1}
 #: Concurrency bands of the latency tables.
 BANDS = (("1", 1, 1), ("2-16", 2, 16), ("17-128", 17, 128), (">128", 129, 10**9))
 
@@ -435,6 +446,7 @@ class ServingRow:
     concurrency: int
     ttft_ms: float
     tpot_ms: float
+    harness: str = "inferencex"  # who measured it: inferencex | aic (HARNESS_QUEUED)
 
     @property
     def deployment(self) -> str:
@@ -458,6 +470,11 @@ def _serving_precision(r) -> str:
         return r.precision
     name = r.model_path.lower()
     return "fp8" if "fp8" in name else "fp4" if "fp4" in name else "bf16"
+
+
+def _harness(source: str) -> str:
+    """Which harness measured a row, from its ``silicon_data_source``."""
+    return "aic" if "aic-auto-gap-analysis" in source else "inferencex"
 
 
 def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]:
@@ -489,7 +506,7 @@ def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, i
             gpu=SERVING_GPUS[r.system], model=SERVING_MODELS[r.model_path], precision=precision,
             tp=int(r.tp_size), pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=int(r.batch_size), ttft_ms=float(r.silicon_ttft_ms),
-            tpot_ms=float(r.silicon_tpot_ms)))
+            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source))))
     return rows, dict(skipped)
 
 
@@ -506,13 +523,27 @@ def predict_serving(row: ServingRow, calibration: Calibration | None = None
                           max_num_tokens=SERVING_MAX_NUM_TOKENS, kv_fraction=SERVING_KV_FRACTION,
                           chunked_prefill=True, precision=row.precision)
     sim = Simulator(serving_model(row.model), load_gpu(row.gpu), cal, engine=row.engine,
-                    benchmark=Benchmark())
+                    benchmark=Benchmark(queued=HARNESS_QUEUED.get((row.harness, row.engine), 0)))
+    if row.engine in WHOLE_GPU_FRACTION:
+        config = replace(config, kv_fraction=_whole_gpu_kv_fraction(sim, config))
     try:
         (p,) = sim.measure(config, Workload(isl=row.isl, osl=row.osl),
                            [row.concurrency]).load_points
     except TrialFailure:
         return math.nan, math.nan
     return p.latency("ttft", "mean"), p.latency("tpot", "mean")
+
+
+def _whole_gpu_kv_fraction(sim: Simulator, config: EngineConfig) -> float:
+    """The share of the memory the weights, activations and reserve leave (the model's
+    ``kv_fraction``) that a fraction ``SERVING_KV_FRACTION`` of the whole GPU leaves the KV
+    cache; at least a hundredth (the engine ran: the model's reserve is then too large)."""
+    plan = sim.perf(replace(config, kv_fraction=1.0)).memory()
+    free = plan.total - plan.weights - plan.activations - plan.reserve
+    if free <= 0:
+        return SERVING_KV_FRACTION
+    kv = free - (1 - SERVING_KV_FRACTION) * plan.total
+    return min(1.0, max(kv / free, 0.01))
 
 
 def _predict_serving_one(args):

@@ -170,17 +170,76 @@ def residuals(preds, cases, measured) -> np.ndarray:
             serving += [_log_ratio(p[0], case.ttft_ms), _log_ratio(p[1], case.tpot_ms)]
             continue
         if isinstance(case, accuracy.OnlineRow):
-            online.append(math.log(max(p[0], 1e-9) / case.ttft_ms))
-            online.append(math.log(max(p[1], 1e-9) / case.itl_ms))
+            online += [_log_ratio(p[0], case.ttft_ms), _log_ratio(p[1], case.itl_ms)]
             continue
         for m in measured[accuracy.case_key(case)]:
-            out.append(math.log(max(p, 1e-9) / m))
+            out.append(_log_ratio(p, m))
     return np.asarray(out + online * ONLINE_WEIGHT + serving * int(SERVING_WEIGHT))
 
 
 def mape_of(res: np.ndarray, n: int | None = None) -> float:
     """MAPE of the first ``n`` residuals (the throughput rows)."""
     return float(np.mean(np.abs(np.expm1(res[:n])))) * 100
+
+
+#: Largest move of one constant in one step, in log space (e ** 1: a factor 2.7). The IRLS
+#: quadratic model is poor far from the start (a fixed latency the TTFT residuals want 100x
+#: larger); without a cap the step lands where every try is worse and the fit stops.
+MAX_LOG_STEP = 1.0
+
+
+def lm_fit(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, at, iterations: int,
+           report=None) -> tuple[np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt on the residuals ``at(theta)`` within the box ``[lo, hi]``,
+    reweighted each step (IRLS) so that it minimises the absolute log error; returns the best
+    ``theta`` and its residuals (``at`` is left evaluated there).
+
+    A constant on a bound that the gradient pushes further out is left out of the step
+    (the active set of a projected method): solving for it and then clipping it back would
+    spend the step on a move that never happens, and leave the other constants a step that
+    was meant to go with it (the H100 fit took no step at all from its bounded start).
+    """
+    theta = np.clip(theta, lo, hi)
+    res = at(theta)
+    if report:
+        report(res, "  start")
+    lam = 1e-2
+    for it in range(iterations):
+        w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
+        cost = float(np.sum(w * res**2))
+        jac = np.empty((res.size, theta.size))
+        for j in range(theta.size):
+            h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
+            t2 = theta.copy()
+            t2[j] += h
+            jac[:, j] = (at(t2) - res) / h
+        g = jac.T @ (w * res)
+        a = jac.T @ (w[:, None] * jac)
+        at_lo, at_hi = theta <= lo + 1e-9, theta >= hi - 1e-9
+        free = ~((at_lo & (g > 0)) | (at_hi & (g < 0)))
+        free &= np.any(jac != 0, axis=0)  # a constant nothing depends on stays put
+        idx = np.flatnonzero(free)
+        moved = False
+        for _ in range(6):
+            sub = a[np.ix_(idx, idx)]
+            step = np.zeros_like(theta)
+            step[idx] = -np.linalg.solve(sub + lam * np.diag(np.diag(sub) + 1e-9), g[idx])
+            biggest = float(np.max(np.abs(step))) if idx.size else 0.0
+            if biggest > MAX_LOG_STEP:
+                step *= MAX_LOG_STEP / biggest
+            cand = np.clip(theta + step, lo, hi)
+            r2 = at(cand)
+            if np.all(np.isfinite(r2)) and float(np.sum(w * r2**2)) < cost:
+                theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
+                break
+            lam *= 4
+        at(theta)  # leave the evaluator's constants at theta
+        if report:
+            report(res, f"    iteration {it + 1} (damping {lam:.2g}, {idx.size} free)"
+                   + ("" if moved else " (no better step)"))
+        if not moved:
+            break
+    return theta, res
 
 
 def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iterations: int = 10,
@@ -236,38 +295,14 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iteratio
             params.values[n] = float(v)
         return residuals(ev.run(params, limits), cases, measured)
 
-    theta = np.clip(np.log([params.values[n] for n in names]), lo, hi)
+    theta = np.log([params.values[n] for n in names])
     try:
         for rnd in range(rounds):
             preds = ev.run(params, None)  # choose each case's limits again
             limits = [lim for _, lim in preds]
-            res = residuals(preds, cases, measured)
-            report(res, f"  round {rnd + 1} (trtllm-bench limits)")
-            lam = 1e-2
-            for it in range(iterations):
-                w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
-                cost = float(np.sum(w * res**2))
-                jac = np.empty((res.size, theta.size))
-                for j in range(theta.size):
-                    h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
-                    t2 = theta.copy()
-                    t2[j] += h
-                    jac[:, j] = (at(t2, limits) - res) / h
-                g = jac.T @ (w * res)
-                a = jac.T @ (w[:, None] * jac)
-                moved = False
-                for _ in range(6):
-                    step = -np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), g)
-                    cand = np.clip(theta + step, lo, hi)
-                    r2 = at(cand, limits)
-                    if float(np.sum(w * r2**2)) < cost:
-                        theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
-                        break
-                    lam *= 4
-                at(theta, limits)  # leave params at theta
-                report(res, f"    iteration {it + 1}" + ("" if moved else " (no better step)"))
-                if not moved:
-                    break
+            report(residuals(preds, cases, measured), f"  round {rnd + 1} (trtllm-bench limits)")
+            theta, _ = lm_fit(theta, lo, hi, lambda t, lim=limits: at(t, lim), iterations,
+                              report)
         preds = ev.run(params, None)
         res = residuals(preds, cases, measured)
         best = mape_of(res, n_tput)
@@ -313,35 +348,9 @@ def fit_engine(engine: str, serving: list, jobs: int, iterations: int = 10,
         a = np.abs(np.expm1(res))
         log(f"{what}: TTFT {a[0::2].mean() * 100:.1f}% TPOT {a[1::2].mean() * 100:.1f}%")
 
-    theta = np.clip(np.log([params.values[n] for n in names]), lo, hi)
+    theta = np.log([params.values[n] for n in names])
     try:
-        res = at(theta)
-        report(res, "  start")
-        lam = 1e-2
-        for it in range(iterations):
-            w = 1.0 / np.maximum(np.abs(res), 0.02)
-            cost = float(np.sum(w * res**2))
-            jac = np.empty((res.size, theta.size))
-            for j in range(theta.size):
-                h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
-                t2 = theta.copy()
-                t2[j] += h
-                jac[:, j] = (at(t2) - res) / h
-            g = jac.T @ (w * res)
-            a = jac.T @ (w[:, None] * jac)
-            moved = False
-            for _ in range(6):
-                step = -np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), g)
-                cand = np.clip(theta + step, lo, hi)
-                r2 = at(cand)
-                if float(np.sum(w * r2**2)) < cost:
-                    theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
-                    break
-                lam *= 4
-            res = at(theta)
-            report(res, f"    iteration {it + 1}" + ("" if moved else " (no better step)"))
-            if not moved:
-                break
+        _, res = lm_fit(theta, lo, hi, at, iterations, report)
     finally:
         ev.close()
     return params, float(np.mean(np.abs(np.expm1(res)))) * 100, len(cases)

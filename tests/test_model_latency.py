@@ -152,3 +152,26 @@ def test_a_staggered_closed_loop_waits_less_for_its_first_token_than_a_burst():
     # 64 prompts of 2048 tokens through a 2048-token budget: the burst's mean request waits
     # for ~32 prefills; in the steady state a prompt arrives when a slot frees up.
     assert steady < 0.5 * burst
+
+
+@pytest.mark.parametrize("concurrency", [8, 32])
+def test_a_client_one_request_ahead_of_the_batch_waits_for_the_next_completion(concurrency):
+    # The engine takes `concurrency` requests; a harness that keeps one more in flight makes
+    # every new request wait for the next completion: TTFT grows by about one request's
+    # duration / concurrency (the mean gap between completions), the decode speed does not
+    # change (the batch is the same), and the wait shrinks as concurrency rises.
+    cfg = EngineConfig(tp=1, precision="fp8", max_batch_size=concurrency, max_num_tokens=8192)
+    work = Workload(isl=1024, osl=512)
+    cal = Calibration()
+
+    def point(queued):
+        sim = Simulator(L8, H100, cal, benchmark=Benchmark(queued=queued))
+        (p,) = sim.measure(cfg, work, [concurrency]).load_points
+        return p
+
+    plain, ahead = point(0), point(1)
+    duration = plain.latency("tpot", "mean") * 0.9 * work.osl  # lengths average 0.9 x nominal
+    extra = ahead.latency("ttft", "mean") - plain.latency("ttft", "mean")
+    assert 0.7 * duration / concurrency < extra < 1.3 * duration / concurrency
+    assert ahead.latency("tpot", "mean") == pytest.approx(plain.latency("tpot", "mean"), rel=0.05)
+    assert ahead.num_requests == plain.num_requests  # the same prompts, 10 per concurrency

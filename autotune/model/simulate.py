@@ -46,11 +46,18 @@ class Benchmark:
     drawn uniformly from ``[range_ratio x L, L]`` (vLLM's ``random`` data set up to 0.8 as
     InferenceX runs it, ``--random-range-ratio 0.8``), which is what keeps requests from
     finishing in lockstep. The defaults are InferenceX's: ``--num-prompts $((CONC * 10))``.
+
+    ``queued``: requests the client keeps in flight beyond the load point's concurrency, which
+    the engine's batch (``max_batch_size`` = concurrency) cannot take: each new request then
+    waits for the next completion, one request's duration / concurrency on average, before its
+    prefill (what the TTFT of a harness that runs the engine one batch slot short of its
+    client shows: it falls as concurrency rises and grows with the output length).
     """
 
     prompts_per_concurrency: int = 10
     range_ratio: float = 0.8  # shortest length as a share of the nominal one (1: fixed lengths)
     min_prompts: int = 16  # a low concurrency still runs enough requests to average over
+    queued: int = 0  # requests in flight beyond the engine's batch slots (requests)
 
     def prompts(self, concurrency: int) -> int:
         return max(self.min_prompts, self.prompts_per_concurrency * concurrency)
@@ -101,14 +108,16 @@ class Simulator:
         points: list[LoadPoint] = []
         for load in loads:
             per_replica = replica_load(load, config.dp)
+            clients = per_replica
             if self.benchmark is not None and per_replica != MAX_CONCURRENCY:
                 n = self.num_requests or self.benchmark.prompts(per_replica)
                 isl, osl = self._benchmark_lengths(workload, n, config, per_replica)
+                clients = per_replica + self.benchmark.queued
             else:
                 n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
                 isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
-                             concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
+                             concurrency=None if per_replica == MAX_CONCURRENCY else clients)
             points.append(_all_replicas(_served(trace, perf), in_flight(load, config.dp),
                                         config))
         return Measurement(
