@@ -370,6 +370,9 @@ def estimate(
     fabric: Fabric = None,
     precision: Precision = None,
     slo: Slo = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="Serving engine whose fitted constants apply: trtllm, vllm, sglang.")
+    ] = "trtllm",
     profile: ProfileName = None,
     storage: Storage = DEFAULT_STORAGE,
     json_out: Json = False,
@@ -378,10 +381,12 @@ def estimate(
     from autotune import console
     from autotune.config import EngineConfig
     from autotune.errors import OutOfMemory, TrialFailure
-    from autotune.model import Simulator
+    from autotune.model import ENGINES, Simulator
     from autotune.recommend import slo_terms
     from autotune.scenario import Scenario
 
+    if engine not in ENGINES:
+        raise UserError(f"unknown --engine {engine!r}: use one of {', '.join(ENGINES)}")
     load = _concurrency(concurrency)
     gpus = num_gpus if num_gpus is not None or nodes is not None else tp * pp * dp
     prof = None
@@ -399,8 +404,8 @@ def estimate(
                           max_num_tokens=max_num_tokens, kv_fraction=kv_fraction,
                           chunked_prefill=chunked_prefill, precision=scen.precision)
     try:
-        m = Simulator(scen.model, scen.gpu, scen.calibration).measure(config, scen.workload,
-                                                                      [load])
+        m = Simulator(scen.model, scen.gpu, scen.calibration, engine=engine).measure(
+            config, scen.workload, [load])
     except OutOfMemory as exc:
         if json_out:
             console.print_json({"config": config.to_dict(), "feasible": False,

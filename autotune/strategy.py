@@ -373,10 +373,16 @@ def pick_prior(scored: Sequence[Scored], k: int = PRIOR_TRIALS) -> list[EngineCo
 
 
 def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
-              k: int = PRIOR_TRIALS, progress: Callable[[int], None] | None = None
-              ) -> list[EngineConfig]:
-    """Score the whole space with the built-in model and pick the first real trials."""
-    sim = Simulator(scenario.model, scenario.gpu, scenario.calibration)
+              k: int = PRIOR_TRIALS, progress: Callable[[int], None] | None = None,
+              engine: str | None = None) -> list[EngineConfig]:
+    """Score the whole space with the built-in model and pick the first real trials.
+
+    ``engine``: the runner's name (``trtllm``, ``vllm``): its own fitted constants; None or
+    another name (``sim``): TensorRT-LLM's."""
+    from autotune.model import ENGINES
+
+    sim = Simulator(scenario.model, scenario.gpu, scenario.calibration,
+                    engine=engine if engine in ENGINES else None)
 
     def evaluate(config: EngineConfig) -> tuple[float, bool]:
         swept = measure_ladder(sim, config, scenario.workload, space.concurrency, scenario.slo)

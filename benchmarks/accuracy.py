@@ -35,11 +35,11 @@ import pandas as pd
 from autotune.config import EngineConfig
 from autotune.errors import TrialFailure
 from autotune.measurement import MAX_CONCURRENCY
-from autotune.model import Calibration, load_calibration
+from autotune.model import Benchmark, Calibration, Simulator, load_calibration
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.specs import PRECISIONS as PRECISIONS_BYTES
-from autotune.specs import load_gpu, load_model
+from autotune.specs import ModelSpec, Workload, load_gpu, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "published_perf.csv"
@@ -393,6 +393,224 @@ def report(rows: list[Row], preds: list[float], skipped, *, show_rows: bool) -> 
     return summary
 
 
+
+# ---- the latency regime: measured serving points (measured_serving.csv) -------------------
+SERVING_CSV = ROOT.parent / "shared" / "data" / "measured_serving.csv"
+SERVING_GPUS = {"h100_sxm": "h100", "h200_sxm": "h200", "b200_sxm": "b200"}
+#: Dense checkpoints of the serving data -> catalog models (Qwen3-32B is described below).
+SERVING_MODELS = {
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b", "nvidia/Llama-3.1-8B-Instruct-FP8":
+    "llama-3.1-8b", "meta-llama/Llama-3.1-70B": "llama-3.1-70b", "Qwen/Qwen3-32B": "qwen3-32b",
+    "nvidia/Qwen3-32B-NVFP4": "qwen3-32b",
+}
+#: Qwen3-32B is not in the catalog (its config.json: 64 layers, hidden 5120, 64 query and 8 KV
+#: heads of 128, MLP 25600, vocabulary 151936, untied embeddings).
+EXTRA_MODELS = {"qwen3-32b": ModelSpec(name="qwen3-32b", layers=64, hidden=5120, heads=64,
+                                       kv_heads=8, ffn=25600, vocab=151936, head_dim=128,
+                                       max_context=40960)}
+SERVING_ENGINES = ("trtllm", "vllm", "sglang")
+#: The limits the serving runs got: InferenceX starts each engine with at most ``concurrency``
+#: sequences (``--max-num-seqs $CONC``), 8192 batched tokens and chunked prefill, and 90 % of
+#: the memory (``--gpu-memory-utilization 0.9``).
+SERVING_MAX_NUM_TOKENS = 8192
+SERVING_KV_FRACTION = 0.9
+#: Engines whose memory fraction is of the whole GPU (vLLM's ``--gpu-memory-utilization``,
+#: SGLang's ``--mem-fraction-static``: weights, activations and KV cache together), not of
+#: the memory the weights leave (TensorRT-LLM's ``free_gpu_memory_fraction``).
+WHOLE_GPU_FRACTION = ("vllm", "sglang")
+#: Requests a harness keeps waiting beyond the engine's batch slots (``Benchmark.queued``), by
+#: (harness, engine). InferenceX starts the engine with ``--max-num-seqs $CONC`` and runs
+#: ``$CONC`` clients: none. The AIConfigurator gap-analysis sweeps of TensorRT-LLM
+#: (``source_file=.../aic-auto-gap-analysis/...``) show one: their TTFT is close to a base plus
+#: one request's duration / concurrency (it falls as concurrency rises and grows with OSL), the
+#: wait for the next completion. Their vLLM sweeps do not (TTFT below duration / concurrency).
+HARNESS_QUEUED = {("aic", "trtllm"): 1}
+#: Concurrency bands of the latency tables.
+BANDS = (("1", 1, 1), ("2-16", 2, 16), ("17-128", 17, 128), (">128", 129, 10**9))
+
+
+@dataclass(frozen=True)
+class ServingRow:
+    """One measured operating point: mean TTFT and TPOT at a closed-loop concurrency."""
+
+    index: int  # row of measured_serving.csv (0-based, header excluded)
+    engine: str  # trtllm | vllm | sglang
+    version: str
+    gpu: str
+    model: str
+    precision: str
+    tp: int
+    pp: int
+    isl: int
+    osl: int
+    concurrency: int
+    ttft_ms: float
+    tpot_ms: float
+    harness: str = "inferencex"  # who measured it: inferencex | aic (HARNESS_QUEUED)
+
+    @property
+    def deployment(self) -> str:
+        """What is held out together: one engine, GPU, model, precision, layout and workload
+        (a whole concurrency sweep)."""
+        return (f"{self.engine}|{self.gpu}|{self.model}|{self.precision}|tp{self.tp}pp{self.pp}"
+                f"|{self.isl}/{self.osl}")
+
+    @property
+    def held_out(self) -> bool:
+        return zlib.crc32(self.deployment.encode()) % HELD_OUT_EVERY == 0
+
+    @property
+    def band(self) -> str:
+        return next(name for name, lo, hi in BANDS if lo <= self.concurrency <= hi)
+
+
+def _serving_precision(r) -> str:
+    """The precision of a row; missing on some, then the checkpoint's (BF16 unless named)."""
+    if isinstance(r.precision, str) and r.precision in ("fp8", "fp4", "bf16"):
+        return r.precision
+    name = r.model_path.lower()
+    return "fp8" if "fp8" in name else "fp4" if "fp4" in name else "bf16"
+
+
+def _harness(source: str) -> str:
+    """Which harness measured a row, from its ``silicon_data_source``."""
+    return "aic" if "aic-auto-gap-analysis" in source else "inferencex"
+
+
+def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]:
+    """The dense aggregated rows the model can describe, and how many others were skipped why."""
+    df = pd.read_csv(csv)
+    rows: list[ServingRow] = []
+    skipped: dict[str, int] = defaultdict(int)
+    for i, r in df.iterrows():
+        precision = _serving_precision(r)
+        if r["mode"] != "agg":
+            why = "disaggregated (separate prefill and decode workers)"
+        elif r.model_path not in SERVING_MODELS:
+            why = "MoE or model not described (a later issue)"
+        elif r.system not in SERVING_GPUS:
+            why = f"system {r.system} not in the GPU catalog"
+        elif r.backend not in SERVING_ENGINES:
+            why = f"engine {r.backend}"
+        elif float(r.attention_dp_size or 1) > 1 if not pd.isna(r.attention_dp_size) else False:
+            why = "attention data parallelism"
+        elif precision == "fp4" and SERVING_GPUS[r.system] != "b200":
+            why = "FP4 needs Blackwell tensor cores"
+        else:
+            why = ""
+        if why:
+            skipped[why] += 1
+            continue
+        rows.append(ServingRow(
+            index=int(i), engine=r.backend, version=str(r.backend_version),
+            gpu=SERVING_GPUS[r.system], model=SERVING_MODELS[r.model_path], precision=precision,
+            tp=int(r.tp_size), pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
+            concurrency=int(r.batch_size), ttft_ms=float(r.silicon_ttft_ms),
+            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source))))
+    return rows, dict(skipped)
+
+
+def serving_model(name: str) -> ModelSpec:
+    return EXTRA_MODELS[name] if name in EXTRA_MODELS else load_model(name)
+
+
+def predict_serving(row: ServingRow, calibration: Calibration | None = None
+                    ) -> tuple[float, float]:
+    """Modelled (mean TTFT ms, mean TPOT ms) of a serving row: its closed loop at its
+    concurrency, run as InferenceX runs it (``Benchmark``), under its engine's constants."""
+    cal = calibration or load_calibration(row.gpu, row.precision, engine=row.engine)
+    config = EngineConfig(tp=row.tp, pp=row.pp, max_batch_size=row.concurrency,
+                          max_num_tokens=SERVING_MAX_NUM_TOKENS, kv_fraction=SERVING_KV_FRACTION,
+                          chunked_prefill=True, precision=row.precision)
+    sim = Simulator(serving_model(row.model), load_gpu(row.gpu), cal, engine=row.engine,
+                    benchmark=Benchmark(queued=HARNESS_QUEUED.get((row.harness, row.engine), 0)))
+    if row.engine in WHOLE_GPU_FRACTION:
+        config = replace(config, kv_fraction=_whole_gpu_kv_fraction(sim, config))
+    try:
+        (p,) = sim.measure(config, Workload(isl=row.isl, osl=row.osl),
+                           [row.concurrency]).load_points
+    except TrialFailure:
+        return math.nan, math.nan
+    return p.latency("ttft", "mean"), p.latency("tpot", "mean")
+
+
+def _whole_gpu_kv_fraction(sim: Simulator, config: EngineConfig) -> float:
+    """The share of the memory the weights, activations and reserve leave (the model's
+    ``kv_fraction``) that a fraction ``SERVING_KV_FRACTION`` of the whole GPU leaves the KV
+    cache; at least a hundredth (the engine ran: the model's reserve is then too large)."""
+    plan = sim.perf(replace(config, kv_fraction=1.0)).memory()
+    free = plan.total - plan.weights - plan.activations - plan.reserve
+    if free <= 0:
+        return SERVING_KV_FRACTION
+    kv = free - (1 - SERVING_KV_FRACTION) * plan.total
+    return min(1.0, max(kv / free, 0.01))
+
+
+def _predict_serving_one(args):
+    row, cal = args
+    return predict_serving(row, cal)
+
+
+def predict_serving_all(rows: list[ServingRow], jobs: int = 1) -> list[tuple[float, float]]:
+    work = [(r, None) for r in rows]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_predict_serving_one, work, chunksize=4))
+    return [_predict_serving_one(w) for w in work]
+
+
+def report_serving(rows: list[ServingRow], preds: list[tuple[float, float]], skipped: dict,
+                   *, show_rows: bool = False) -> dict:
+    """TPOT and TTFT MAPE per engine, GPU, model and concurrency band: held-out rows, with
+    the fitted rows' figures beside; returns {engine: (tpot held, ttft held, tpot fit, ttft
+    fit, rows held, rows fit)}."""
+    print("\nLatency regime: measured mean TTFT / TPOT of dense aggregated deployments "
+          "(measured_serving.csv), closed loop at each concurrency, as InferenceX runs it")
+    if show_rows:
+        print(f"{'row':>5} {'engine':6} {'gpu':4} {'model':13} {'prec':4} {'tp':>2} "
+              f"{'isl/osl':>10} {'conc':>4} {'TTFT':>8} {'model':>8} {'TPOT':>6} {'model':>6}"
+              "  split")
+        for r, (ttft, tpot) in zip(rows, preds):
+            print(f"{r.index + 2:>5} {r.engine:6} {r.gpu:4} {r.model:13} {r.precision:4} "
+                  f"{r.tp:>2} {f'{r.isl}/{r.osl}':>10} {r.concurrency:>4} {r.ttft_ms:>8.0f} "
+                  f"{ttft:>8.0f} {r.tpot_ms:>6.1f} {tpot:>6.1f}  "
+                  f"{'held-out' if r.held_out else 'fit'}")
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[(r.engine, r.gpu, r.model, r.band)].append(i)
+    band_order = [b[0] for b in BANDS]
+
+    def errs(idx, k, measured):
+        return [ape(preds[i][k], getattr(rows[i], measured)) for i in idx
+                if not math.isnan(preds[i][k])]
+
+    print(f"{'engine':6} {'gpu':4} {'model':13} {'conc':>6} {'held':>4} {'TPOT%':>6} "
+          f"{'TTFT%':>6} | {'fit':>4} {'TPOT%':>6} {'TTFT%':>6}")
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], band_order.index(k[3]))):
+        held = [i for i in groups[key] if rows[i].held_out]
+        fit = [i for i in groups[key] if not rows[i].held_out]
+        print(f"{key[0]:6} {key[1]:4} {key[2]:13} {key[3]:>6} {len(held):>4} "
+              f"{mape(errs(held, 1, 'tpot_ms')):>6.1f} {mape(errs(held, 0, 'ttft_ms')):>6.1f} | "
+              f"{len(fit):>4} {mape(errs(fit, 1, 'tpot_ms')):>6.1f} "
+              f"{mape(errs(fit, 0, 'ttft_ms')):>6.1f}")
+    summary = {}
+    for engine in SERVING_ENGINES:
+        held = [i for i, r in enumerate(rows) if r.engine == engine and r.held_out]
+        fit = [i for i, r in enumerate(rows) if r.engine == engine and not r.held_out]
+        if not held and not fit:
+            continue
+        s = (mape(errs(held, 1, "tpot_ms")), mape(errs(held, 0, "ttft_ms")),
+             mape(errs(fit, 1, "tpot_ms")), mape(errs(fit, 0, "ttft_ms")), len(held), len(fit))
+        summary[engine] = s
+        print(f"MAPE {engine:6} held-out: TPOT {s[0]:5.1f}%  TTFT {s[1]:5.1f}%  on {s[4]} rows   "
+              f"(fit: TPOT {s[2]:5.1f}%  TTFT {s[3]:5.1f}% on {s[5]} rows)")
+    failed = sum(math.isnan(p[0]) for p in preds)
+    print(f"{failed} rows the model cannot run (out of memory); skipped "
+          f"{sum(skipped.values())} rows: "
+          + "; ".join(f"{n} {why}" for why, n in sorted(skipped.items(), key=lambda kv: -kv[1])))
+    return summary
+
+
 def print_skipped(skipped) -> None:
     by_reason: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for i, label, why in skipped:
@@ -427,13 +645,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     ap.add_argument("--rows", action="store_true", help="print every row's error")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--serving-csv", type=Path, default=SERVING_CSV)
+    ap.add_argument("--only", choices=("throughput", "latency", "405b"),
+                    help="print one part only")
     args = ap.parse_args(argv)
-    rows, skipped = load_rows(args.csv)
-    preds = [p for p, _ in predict_all(rows, jobs=args.jobs)]
-    report(rows, preds, skipped, show_rows=args.rows)
-    print_skipped(skipped)
-    report_online(load_online(args.csv))
-    layouts_405b()
+    if args.only in (None, "throughput"):
+        rows, skipped = load_rows(args.csv)
+        preds = [p for p, _ in predict_all(rows, jobs=args.jobs)]
+        report(rows, preds, skipped, show_rows=args.rows)
+        print_skipped(skipped)
+        report_online(load_online(args.csv))
+    if args.only in (None, "latency"):
+        serving, skipped_serving = load_serving(args.serving_csv)
+        report_serving(serving, predict_serving_all(serving, jobs=args.jobs), skipped_serving,
+                       show_rows=args.rows)
+    if args.only in (None, "405b"):
+        layouts_405b()
     return 0
 
 

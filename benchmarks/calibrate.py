@@ -37,23 +37,27 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import accuracy  # benchmarks/accuracy.py, next to this script
 import numpy as np
 import yaml
 
-from autotune.model import DEFAULT_BACKEND, Calibration
+from autotune.model import BOUNDS, DEFAULT_BACKEND, Calibration, load_calibration
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
-SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_bw_eff", "seq_overhead_us")
+SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
+          "seq_overhead_us",
+          "layer_overhead_us", "p2p_latency_us", "request_overhead_ms")
 PER_PRECISION = ("gemm_eff", "gemm_half_tokens")
 PER_BACKEND = ("iter_overhead_ms",)
-BOUNDS = {
-    "gemm_eff": (0.2, 1.0), "gemm_half_tokens": (1.0, 4096.0), "mem_eff": (0.3, 1.0),
-    "attn_eff": (0.05, 1.0), "ar_latency_us": (1.0, 200.0), "ar_bw_eff": (0.05, 1.0),
-    "iter_overhead_ms": (0.01, 50.0), "seq_overhead_us": (0.01, 200.0),
-}
+#: What belongs to a serving engine rather than to the GPU: fitted per engine (``--engine``)
+#: on its measured serving points, over the GPU's TensorRT-LLM constants for everything else.
+ENGINE_CONSTANTS = ("ar_latency_us", "layer_overhead_us", "iter_overhead_ms", "seq_overhead_us",
+                    "request_overhead_ms", "mem_eff")
+#: Each measured serving point's TTFT and TPOT count as this many throughput rows each.
+SERVING_WEIGHT = 1.0
 START = Calibration()  # the defaults in autotune/model/calibration.py
 FD_STEP = 0.05  # finite-difference step in log space (5 %)
 #: Each online-serving latency counts as this many throughput rows: the 15 online loads of a
@@ -71,6 +75,10 @@ class Params:
         self.names = [*SHARED, *(f"{p}@{q}" for q in precisions for p in PER_PRECISION),
                       *(f"{p}@{b}" for b in backends for p in PER_BACKEND)]
         self.values = {n: start.get(n, getattr(START, n.split("@")[0])) for n in self.names}
+
+    def cals(self, cases) -> dict:
+        keys = {(c.precision, case_backend(c)) for c in cases}
+        return {k: self.calibration(*k) for k in keys}
 
     def calibration(self, precision: str, backend: str) -> Calibration:
         v = {n: self.values[n] for n in SHARED}
@@ -94,6 +102,10 @@ def _eval(args):
     out = []
     for i, lim in zip(idx, limits):
         row = _CASES[i]
+        if isinstance(row, accuracy.ServingRow):
+            cal = cals.get((row.gpu, row.precision)) or cals[(row.precision, "pytorch")]
+            out.append((accuracy.predict_serving(row, cal), None))
+            continue
         if isinstance(row, accuracy.OnlineRow):
             ttft, itl, _ = accuracy.predict_online(row, cals[(row.precision, "trt")])
             out.append(((ttft, itl), None))
@@ -115,8 +127,7 @@ class Evaluator:
         _init(cases)
 
     def run(self, params: Params, limits: list | None) -> list[tuple[float, tuple | None]]:
-        keys = {(c.precision, getattr(c, "backend", "trt")) for c in self.cases}
-        cals = {k: params.calibration(*k) for k in keys}
+        cals = params.cals(self.cases)
         n = len(self.cases)
         lims = limits or [None] * n
         if not self.pool:
@@ -135,18 +146,35 @@ class Evaluator:
             self.pool.shutdown()
 
 
+def case_backend(case) -> str:
+    """The TensorRT-LLM generation whose constants a case runs under."""
+    if isinstance(case, accuracy.ServingRow):
+        return "pytorch"  # the serving points ran TensorRT-LLM 1.x (PyTorch back end)
+    return getattr(case, "backend", "trt")
+
+
+def _log_ratio(pred: float, measured: float) -> float:
+    """log(model / measured), a configuration the model cannot run counted as 20x off."""
+    if not pred > 0 or math.isnan(pred):
+        return 3.0
+    return math.log(pred / measured)
+
+
 def residuals(preds, cases, measured) -> np.ndarray:
     """log(model / measured) for every fit row (a case stands for all the rows of its run),
-    then for the mean TTFT and ITL of every online-serving load."""
-    out, online = [], []
+    then for the mean TTFT and ITL of every online-serving load, then for the mean TTFT and
+    TPOT of every measured serving point."""
+    out, online, serving = [], [], []
     for (p, _), case in zip(preds, cases):
+        if isinstance(case, accuracy.ServingRow):
+            serving += [_log_ratio(p[0], case.ttft_ms), _log_ratio(p[1], case.tpot_ms)]
+            continue
         if isinstance(case, accuracy.OnlineRow):
-            online.append(math.log(max(p[0], 1e-9) / case.ttft_ms))
-            online.append(math.log(max(p[1], 1e-9) / case.itl_ms))
+            online += [_log_ratio(p[0], case.ttft_ms), _log_ratio(p[1], case.itl_ms)]
             continue
         for m in measured[accuracy.case_key(case)]:
-            out.append(math.log(max(p, 1e-9) / m))
-    return np.asarray(out + online * ONLINE_WEIGHT)
+            out.append(_log_ratio(p, m))
+    return np.asarray(out + online * ONLINE_WEIGHT + serving * int(SERVING_WEIGHT))
 
 
 def mape_of(res: np.ndarray, n: int | None = None) -> float:
@@ -154,9 +182,70 @@ def mape_of(res: np.ndarray, n: int | None = None) -> float:
     return float(np.mean(np.abs(np.expm1(res[:n])))) * 100
 
 
+#: Largest move of one constant in one step, in log space (e ** 1: a factor 2.7). The IRLS
+#: quadratic model is poor far from the start (a fixed latency the TTFT residuals want 100x
+#: larger); without a cap the step lands where every try is worse and the fit stops.
+MAX_LOG_STEP = 1.0
+
+
+def lm_fit(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, at, iterations: int,
+           report=None) -> tuple[np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt on the residuals ``at(theta)`` within the box ``[lo, hi]``,
+    reweighted each step (IRLS) so that it minimises the absolute log error; returns the best
+    ``theta`` and its residuals (``at`` is left evaluated there).
+
+    A constant on a bound that the gradient pushes further out is left out of the step
+    (the active set of a projected method): solving for it and then clipping it back would
+    spend the step on a move that never happens, and leave the other constants a step that
+    was meant to go with it (the H100 fit took no step at all from its bounded start).
+    """
+    theta = np.clip(theta, lo, hi)
+    res = at(theta)
+    if report:
+        report(res, "  start")
+    lam = 1e-2
+    for it in range(iterations):
+        w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
+        cost = float(np.sum(w * res**2))
+        jac = np.empty((res.size, theta.size))
+        for j in range(theta.size):
+            h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
+            t2 = theta.copy()
+            t2[j] += h
+            jac[:, j] = (at(t2) - res) / h
+        g = jac.T @ (w * res)
+        a = jac.T @ (w[:, None] * jac)
+        at_lo, at_hi = theta <= lo + 1e-9, theta >= hi - 1e-9
+        free = ~((at_lo & (g > 0)) | (at_hi & (g < 0)))
+        free &= np.any(jac != 0, axis=0)  # a constant nothing depends on stays put
+        idx = np.flatnonzero(free)
+        moved = False
+        for _ in range(6):
+            sub = a[np.ix_(idx, idx)]
+            step = np.zeros_like(theta)
+            step[idx] = -np.linalg.solve(sub + lam * np.diag(np.diag(sub) + 1e-9), g[idx])
+            biggest = float(np.max(np.abs(step))) if idx.size else 0.0
+            if biggest > MAX_LOG_STEP:
+                step *= MAX_LOG_STEP / biggest
+            cand = np.clip(theta + step, lo, hi)
+            r2 = at(cand)
+            if np.all(np.isfinite(r2)) and float(np.sum(w * r2**2)) < cost:
+                theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
+                break
+            lam *= 4
+        at(theta)  # leave the evaluator's constants at theta
+        if report:
+            report(res, f"    iteration {it + 1} (damping {lam:.2g}, {idx.size} free)"
+                   + ("" if moved else " (no better step)"))
+        if not moved:
+            break
+    return theta, res
+
+
 def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iterations: int = 10,
             start: dict | None = None, csv: Path = accuracy.DEFAULT_CSV,
-            fixed: dict | None = None) -> tuple[Params, float]:
+            fixed: dict | None = None, serving: list | None = None,
+            hold: tuple[str, ...] = ()) -> tuple[Params, float]:
     """Levenberg-Marquardt on log(model / measured) over log-scaled constants, reweighted so
     that it minimises the absolute (not squared) log error, close to the MAPE it reports."""
     log = log or (lambda *a: print(*a, flush=True))
@@ -170,23 +259,35 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iteratio
         measured[key].append(r.measured)
     online = [o for o in accuracy.load_online(csv)
               if o.gpu == gpu and not o.held_out]
+    points = [s for s in serving or [] if s.engine == "trtllm" and s.gpu == gpu
+              and not s.held_out]
     n_tput = len(fit_rows)
-    precisions = sorted({r.precision for r in fit_rows} | {o.precision for o in online})
-    backends = sorted({r.backend for r in fit_rows} | ({"trt"} if online else set()))
+    precisions = sorted({r.precision for r in fit_rows} | {o.precision for o in online}
+                        | {s.precision for s in points})
+    backends = sorted({r.backend for r in fit_rows} | ({"trt"} if online else set())
+                      | ({"pytorch"} if points else set()))
     params = Params(precisions, backends, start or {})
     for name, value in (fixed or {}).items():
-        params.values[name] = value
-    cases += online
-    names = [n for n in params.names if n not in (fixed or {})]
+        for n in params.names:
+            if n == name or n.split("@")[0] == name:
+                params.values[n] = value
+    cases += online + points
+    held = set(fixed or {}) | set(hold)
+    names = [n for n in params.names if n not in held and n.split("@")[0] not in held]
     lo = np.log([BOUNDS[n.split("@")[0]][0] for n in names])
     hi = np.log([BOUNDS[n.split("@")[0]][1] for n in names])
     ev = Evaluator(cases, jobs)
-    log(f"{gpu}: {len(fit_rows)} fit rows, {len(cases) - len(online)} distinct runs, "
-        f"{len(online)} online-serving loads, {len(names)} constants")
+    log(f"{gpu}: {len(fit_rows)} fit rows, {len(cases) - len(online) - len(points)} distinct "
+        f"runs, {len(online)} online-serving loads, {len(points)} serving points, "
+        f"{len(names)} constants")
 
     def report(res, what):
         lat = np.abs(np.expm1(res[n_tput:n_tput + 2 * len(online)]))
         extra = f", online TTFT/ITL {lat.mean() * 100:.1f}%" if online else ""
+        if points:
+            sv = np.abs(np.expm1(res[res.size - 2 * len(points):]))
+            extra += (f", serving TTFT {sv[0::2].mean() * 100:.1f}% "
+                      f"TPOT {sv[1::2].mean() * 100:.1f}%")
         log(f"{what}: MAPE {mape_of(res, n_tput):.2f}%{extra}")
 
     def at(theta, limits):
@@ -194,38 +295,14 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iteratio
             params.values[n] = float(v)
         return residuals(ev.run(params, limits), cases, measured)
 
-    theta = np.clip(np.log([params.values[n] for n in names]), lo, hi)
+    theta = np.log([params.values[n] for n in names])
     try:
         for rnd in range(rounds):
             preds = ev.run(params, None)  # choose each case's limits again
             limits = [lim for _, lim in preds]
-            res = residuals(preds, cases, measured)
-            report(res, f"  round {rnd + 1} (trtllm-bench limits)")
-            lam = 1e-2
-            for it in range(iterations):
-                w = 1.0 / np.maximum(np.abs(res), 0.02)  # IRLS weights: least absolute error
-                cost = float(np.sum(w * res**2))
-                jac = np.empty((res.size, theta.size))
-                for j in range(theta.size):
-                    h = FD_STEP if theta[j] + FD_STEP <= hi[j] else -FD_STEP
-                    t2 = theta.copy()
-                    t2[j] += h
-                    jac[:, j] = (at(t2, limits) - res) / h
-                g = jac.T @ (w * res)
-                a = jac.T @ (w[:, None] * jac)
-                moved = False
-                for _ in range(6):
-                    step = -np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), g)
-                    cand = np.clip(theta + step, lo, hi)
-                    r2 = at(cand, limits)
-                    if float(np.sum(w * r2**2)) < cost:
-                        theta, res, lam, moved = cand, r2, max(lam / 3, 1e-4), True
-                        break
-                    lam *= 4
-                at(theta, limits)  # leave params at theta
-                report(res, f"    iteration {it + 1}" + ("" if moved else " (no better step)"))
-                if not moved:
-                    break
+            report(residuals(preds, cases, measured), f"  round {rnd + 1} (trtllm-bench limits)")
+            theta, _ = lm_fit(theta, lo, hi, lambda t, lim=limits: at(t, lim), iterations,
+                              report)
         preds = ev.run(params, None)
         res = residuals(preds, cases, measured)
         best = mape_of(res, n_tput)
@@ -235,8 +312,69 @@ def fit_gpu(gpu: str, rows: list, jobs: int, log=None, rounds: int = 1, iteratio
     return params, best
 
 
+class EngineParams:
+    """The constants of one serving engine (``ENGINE_CONSTANTS``), shared by every GPU, laid
+    over each GPU's TensorRT-LLM constants."""
+
+    def __init__(self, start: dict[str, float]):
+        self.names = list(ENGINE_CONSTANTS)
+        self.values = {n: start.get(n, getattr(START, n)) for n in self.names}
+
+    def cals(self, cases) -> dict:
+        return {(c.gpu, c.precision): replace(load_calibration(c.gpu, c.precision),
+                                              **self.values) for c in cases}
+
+
+def fit_engine(engine: str, serving: list, jobs: int, iterations: int = 10,
+               log=None) -> tuple[EngineParams, float, int]:
+    """Levenberg-Marquardt (as ``fit_gpu``) of ``engine``'s constants on the fit share of its
+    measured serving points (mean TTFT and TPOT); returns the constants, their MAPE (TTFT and
+    TPOT together) and the number of points."""
+    log = log or (lambda *a: print(*a, flush=True))
+    cases = [s for s in serving if s.engine == engine and not s.held_out]
+    params = EngineParams({})
+    names = params.names
+    lo = np.log([BOUNDS[n][0] for n in names])
+    hi = np.log([BOUNDS[n][1] for n in names])
+    ev = Evaluator(cases, jobs)
+    log(f"{engine}: {len(cases)} serving points, {len(names)} constants")
+
+    def at(theta):
+        for n, v in zip(names, np.exp(theta)):
+            params.values[n] = float(v)
+        return residuals(ev.run(params, None), cases, {})
+
+    def report(res, what):
+        a = np.abs(np.expm1(res))
+        log(f"{what}: TTFT {a[0::2].mean() * 100:.1f}% TPOT {a[1::2].mean() * 100:.1f}%")
+
+    theta = np.log([params.values[n] for n in names])
+    try:
+        _, res = lm_fit(theta, lo, hi, at, iterations, report)
+    finally:
+        ev.close()
+    return params, float(np.mean(np.abs(np.expm1(res)))) * 100, len(cases)
+
+
+def write_engine_file(engine: str, params: EngineParams, mape_fit: float, n: int) -> Path:
+    lines = [
+        f"# Constants of the performance model that belong to {engine}, not to the GPU, fitted",
+        "# by benchmarks/calibrate.py --engine on the fit share of measured_serving.csv",
+        f"# ({n} dense aggregated points, TTFT and TPOT together {mape_fit:.1f}% on them; the",
+        "# held-out deployments are scored by benchmarks/accuracy.py). Laid over each GPU's",
+        "# TensorRT-LLM constants (load_calibration(..., engine=...)).",
+    ]
+    lines += [f"{n_}: {params.values[n_]:.4g}" for n_ in params.names]
+    path = CALIBRATION_DIR / "engines" / f"{engine}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def existing_values(gpu: str) -> dict[str, float]:
-    """The constants the shipped files hold now, as a starting point (name@precision/backend)."""
+    """The constants the shipped files hold now, as a starting point (name@precision/backend);
+    one outside its physical range (``BOUNDS``, a file from before the range) starts from the
+    default instead."""
     out: dict[str, float] = {}
     for path in sorted(CALIBRATION_DIR.glob(f"{gpu}-*.yaml")):
         precision = path.stem.split("-", 1)[1]
@@ -255,7 +393,8 @@ def existing_values(gpu: str) -> dict[str, float]:
             for b, over in backends.items():
                 if name in (over or {}):
                     out[f"{name}@{b}"] = float(over[name])
-    return out
+    return {n: v for n, v in out.items()
+            if BOUNDS[n.split("@")[0]][0] <= v <= BOUNDS[n.split("@")[0]][1]}
 
 
 def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
@@ -304,15 +443,33 @@ def main(argv: list[str] | None = None) -> int:
                     help="start from the shipped files, not the Calibration defaults")
     ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                     help="hold a constant (e.g. ar_latency_us=15) instead of fitting it")
+    ap.add_argument("--hold", action="append", default=[], metavar="NAME",
+                    help="hold a constant (all its @precision/@backend variants) at its start")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
+    ap.add_argument("--engine", action="append", choices=("vllm", "sglang"),
+                    help="fit these engines' constants on their serving points instead")
+    ap.add_argument("--no-serving", action="store_true",
+                    help="fit TensorRT-LLM on the published rows only (as before issue 17)")
     args = ap.parse_args(argv)
+    serving = [] if args.no_serving else accuracy.load_serving()[0]
+    for engine in args.engine or []:
+        t0 = time.perf_counter()
+        eparams, value, n = fit_engine(engine, serving, args.jobs, args.iterations)
+        for name in eparams.names:
+            print(f"  {name:24} {eparams.values[name]:.4g}")
+        if not args.dry_run:
+            print(f"  wrote {write_engine_file(engine, eparams, value, n)}")
+        print(f"  {time.perf_counter() - t0:.0f} s")
+    if args.engine:
+        return 0
     rows, _ = accuracy.load_rows(args.csv)
     for gpu in args.gpu or ["h100", "h200", "b200"]:
         t0 = time.perf_counter()
         start = existing_values(gpu) if args.warm_start else {}
         params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
                                iterations=args.iterations, start=start, csv=args.csv,
-                               fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)})
+                               fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)},
+                               serving=serving, hold=tuple(args.hold))
         n = sum(1 for r in rows if r.gpu == gpu and not r.held_out)
         n_online = sum(1 for o in accuracy.load_online(args.csv) if o.gpu == gpu and not o.held_out)
         for name in params.names:

@@ -226,7 +226,7 @@ def test_shipped_constants_are_few_and_physical(gpu, precision):
     data = yaml.safe_load(resources.files("autotune").joinpath("data", "calibration", name)
                           .read_text())
     backends = data.pop("backends", {}) or {}
-    assert len(data) <= 8
+    assert len(data) <= 12  # every constant has one meaning (see calibration.BOUNDS)
     assert set(backends) <= set(BACKENDS)
     for over in backends.values():
         assert set(over) == {"iter_overhead_ms"}  # the only per-generation constant
@@ -234,6 +234,7 @@ def test_shipped_constants_are_few_and_physical(gpu, precision):
     for eff in (cal.gemm_eff, cal.mem_eff, cal.attn_eff, cal.ar_bw_eff):
         assert 0 < eff <= 1
     assert cal.ar_latency_us > 0 and cal.iter_overhead_ms > 0
+    assert cal.out_of_bounds() == []  # each within its physical range
 
 
 def test_back_end_overrides_and_unknown_back_ends():

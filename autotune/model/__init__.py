@@ -9,7 +9,10 @@
 
 from autotune.model.calibration import (
     BACKENDS,
+    BOUNDS,
     DEFAULT_BACKEND,
+    DEFAULT_ENGINE,
+    ENGINES,
     Calibration,
     calibration_file,
     load_calibration,
@@ -17,10 +20,11 @@ from autotune.model.calibration import (
 )
 from autotune.model.feasibility import Capacity, check_layout, gate, replica_capacity
 from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPlan, PerfModel
-from autotune.model.simulate import SIM_REQUESTS, Simulator
+from autotune.model.simulate import SIM_REQUESTS, Benchmark, Simulator
 
 __all__ = [
-    "BACKENDS", "DEFAULT_BACKEND", "KV_BLOCK_TOKENS", "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS",
-    "Calibration", "Capacity", "MemoryPlan", "PerfModel", "Simulator", "calibration_file",
-    "check_layout", "gate", "load_calibration", "replica_capacity", "with_constants",
+    "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE", "ENGINES", "KV_BLOCK_TOKENS",
+    "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS", "Benchmark", "Calibration", "Capacity", "MemoryPlan",
+    "PerfModel", "Simulator", "calibration_file", "check_layout", "gate", "load_calibration",
+    "replica_capacity", "with_constants",
 ]

@@ -13,13 +13,19 @@ One iteration of one pipeline stage is the sum of, per layer:
   ``4 * head_dim`` FLOPs per (query, key) pair and head (compute-bound);
 - element-wise work that tensor parallelism does not split (norms, residual adds, the gated
   activation): memory traffic over the hidden state;
-- two all-reduces under tensor parallelism (after attention and after the MLP): a latency plus
-  the message over the all-reduce bus bandwidth (a ring's ``2 (tp - 1) / tp`` share of it, or a
-  full node's when the NVSwitch reduces in the switch);
+- two all-reduces under tensor parallelism (after attention and after the MLP): the launch and
+  synchronisation latency of the engine's all-reduce kernel (``ar_latency_us`` for the custom
+  NVLink kernel of decode-sized messages, ``ar_nccl_latency_us`` for NCCL above 8 MiB) plus
+  the message over the all-reduce bus bandwidth (a ring's ``2 (tp - 1) / tp`` share
+  of it, or a full node's when the NVSwitch reduces in the switch);
+- a fixed cost per layer (``layer_overhead_us``): a layer is a dozen kernels, and each costs a
+  few microseconds of launch gap and tail however little it does (what keeps a batch-1 step
+  above its bandwidth floor on one GPU as well as on eight);
 
 plus the LM head on the last stage and a fixed cost per iteration and per request. Pipeline
-stages hand activations to the next one (latency plus bytes over one NVLink connection); the
-pipeline's round time is set by its slowest stage, a token's latency by the sum of all of them.
+stages hand activations to the next one (``p2p_latency_us`` plus bytes over one NVLink
+connection); the pipeline's round time is set by its slowest stage, a token's latency by the
+sum of all of them.
 
 The constants are fitted per GPU by ``benchmarks/calibrate.py`` on NVIDIA's published
 TensorRT-LLM numbers; ``benchmarks/accuracy.py`` measures the error.
@@ -49,6 +55,10 @@ LOGIT_BYTES = 4
 #: gate and up, writes their product).
 ELEMENTWISE_HIDDEN_PASSES = 8
 ELEMENTWISE_FFN_PASSES = 3
+#: Largest all-reduce (bytes) the engines' custom NVLink kernels take (vLLM's and SGLang's
+#: ``custom_all_reduce`` buffers are 8 MiB; TensorRT-LLM's AUTO strategy switches to NCCL
+#: around the same size); larger ones go through NCCL (``ar_nccl_latency_us``).
+CUSTOM_AR_MAX_BYTES = 8 * 2**20
 #: Fraction of one NVLink connection's rate a stage-to-stage copy reaches (copy engines; no
 #: published pipeline-parallel run to fit it on).
 P2P_EFF = 0.8
@@ -79,9 +89,11 @@ class PerfModel:
     """Memory and iteration time of one replica (``tp x pp`` GPUs) of ``config``."""
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, config: EngineConfig,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, engine: str | None = None):
         self.model, self.gpu, self.config = model, gpu, config
-        self.cal = c = calibration or load_calibration(gpu.name, config.precision)
+        # ``engine`` (None: TensorRT-LLM) picks the shipped constants when none are given.
+        self.cal = c = calibration or load_calibration(gpu.name, config.precision,
+                                                       engine=engine)
         self.w_bytes, self.kv_bytes = PRECISIONS[config.precision]
         self.stages = layer_split(model.layers, config.pp)
         m, tp = model, config.tp
@@ -103,6 +115,11 @@ class PerfModel:
         self.link = gpu.nvlink_gb_s * 1e9 * c.ar_bw_eff
         self.p2p = gpu.nvlink_gb_s * 1e9 * P2P_EFF
         self.lat = c.ar_latency_us * 1e-6
+        self.nccl_lat = c.ar_nccl_latency_us * 1e-6
+        # Up to this many tokens an all-reduce fits the custom kernel (its latency), above: NCCL.
+        self.custom_ar_tokens = CUSTOM_AR_MAX_BYTES / (m.hidden * ACT_BYTES)
+        self.p2p_lat = c.p2p_latency_us * 1e-6
+        self.layer_fixed = c.layer_overhead_us * 1e-6
         self.half = c.gemm_half_tokens
 
         # Per layer and GPU: weights (elements) and the FLOPs of one token (attention GEMMs and
@@ -199,8 +216,18 @@ class PerfModel:
         t += (ctx_sum * self.kv_per_token_layer + tokens * self.elementwise_tok) / self.bw
         t += prefill_attn * self.prefill_flops_pair / self.attn_rate
         if self.config.tp > 1:
-            t += 2 * (self.lat + tokens * self.ar_bytes_tok / self.link)
-        return t
+            t += 2 * self.allreduce_time(tokens)
+        return t + self.layer_fixed
+
+    def allreduce_time(self, tokens: float) -> float:
+        """One all-reduce of ``tokens`` hidden states over the TP group (seconds): the latency of
+        the kernel that message size gets (the engine's custom one-shot/two-shot kernel up to
+        ``CUSTOM_AR_MAX_BYTES``, NCCL above) plus bytes over the bus bandwidth; 0 without
+        tensor parallelism."""
+        if self.config.tp <= 1:
+            return 0.0
+        lat = self.lat if tokens <= self.custom_ar_tokens else self.nccl_lat
+        return lat + tokens * self.ar_bytes_tok / self.link
 
     def lm_head_time(self, seqs: float) -> float:
         """LM head on the last stage for ``seqs`` sequences producing a token (seconds)."""
@@ -232,7 +259,7 @@ class PerfModel:
         last = self.stages[-1] * per_layer + head
         if last > slowest:
             slowest = last
-        xfer = self.lat + t * self.xfer_tok / self.p2p
+        xfer = self.p2p_lat + t * self.xfer_tok / self.p2p
         trip = self.model.layers * per_layer + head + (pp - 1) * xfer
         through = mb * (slowest + xfer)
         return (through if through > trip else trip) + overhead

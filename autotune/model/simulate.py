@@ -8,7 +8,7 @@ summarises a run. The ``sim`` runner is a thin adapter over it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,26 +36,64 @@ SIM_REQUESTS = RequestBudget(least=32, waves=3, most=3000)
 RATE_REQUESTS = SIM_REQUESTS.most // 3
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """How a closed-loop serving client runs one load point (``vllm bench serve``, InferenceX).
+
+    It issues ``prompts_per_concurrency x concurrency`` requests, ``concurrency`` in flight at
+    any time, and averages over all of them: the first wave arrives together (the warm-up
+    burst), the later ones wherever a slot frees up (the staggered steady state). Lengths are
+    drawn uniformly from ``[range_ratio x L, L]`` (vLLM's ``random`` data set up to 0.8 as
+    InferenceX runs it, ``--random-range-ratio 0.8``), which is what keeps requests from
+    finishing in lockstep. The defaults are InferenceX's: ``--num-prompts $((CONC * 10))``.
+
+    ``queued``: requests the client keeps in flight beyond the load point's concurrency, which
+    the engine's batch (``max_batch_size`` = concurrency) cannot take: each new request then
+    waits for the next completion, one request's duration / concurrency on average, before its
+    prefill (what the TTFT of a harness that runs the engine one batch slot short of its
+    client shows: it falls as concurrency rises and grows with the output length).
+    """
+
+    prompts_per_concurrency: int = 10
+    range_ratio: float = 0.8  # shortest length as a share of the nominal one (1: fixed lengths)
+    min_prompts: int = 16  # a low concurrency still runs enough requests to average over
+    queued: int = 0  # requests in flight beyond the engine's batch slots (requests)
+
+    def prompts(self, concurrency: int) -> int:
+        return max(self.min_prompts, self.prompts_per_concurrency * concurrency)
+
+    def lengths(self, nominal: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` lengths uniform over ``[range_ratio x nominal, nominal]`` (tokens)."""
+        low = max(1, int(nominal * self.range_ratio))
+        return rng.integers(low, nominal + 1, n).astype(np.int64)
+
+
 class Simulator:
     """The built-in model of ``model`` on ``gpu`` with ``calibration`` (None: the shipped
     constants of each config's precision).
 
     ``num_requests`` fixes the requests per replica and load point (to reproduce a benchmark that
-    ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``.
+    ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``. ``engine``
+    (None: TensorRT-LLM) picks which engine's shipped constants apply when ``calibration`` is
+    None. ``benchmark``: closed-loop load points are run the way that client runs them (None:
+    ``SIM_REQUESTS`` requests of the workload's lengths).
     """
 
     name = "sim"
     expensive = False  # milliseconds per load point
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, calibration: Calibration | None = None,
-                 num_requests: int | None = None):
+                 num_requests: int | None = None, engine: str | None = None,
+                 benchmark: Benchmark | None = None):
         self.model, self.gpu = model, gpu
         self.calibration = calibration
         self.num_requests = num_requests
+        self.engine = engine
+        self.benchmark = benchmark
 
     def perf(self, config: EngineConfig) -> PerfModel:
         """The memory plan and iteration time of one replica of ``config``."""
-        return PerfModel(self.model, self.gpu, config, self.calibration)
+        return PerfModel(self.model, self.gpu, config, self.calibration, engine=self.engine)
 
     def capacity(self, config: EngineConfig, workload: Workload) -> tuple[PerfModel, Capacity]:
         """The replica's model and capacity (InvalidConfig / OutOfMemory when it cannot run)."""
@@ -70,11 +108,18 @@ class Simulator:
         points: list[LoadPoint] = []
         for load in loads:
             per_replica = replica_load(load, config.dp)
-            n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
-            isl, osl = self._lengths(workload, n, config)
+            clients = per_replica
+            if self.benchmark is not None and per_replica != MAX_CONCURRENCY:
+                n = self.num_requests or self.benchmark.prompts(per_replica)
+                isl, osl = self._benchmark_lengths(workload, n, config, per_replica)
+                clients = per_replica + self.benchmark.queued
+            else:
+                n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
+                isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
-                             concurrency=None if per_replica == MAX_CONCURRENCY else per_replica)
-            points.append(_all_replicas(trace, in_flight(load, config.dp), config))
+                             concurrency=None if per_replica == MAX_CONCURRENCY else clients)
+            points.append(_all_replicas(_served(trace, perf), in_flight(load, config.dp),
+                                        config))
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
             max_requests_in_flight=cap.fit * config.dp,
@@ -101,8 +146,16 @@ class Simulator:
             gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
             arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
             trace = simulate(perf.iteration_time, isl, osl, cap.limits, arrivals=arrivals)
-            points.append(_all_replicas(trace, 0, config))
+            points.append(_all_replicas(_served(trace, perf), 0, config))
         return points
+
+    def _benchmark_lengths(self, workload: Workload, n: int, config: EngineConfig,
+                           load: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(
+            int(stable_hash(workload.to_dict(), config.to_dict(), f"bench={load}"), 16) % 2**32)
+        assert self.benchmark is not None
+        return (self.benchmark.lengths(workload.isl, n, rng),
+                self.benchmark.lengths(workload.osl, n, rng))
 
     @staticmethod
     def _lengths(workload: Workload, n: int, config: EngineConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +169,17 @@ class Simulator:
         osl = np.clip(np.rint(rng.normal(workload.osl, workload.osl_std, n)), 1,
                       workload.osl + 3 * workload.osl_std)
         return isl.astype(np.int64), osl.astype(np.int64)
+
+
+def _served(trace: Trace, perf: PerfModel) -> Trace:
+    """``trace`` as the client sees it: each request's first token and end come its
+    ``request_overhead_ms`` later (the server's path outside the GPU's iterations). The closed
+    loop's next request is still issued at the engine's completion: a few milliseconds per
+    request of tens to thousands."""
+    lag = perf.cal.request_overhead_ms * 1e-3
+    if not lag:
+        return trace
+    return replace(trace, first_token=trace.first_token + lag, end=trace.end + lag)
 
 
 def _all_replicas(trace: Trace, concurrency: int, config: EngineConfig) -> LoadPoint:
@@ -135,4 +199,4 @@ def _all_replicas(trace: Trace, concurrency: int, config: EngineConfig) -> LoadP
     )
 
 
-__all__ = ["RATE_REQUESTS", "SIM_REQUESTS", "Simulator"]
+__all__ = ["RATE_REQUESTS", "SIM_REQUESTS", "Benchmark", "Simulator"]
