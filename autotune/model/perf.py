@@ -59,6 +59,10 @@ ELEMENTWISE_FFN_PASSES = 3
 #: ``custom_all_reduce`` buffers are 8 MiB; TensorRT-LLM's AUTO strategy switches to NCCL
 #: around the same size); larger ones go through NCCL (``ar_nccl_latency_us``).
 CUSTOM_AR_MAX_BYTES = 8 * 2**20
+#: Fraction of the inter-node fabric's rate per GPU that NCCL's transfers reach (nccl-tests on
+#: NDR InfiniBand: ~40-45 GB/s bus bandwidth per 50 GB/s NIC). Not fitted: no published
+#: multi-node run in the data.
+FABRIC_EFF = 0.8
 #: Fraction of one NVLink connection's rate a stage-to-stage copy reaches (copy engines; no
 #: published pipeline-parallel run to fit it on).
 P2P_EFF = 0.8
@@ -144,8 +148,22 @@ class PerfModel:
         # per GPU; with in-switch reduction (NVLS) each GPU sends its partial sums once and
         # receives the sum once whatever the TP size, which nccl-tests reports on a full node as
         # a bus bandwidth 2 (n - 1) / n times the algorithm's.
-        n = gpu.gpus_per_node if gpu.nvls else tp
+        per_node = gpu.gpus_per_node
+        n = per_node if gpu.nvls or tp > per_node else tp
         self.ar_bytes_tok = m.hidden * ACT_BYTES * 2 * (n - 1) / n
+        # Across nodes (feasibility.check_placement: a TP group inside a node or over whole
+        # nodes, the stages in order). A TP group over k nodes reduces hierarchically: inside
+        # each node as above, then a ring over the k nodes in which each GPU carries its
+        # 1/per_node share of the message over its own NIC (2 (k - 1) / k of it, 2 (k - 1)
+        # steps of the fabric's latency), then back inside the node.
+        self.tp_nodes = tp // per_node if tp > per_node else 1
+        k = self.tp_nodes
+        self.fabric = gpu.fabric_gb_s * 1e9 * FABRIC_EFF
+        self.fabric_lat = gpu.fabric_latency_us * 1e-6
+        self.ar_fabric_bytes_tok = m.hidden * ACT_BYTES / per_node * 2 * (k - 1) / k
+        # Which stage-to-stage hand-offs cross a node boundary: the next stage starts a node.
+        self.crossings = tuple(tp * config.pp > per_node and (s * tp) % per_node == 0
+                               for s in range(1, config.pp))
         self.lm_head_w = m.vocab * m.hidden / tp * EMBED_BYTES
         self.lm_head_flops = 2 * m.vocab * m.hidden / tp
         self.xfer_tok = m.hidden * ACT_BYTES  # stage-to-stage activation per token
@@ -226,8 +244,22 @@ class PerfModel:
         tensor parallelism."""
         if self.config.tp <= 1:
             return 0.0
+        if self.tp_nodes > 1:
+            # The custom kernels work inside one NVLink domain only: NCCL there, then the ring
+            # over the nodes' fabric.
+            k = self.tp_nodes
+            return (self.nccl_lat + tokens * self.ar_bytes_tok / self.link
+                    + 2 * (k - 1) * self.fabric_lat
+                    + tokens * self.ar_fabric_bytes_tok / self.fabric)
         lat = self.lat if tokens <= self.custom_ar_tokens else self.nccl_lat
         return lat + tokens * self.ar_bytes_tok / self.link
+
+    def handoff_time(self, tokens: float, crosses_nodes: bool) -> float:
+        """One stage-to-stage send of ``tokens`` activations (seconds): over NVLink inside a
+        node, over the GPU's own NIC when the next stage is on the next node."""
+        if crosses_nodes:
+            return self.fabric_lat + tokens * self.xfer_tok / self.fabric
+        return self.p2p_lat + tokens * self.xfer_tok / self.p2p
 
     def lm_head_time(self, seqs: float) -> float:
         """LM head on the last stage for ``seqs`` sequences producing a token (seconds)."""
@@ -259,9 +291,9 @@ class PerfModel:
         last = self.stages[-1] * per_layer + head
         if last > slowest:
             slowest = last
-        xfer = self.p2p_lat + t * self.xfer_tok / self.p2p
-        trip = self.model.layers * per_layer + head + (pp - 1) * xfer
-        through = mb * (slowest + xfer)
+        xfers = [self.handoff_time(t, cross) for cross in self.crossings]
+        trip = self.model.layers * per_layer + head + sum(xfers)
+        through = mb * (slowest + max(xfers))
         return (through if through > trip else trip) + overhead
 
 

@@ -23,7 +23,7 @@ from autotune.measurement import (
     replica_load,
 )
 from autotune.model.calibration import Calibration
-from autotune.model.feasibility import Capacity, check_layout, replica_capacity
+from autotune.model.feasibility import Capacity, check_layout, check_placement, replica_capacity
 from autotune.model.perf import KV_BLOCK_TOKENS, PerfModel
 from autotune.model.scheduler import Trace, simulate
 from autotune.specs import GpuSpec, ModelSpec, Workload
@@ -98,6 +98,8 @@ class Simulator:
     def capacity(self, config: EngineConfig, workload: Workload) -> tuple[PerfModel, Capacity]:
         """The replica's model and capacity (InvalidConfig / OutOfMemory when it cannot run)."""
         check_layout(self.model, config)
+        if config.tp * config.pp > self.gpu.gpus_per_node:
+            check_placement(self.gpu, config)  # a replica over several nodes
         perf = self.perf(config)
         return perf, replica_capacity(perf, workload.max_seq_len)
 

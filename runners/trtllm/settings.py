@@ -7,6 +7,7 @@ from pathlib import Path
 
 from autotune.errors import UserError
 from autotune.runners._tools import (
+    check_one_node,
     check_run_options,
     checkpoint_folder,
     find_executable,
@@ -92,6 +93,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
                             "or on PATH); it ships with TensorRT-LLM")
         tools = Tools(bench=bench, launcher=runner, wrapper=wrapper)
     check_run_options(s, ("run_timeout", "build_timeout", "drain_timeout"))
+    check_one_node(scenario, "trtllm")
     model_path = checkpoint_folder(s.model_path)
     # trtllm-bench names the model with --model (a Hugging Face name); with a local checkpoint
     # the name only labels the run and the engine folder.

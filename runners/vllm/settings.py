@@ -8,6 +8,7 @@ from pathlib import Path
 
 from autotune.errors import UserError
 from autotune.runners._tools import (
+    check_one_node,
     check_run_options,
     checkpoint_folder,
     find_executable,
@@ -99,6 +100,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> VllmSettings:
         raise UserError(f"vllm not found ({s.vllm!r}): install vLLM on this node or pass "
                         "--vllm PATH (the vllm executable of its environment)")
     check_run_options(s, ("startup_timeout", "run_timeout", "drain_timeout"))
+    check_one_node(scenario, "vllm")
     if not isinstance(s.eager, bool):
         raise UserError(f"eager must be true or false, got {s.eager!r}")
     model_path = checkpoint_folder(s.model_path)
