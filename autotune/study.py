@@ -425,7 +425,9 @@ class Tuner:
                       ) -> list[EngineConfig]:
         """The study's first trials: the model's prior, or one per layout."""
         if self.prior == "sim":
-            return sim_prior(self.scenario, self.space, self.layouts, progress=progress)
+            # The runner's own engine constants (trtllm, vllm); the sim runner: TensorRT-LLM's.
+            return sim_prior(self.scenario, self.space, self.layouts, progress=progress,
+                             engine=self.runner.name)
         return startup_configs(self.space, self.layouts, self.scenario.precision,
                                latency_bound=bool(self.scenario.slo.bounds))
 
