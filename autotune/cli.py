@@ -605,6 +605,67 @@ def deploy(
     console.out.print(f"re-measure:   {target / 'bench.sh'}", markup=False, soft_wrap=True)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handles_errors
+def workers(
+    ctx: typer.Context,
+    out: Annotated[str, typer.Option("--out", help="Folder to write the files into.")
+                   ] = "workers",
+    count: Annotated[int, typer.Option("--workers", min=1, help="Workers (array tasks, pods).")
+                     ] = 4,
+    gpus_per_worker: Annotated[int, typer.Option(
+        "--gpus-per-worker", min=1, help="GPUs each worker measures on (one node's).")] = 8,
+    image: Annotated[str, typer.Option(
+        "--image", help="Kubernetes: the container image with autotune and the engine.")
+    ] = "autotune:latest",
+    secret: Annotated[str, typer.Option(
+        "--secret", help="Kubernetes: the Secret whose key 'url' is the database URL.")
+    ] = "autotune-db",
+    force: Annotated[bool, typer.Option(
+        "--force", metavar=FLAG,
+        help="Replace autotune's files in an existing, non-empty --out.")] = False,
+):
+    """Write a Slurm job array and a Kubernetes Job that run workers of one study on a cluster.
+
+    Everything after the options is the workers' `autotune search` options, e.g.
+    `autotune workers --workers 8 -- --model llama-3.1-70b --gpu h100 --isl 1024 --osl 256
+    --trials 200 --study llama70b --runner trtllm --model-path /models/70b`. The database
+    comes from AUTOTUNE_STORAGE (PostgreSQL), never from the files."""
+    from autotune import console
+    from autotune.atomic import check_out_dir, write_folder
+    from autotune.cluster import CLUSTER_FILES, k8s_job, readme, slurm_array
+
+    args = [a for a in ctx.args if a != "--"]
+    if not args:
+        raise UserError("give the workers' search options after --, e.g. -- --model "
+                        "llama-3.1-70b --gpu h100 --isl 1024 --osl 256 --trials 200")
+    search_cmd = typer.main.get_command(app).commands["search"]
+    try:
+        parsed = search_cmd.make_context("search", list(args), resilient_parsing=False).params
+    except typer.TyperException as exc:  # click's errors, as typer ships it
+        raise UserError(f"the workers' search options: {exc.format_message()}") from None
+    if "--storage" in args or any(a.startswith("--storage=") for a in args):
+        raise UserError("the workers read the database from AUTOTUNE_STORAGE (a Slurm "
+                        "environment variable, a Kubernetes Secret): leave --storage out, so "
+                        "no password is written into the files")
+    if parsed.get("seed") is not None:
+        raise UserError("--seed in the search options would give every worker the same "
+                        "sampler: leave it out (the study's plan is shared all the same)")
+    if parsed.get("workers", 1) != 1:
+        raise UserError("--workers in the search options: each array task or pod is one "
+                        "worker; set their number with this command's --workers")
+    target = check_out_dir(out, names=CLUSTER_FILES, force=force)
+    files = {
+        "workers.sbatch": (slurm_array(args, count, gpus_per_worker).encode(), 0o755),
+        "workers-job.yaml": (k8s_job(args, count, gpus_per_worker, image, secret).encode(),
+                             0o644),
+        "README.txt": (readme(args, count, secret).encode(), 0o644),
+    }
+    write_folder(target, files)
+    console.wrote("cluster workers", target, f"{count} workers: workers.sbatch, "
+                  "workers-job.yaml")
+
+
 @app.command()
 @handles_errors
 def doctor(
