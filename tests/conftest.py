@@ -10,6 +10,16 @@ import pytest
 from autotune.scenario import Scenario
 
 TESTS = Path(__file__).resolve().parent
+#: A small search space for the shared-study tests (real workers, real databases): few configs,
+#: so that reuse, claims and slots all get exercised in a handful of trials.
+SMALL_SPACE = """tp: [1, 2, 4, 8]
+pp: [1, 2]
+max_batch_size: [64, 256]
+max_num_tokens: [4096, 8192]
+kv_fraction: [0.9]
+chunked_prefill: [true, false]
+concurrency: [1, 16, max]
+"""
 #: The PostgreSQL server the shared-study tests use (.ci/run starts it).
 PG_ADMIN = os.environ.get("AUTOTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -12,16 +12,9 @@ import optuna
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import autotune_cmd, run_cli, subprocess_env
+from conftest import SMALL_SPACE, autotune_cmd, run_cli, subprocess_env
 
-SPACE = """tp: [1, 2, 4, 8]
-pp: [1, 2]
-max_batch_size: [64, 256]
-max_num_tokens: [4096, 8192]
-kv_fraction: [0.9]
-chunked_prefill: [true, false]
-concurrency: [1, 16, max]
-"""
+SPACE = SMALL_SPACE
 SCENARIO = ["--model", "llama-3.1-8b", "--gpu", "h100", "--num-gpus", "8", "--isl", "512",
             "--osl", "64", "--slo", "tpot:p99<=20ms"]
 
