@@ -197,7 +197,8 @@ def lm_fit(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, at, iterations: in
     A constant on a bound that the gradient pushes further out is left out of the step
     (the active set of a projected method): solving for it and then clipping it back would
     spend the step on a move that never happens, and leave the other constants a step that
-    was meant to go with it (the H100 fit took no step at all from its bounded start).
+    was meant to go with it (H100 starts with ``ar_latency_us`` on its top bound and
+    ``layer_overhead_us`` on its bottom one, both pushed outwards).
     """
     theta = np.clip(theta, lo, hi)
     res = at(theta)

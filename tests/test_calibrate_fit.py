@@ -12,8 +12,8 @@ import calibrate  # noqa: E402  (benchmarks/ is not a package)
 def test_a_constant_on_its_bound_does_not_stop_the_others_from_moving():
     # Three residuals over two constants; the box holds the second at >= 0, and the
     # unconstrained optimum (t1 < 0) lies outside it: the best inside is t0 = 1, t1 = 0.
-    # Starting on that bound, with the gradient pushing t1 further out, the fit must still
-    # move t0 (a clipped full step would not have lowered the cost).
+    # Starting on that bound, with the gradient pushing t1 further out, the fit keeps t1 on
+    # it and still moves t0 to its best value there.
     def at(t):
         return np.array([t[0] + 3 * t[1] - 1, 2 * (t[1] + 1), t[0] - 1])
 
