@@ -216,16 +216,20 @@ def open_storage(url: str, *, create: bool = True, write: bool | None = None,
 
 def _lost_creation_race(exc: BaseException) -> bool:
     """Whether a database error says another worker created the same tables at the same time."""
-    text = " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__) if e)
-    return any(sign in text.lower() for sign in (
+    return any(sign in _error_text(exc) for sign in (
         "already exists", "unique constraint", "duplicate key", "database is locked"))
+
+
+def _error_text(exc: BaseException) -> str:
+    """A database error's messages, its driver's and its cause's, in lower case."""
+    return " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__)
+                    if e).lower()
 
 
 def _unreachable(exc: BaseException) -> bool:
     """Whether a database error says no connection could be made at all (a wrong host or
     port, a server that is down), rather than that one was lost."""
-    text = " ".join(str(e) for e in (exc, getattr(exc, "orig", None), exc.__cause__) if e)
-    return any(sign in text.lower() for sign in (
+    return any(sign in _error_text(exc) for sign in (
         "connection refused", "could not translate host name", "name or service not known",
         "no route to host", "timeout expired", "unable to open database file"))
 
