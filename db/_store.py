@@ -281,6 +281,11 @@ class Store:
             return utcnow()
         return s.scalar(select(func.now()))
 
+    def _stamp(self):
+        """The value that stamps a sign of life: the server's ``now()`` inside the statement
+        itself (no extra round trip on the heartbeat's path), or the time here for SQLite."""
+        return utcnow() if self.engine.dialect.name == "sqlite" else func.now()
+
     @_retried
     def claim_slot(self, study_name: str, total: int, worker: str) -> int | None:
         """Claim a place for one more trial (its slot id), or None when all ``total`` are taken:
@@ -296,14 +301,14 @@ class Store:
                                       .order_by(SlotRow.slot)).all()
                     if len(slots) < total:
                         row = SlotRow(study_name=study_name, slot=len(slots), worker=worker,
-                                      claimed_at=self._now(s))
+                                      claimed_at=self._stamp())
                         s.add(row)
                         s.flush()
                         return row.id
                     for row in slots:
                         if row.slot < total and row.released and not row.done:
                             row.released, row.trial_id = False, None
-                            row.worker, row.claimed_at = worker, self._now(s)
+                            row.worker, row.claimed_at = worker, self._stamp()
                             return row.id
                     return None
             except IntegrityError:
@@ -315,7 +320,7 @@ class Store:
         """Record the Optuna trial that holds the slot (and a sign of life)."""
         with self._session.begin() as s:
             s.execute(update(SlotRow).where(SlotRow.id == slot_id)
-                      .values(trial_id=trial_id, claimed_at=self._now(s)))
+                      .values(trial_id=trial_id, claimed_at=self._stamp()))
 
     @_retried
     def touch_slot(self, slot_id: int, trial_id: int | None = None) -> None:
@@ -327,7 +332,7 @@ class Store:
                                       SlotRow.released.is_(False))
             if trial_id is not None:
                 q = q.where(SlotRow.trial_id == trial_id)
-            s.execute(q.values(claimed_at=self._now(s)))
+            s.execute(q.values(claimed_at=self._stamp()))
 
     @_retried
     def reap_slots(self, study_name: str, stale_after_s: float,
