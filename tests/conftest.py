@@ -24,6 +24,17 @@ concurrency: [1, 16, max]
 PG_ADMIN = os.environ.get("AUTOTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+#: The real engine's tests are the suite's long pole (minutes of vLLM servers, one unit on one
+#: worker): collected first, so that pytest-xdist hands them out first while the other worker
+#: runs everything else (``--no-loadscope-reorder`` keeps this order; xdist would otherwise
+#: send the scopes with the most tests first and leave the engine's for the end).
+LONG_POLE = ("test_vllm_engine.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_POLE)  # stable: the rest keep order
+
+
 @pytest.fixture
 def scenario_70b() -> Scenario:
     """Llama-3.1-70B in BF16 on 8xH100: needs at least two GPUs for its weights."""

