@@ -178,7 +178,11 @@ def search(
     trtllm_bench: Annotated[str | None, typer.Option(
         "--trtllm-bench", help="\\[trtllm] Path to the trtllm-bench executable.")] = None,
     launcher: Annotated[str | None, typer.Option(
-        "--launcher", help="\\[trtllm] local (default), mpirun or srun.")] = None,
+        "--launcher", help="\\[trtllm, vllm] local (default), mpirun or srun: how runs reach "
+        "other nodes.")] = None,
+    hosts: Annotated[str | None, typer.Option(
+        "--hosts", help="\\[trtllm, vllm] The study's nodes, node 0 first (h1,h2,...; default "
+        "in a Slurm job: its nodes).")] = None,
     num_requests: Annotated[int | None, typer.Option(
         "--num-requests", help="\\[trtllm, vllm] Requests per load point.")] = None,
     run_timeout: Annotated[float | None, typer.Option(
@@ -209,7 +213,7 @@ def search(
         prior=prior,
         runner_options=_runner_options(
             model_path=model_path, hf_name=hf_name, backend=backend, workspace=workspace,
-            trtllm_bench=trtllm_bench, launcher=launcher, num_requests=num_requests,
+            trtllm_bench=trtllm_bench, launcher=launcher, hosts=hosts, num_requests=num_requests,
             run_timeout=run_timeout, build_timeout=build_timeout, vllm=vllm,
             startup_timeout=startup_timeout, eager=eager),
     )

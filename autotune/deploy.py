@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from autotune import deploy_nodes
 from autotune.config import EngineConfig
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, load_label, replica_load
 from autotune.recommend import Recommendation
@@ -21,6 +22,7 @@ from autotune.runners.trtllm.argv import (
     BASE_PORT,
     NEWEST,
     OPTIONS_FILE,
+    launch_prefix,
     llm_api_options,
     prepare_dataset_argv,
     serve_argv,
@@ -148,20 +150,22 @@ def plan_for(rec: Recommendation, scenario: dict, engine: str | None = None) -> 
 SERVE_SCRIPT, BENCH_SCRIPT, CONFIG_JSON, README_TXT = "serve.sh", "bench.sh", "config.json", \
     "README.txt"
 DEPLOY_FILES = (SERVE_SCRIPT, OPTIONS_FILE, vllm_cmd.CONFIG_FILE, BENCH_SCRIPT, CONFIG_JSON,
-                README_TXT)
+                README_TXT, deploy_nodes.SBATCH, deploy_nodes.LWS)
 VLLM_RESULT_FILE = "bench_result.json"
 DATASET_FILE, REPORT_FILE, REQUESTS_FILE = "dataset.jsonl", "bench_report.json", \
     "bench_requests.json"
 
 
 def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrency: int,
-                release: Release = NEWEST, warmup: int = 2) -> tuple[list[str], list[str]]:
+                release: Release = NEWEST, warmup: int = 2,
+                gpus_per_node: int | None = None) -> tuple[list[str], list[str]]:
     """``bench.sh``'s two commands: ``trtllm-bench prepare-dataset`` with the study's lengths,
     then ``trtllm-bench throughput`` on ONE replica at ``concurrency`` (over all replicas)
     spread over ``config.dp``: replicas serve independent requests, so one replica at
     concurrency/dp measures the per-GPU throughput and the latencies of the whole deployment.
     The same command line and request count as the trtllm runner's, streaming included, so
-    the report has TTFT and TPOT."""
+    the report has TTFT and TPOT. A replica over several nodes of ``gpus_per_node`` GPUs runs
+    as one MPI world under srun (inside the job's allocation), as the runner runs it."""
     per_replica = replica_load(concurrency, config.dp)
     n = BENCH_REQUESTS.requests(per_replica)
     prepare = prepare_dataset_argv(model, workload, n, DATASET_FILE)
@@ -169,6 +173,10 @@ def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrenc
                             num_requests=n, dataset=DATASET_FILE, options_file=OPTIONS_FILE,
                             report=REPORT_FILE, requests=REQUESTS_FILE, release=release,
                             warmup=warmup)
+    world = config.gpus_per_replica
+    if gpus_per_node and world > gpus_per_node:
+        bench = [*launch_prefix("srun", world, nodes=world // gpus_per_node,
+                                ranks_per_node=gpus_per_node), *bench]
     return prepare, bench
 
 
@@ -211,10 +219,12 @@ def serve_script(plan: LaunchPlan, model: str, header: list[str]) -> str:
 
 
 def bench_script(config: EngineConfig, model: str, workload: Workload, concurrency: int,
-                 header: list[str], release: Release = NEWEST, warmup: int = 2) -> str:
+                 header: list[str], release: Release = NEWEST, warmup: int = 2,
+                 gpus_per_node: int | None = None) -> str:
     """``bench.sh``: prepare a dataset with the study's lengths, then re-measure one replica at
     the recommended load with ``trtllm-bench`` (see ``bench_argvs``)."""
-    prepare, bench = bench_argvs(config, model, workload, concurrency, release, warmup)
+    prepare, bench = bench_argvs(config, model, workload, concurrency, release, warmup,
+                                 gpus_per_node)
     gpus = ",".join(map(str, range(config.gpus_per_replica)))
     probe = _with_model_var(prepare[:prepare.index("prepare-dataset") + 1] + ["--help"], model)
     # `trtllm-bench prepare-dataset` came with TensorRT-LLM 1.3 (PR #9250); before it, the
@@ -332,6 +342,13 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
     note = checkpoint_note(scenario, rec.runner_settings)
     quantized = f"  Note: {note}.\n" if note else ""
     warmup = int((rec.runner_settings or {}).get("warmup", 2 if engine == "trtllm" else 4))
+    per_node = gpus_per_node(scenario)
+    multi = deploy_nodes.spans_nodes(config, per_node)
+    if multi:
+        nodes = deploy_nodes.node_count(config, per_node)
+        replicas = (f"{replicas} over {nodes} nodes of {per_node} GPUs: submit "
+                    f"{deploy_nodes.SBATCH} to Slurm (serve.sh is the same script, for an "
+                    f"allocation you hold), or apply {deploy_nodes.LWS} to Kubernetes")
     if engine == "vllm":
         files_txt = f"""  {SERVE_SCRIPT:<28}starts vllm serve: {replicas}
   {launch.options_file:<28}the engine arguments every `vllm serve --config` reads
@@ -358,7 +375,19 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
   Replicas serve independent requests, so one replica at concurrency/dp shows the
   deployment's per-GPU throughput and latencies. Older TensorRT-LLM releases without
   `trtllm-bench prepare-dataset` make the dataset with benchmarks/cpp/prepare_dataset.py."""
-        bench = bench_script(config, model, workload, p.concurrency, header, release, warmup)
+        bench = bench_script(config, model, workload, p.concurrency, header, release, warmup,
+                             per_node)
+    files = {}
+    if multi:
+        sbatch = deploy_nodes.sbatch_script(engine, config, per_node, launch.commands,
+                                            launch.ports, model, header)
+        files = {SERVE_SCRIPT: sbatch, deploy_nodes.SBATCH: sbatch,
+                 deploy_nodes.LWS: deploy_nodes.lws_manifest(
+                     engine, config, per_node, launch.commands[0], launch.ports[0],
+                     launch.options_file, launch.options_yaml, image=engine_image(rec, engine))}
+        files_txt += (f"\n  {deploy_nodes.SBATCH:<28}the replicas on their nodes, for sbatch"
+                      f"\n  {deploy_nodes.LWS:<28}a LeaderWorkerSet: a pod per node, the "
+                      "options in a ConfigMap")
     readme = f"""{header[0]}
 {header[1]}
 
@@ -386,7 +415,23 @@ SLO {slo}
         BENCH_SCRIPT: bench,
         CONFIG_JSON: json.dumps(config_json, indent=2, default=str) + "\n",
         README_TXT: readme,
+        **files,
     }
+
+
+def gpus_per_node(scenario: dict) -> int:
+    """GPUs per node of a study's system (8, an HGX node, for studies that do not say)."""
+    return int((scenario.get("gpu_spec") or {}).get("gpus_per_node") or 8)
+
+
+def engine_image(rec: Recommendation, engine: str) -> str | None:
+    """The container image of the release a recommendation was measured on (None: unknown)."""
+    settings = rec.runner_settings or {}
+    if engine == "vllm" and settings.get("vllm_version") not in (None, "unknown"):
+        return f"vllm/vllm-openai:v{settings['vllm_version']}"
+    if engine == "trtllm" and settings.get("trtllm_version") not in (None, "unknown"):
+        return f"nvcr.io/nvidia/tensorrt-llm/release:{settings['trtllm_version']}"
+    return None
 
 
 def write_deploy(out, rec: Recommendation, scenario: dict, study: str, *,

@@ -106,17 +106,6 @@ def check_run_options(settings, timeouts: Sequence[str]) -> None:
         raise UserError("env must map variable names to string values")
 
 
-def check_one_node(scenario, engine: str) -> None:
-    """UserError while a real engine's runner measures on one node only: a study over several
-    nodes is the built-in model's so far (``--runner sim``)."""
-    from autotune.errors import UserError
-
-    if scenario.nodes > 1:
-        raise UserError(f"the {engine} runner measures on one node; {scenario.num_gpus} "
-                        f"{scenario.gpu.name} GPUs are {scenario.nodes} nodes: search them "
-                        "with --runner sim, or one node's GPUs at a time")
-
-
 def checkpoint_folder(value: str | None) -> str | None:
     """``--model-path`` as an absolute path (None stays None); UserError when it is not a
     readable folder."""
@@ -139,5 +128,5 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["check_one_node", "check_run_options", "checkpoint_folder", "find_executable",
+__all__ = ["check_run_options", "checkpoint_folder", "find_executable",
            "interpreter_of", "package_version", "public_env", "replica_devices", "write_json"]

@@ -92,14 +92,6 @@ def test_405b_bf16_on_two_nodes_pp_across_them_beats_tp_across_them_at_full_load
     assert one_tp16["output_throughput_per_user"] > one_pp2["output_throughput_per_user"]
 
 
-def test_real_engine_runners_refuse_several_nodes_for_now(tmp_path):
-    r = runner.invoke(app, ["search", "--model", "llama-3.1-70b", "--gpu", "h100", "--nodes", "2",
-                            "--isl", "8", "--osl", "8", "--runner", "vllm", "--vllm", "/bin/true",
-                            "--hf-name", "x/y", "--storage", f"sqlite:///{tmp_path / 'n.db'}"])
-    assert r.exit_code == 2 and "measures on one node" in r.stderr, r.stderr
-    assert not (tmp_path / "n.db").exists()
-
-
 def test_a_search_over_two_nodes_keeps_70b_replicas_inside_nodes(tmp_path):
     """Without an SLO that forces otherwise, spanning nodes only adds the fabric's costs."""
     url = f"sqlite:///{tmp_path / 'n.db'}"

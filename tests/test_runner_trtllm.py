@@ -64,19 +64,10 @@ def tools(tmp_path_factory) -> Path:
     _script(bin_ / "trtllm-bench",
             f"import runpy\nrunpy.run_path({str(STANDIN)!r}, run_name='__main__')\n")
     _script(bin_ / "trtllm-llmapi-launch", "import os, sys\nos.execvp(sys.argv[1], sys.argv[1:])\n")
-    launcher = ("import json, os, sys\n"
-                "args = sys.argv[1:]\n"
-                "log = os.environ.get('AUTOTUNE_TEST_LAUNCH_LOG')\n"
-                "if log:\n"
-                "    name = os.path.basename(sys.argv[0])\n"
-                "    open(log, 'a').write(json.dumps([name] + args) + '\\n')\n"
-                "while args and args[0].startswith('-'):\n"
-                "    flag = args.pop(0)\n"
-                "    if flag in ('-n', '-x'):\n"
-                "        args.pop(0)\n"
-                "os.execvp(args[0], args)\n")
-    _script(bin_ / "mpirun", launcher)
-    _script(bin_ / "srun", launcher)
+    # The stand-in srun and mpirun (tests/standin/launch.py): strict, recording each node's task.
+    for name in ("mpirun", "srun"):
+        _script(bin_ / name, f"import sys\nsys.path.insert(0, {str(STANDIN.parent)!r})\n"
+                             f"import launch\nlaunch.main({name!r})\n")
     for version in {VERSION, "0.19.0", *RELEASES.values()}:
         dist = root / f"site-{version}" / f"tensorrt_llm-{version}.dist-info"
         dist.mkdir(parents=True)
@@ -97,7 +88,7 @@ class Standin:
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
             filter(None, [str(root / f"site-{version}"), os.environ.get("PYTHONPATH")])))
         monkeypatch.setenv("TRTLLM_STANDIN_LOG", str(self.log))
-        monkeypatch.setenv("AUTOTUNE_TEST_LAUNCH_LOG", str(self.launch_log))
+        monkeypatch.setenv("AUTOTUNE_STANDIN_LAUNCH_LOG", str(self.launch_log))
         for var in ("TRTLLM_STANDIN_FAIL", "TRTLLM_STANDIN_LAYOUT", "CUDA_VISIBLE_DEVICES"):
             monkeypatch.delenv(var, raising=False)
 
@@ -274,10 +265,57 @@ def test_mpirun_run_passes_the_users_environment(make_runner, standin):
     (p,) = r.measure(cfg(), r.scenario.workload, [2]).load_points
     assert p.output_throughput > 0
     (launch,) = [json.loads(x) for x in standin.launch_log.read_text().splitlines()]
-    assert launch[:5] == ["mpirun", "-n", "2", "-x", "AUTOTUNE_TEST_FLAG"]
-    assert "TRTLLM_STANDIN_LOG" in launch  # our environment's TensorRT-LLM variables too
+    assert launch["argv"][:5] == ["mpirun", "-n", "2", "-x", "AUTOTUNE_TEST_FLAG"]
+    assert "TRTLLM_STANDIN_LOG" in launch["argv"]  # our environment's TensorRT-LLM variables too
     (call,) = standin.calls("throughput")
     assert call["env"]["AUTOTUNE_TEST_FLAG"] == "on"
+
+
+#: Two "nodes" that are this machine; to the stand-in mpirun the second is another host, whose
+#: ranks get only the variables -x names.
+HOSTS = ("127.0.0.1", "127.0.0.2")
+
+
+@pytest.mark.parametrize("launcher, prefix", [
+    ("srun", ["srun", "--nodes=2", "--nodelist=127.0.0.1,127.0.0.2", "--ntasks=16",
+              "--ntasks-per-node=8", "--mpi=pmix", "trtllm-llmapi-launch"]),
+    ("mpirun", ["mpirun", "-n", "16", "-H", "127.0.0.1:8,127.0.0.2:8"]),
+])
+def test_a_replica_over_two_nodes_is_one_mpi_world_on_both(standin, tmp_path, launcher,
+                                                           prefix):
+    scen = Scenario.build(model="llama-3.1-405b", gpu="h100", num_gpus=None, nodes=2,
+                          precision="fp8",
+                          isl=1024, osl=128, slo=None, runner="trtllm")
+    with TrtllmRunner(scen, trtllm_bench=standin.exe, launcher=launcher, hosts=",".join(HOSTS),
+                      workspace=str(tmp_path / "ws"), num_requests=16, run_timeout=60.0,
+                      env={"NCCL_IB_HCA": "mlx5"}) as r:
+        (p,) = r.measure(cfg(tp=8, pp=2), scen.workload, [4]).load_points
+        assert p.output_throughput > 0
+        with pytest.raises(InvalidConfig, match="needs 4 node"):
+            r.measure(cfg(tp=8, pp=2, dp=2), scen.workload, [1])
+    (launch,) = [json.loads(x) for x in standin.launch_log.read_text().splitlines()]
+    assert [Path(a).name for a in launch["argv"][:len(prefix)]] == prefix
+    assert [t["host"] for t in launch["tasks"]] == [HOSTS[0]] * 8 + [HOSTS[1]] * 8
+    # Every rank, the other node's too, gets the user's variables (mpirun: through -x).
+    assert all(t["env"].get("NCCL_IB_HCA") == "mlx5" for t in launch["tasks"])
+    (call,) = standin.calls("throughput")
+    assert call["argv"][call["argv"].index("--tp") + 1] == "8"
+
+
+def test_replicas_inside_nodes_of_a_two_node_study_get_their_gpus_on_their_node(standin,
+                                                                                 tmp_path):
+    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=None, nodes=2,
+                          precision="fp8",
+                          isl=1024, osl=128, slo=None, runner="trtllm")
+    with TrtllmRunner(scen, trtllm_bench=standin.exe, launcher="mpirun", hosts=",".join(HOSTS),
+                      workspace=str(tmp_path / "ws"), num_requests=16, run_timeout=60.0) as r:
+        (p,) = r.measure(cfg(tp=4, dp=4), scen.workload, [8]).load_points
+    assert p.concurrency == 8
+    launches = [json.loads(x) for x in standin.launch_log.read_text().splitlines()]
+    placed = sorted((lc["tasks"][0]["host"], lc["tasks"][0]["env"]["CUDA_VISIBLE_DEVICES"])
+                    for lc in launches)
+    assert placed == [(HOSTS[0], "0,1,2,3"), (HOSTS[0], "4,5,6,7"),
+                      (HOSTS[1], "0,1,2,3"), (HOSTS[1], "4,5,6,7")]
 
 
 # ---- reports ----------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--quantization")
     p.add_argument("--kv-cache-dtype", default="auto")
+    # Native multi-node (vllm/engine/arg_utils.py and vllm/entrypoints/cli/serve.py, 0.32).
+    p.add_argument("--nnodes", "-n", type=int, default=1)
+    p.add_argument("--node-rank", "-r", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29501)
+    p.add_argument("--headless", action="store_true")
     return p
 
 
@@ -105,6 +111,51 @@ def _config_args(path: str) -> list[str]:
         else:
             out += [f"--{key}", str(value)]
     return out
+
+
+def _rendezvous(args) -> None:
+    """Node 0 of a replica over several nodes: wait until every other node has joined on
+    ``--master-addr:--master-port`` (torch.distributed's rendezvous), as the engine does before
+    it loads anything; the links stay open (a node that dies closes its own)."""
+    import socket
+
+    server = socket.create_server((args.master_addr, args.master_port))
+    server.settimeout(float(os.environ.get("AUTOTUNE_STANDIN_VLLM_RENDEZVOUS_S", "60")))
+    links = []
+    try:
+        while len(links) < args.nnodes - 1:
+            conn, _ = server.accept()
+            links.append(conn)
+    except TimeoutError:
+        _fail(f"torch.distributed.DistNetworkError: {len(links) + 1} of {args.nnodes} nodes "
+              f"joined at {args.master_addr}:{args.master_port} before the timeout")
+    _log(f"all {args.nnodes} nodes joined at {args.master_addr}:{args.master_port}")
+    globals()["_links"] = links
+
+
+def _headless(args) -> None:
+    """Another node of the replica (``--headless``): join node 0, serve no API, and live as
+    long as the link to node 0 does."""
+    import socket
+
+    if os.environ.get("AUTOTUNE_STANDIN_VLLM_FAULT") == "start-crash":
+        _fail("RuntimeError: Engine core initialization failed. See root cause above.")
+    _log(f"headless node {args.node_rank} of {args.nnodes}: joining "
+         f"{args.master_addr}:{args.master_port}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = socket.create_connection((args.master_addr, args.master_port), timeout=5)
+            break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                _fail(f"torch.distributed.DistNetworkError: cannot reach "
+                      f"{args.master_addr}:{args.master_port}: {exc}")
+            time.sleep(0.2)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    conn.settimeout(None)
+    conn.recv(1)  # returns when node 0 goes away
+    _fail("RuntimeError: the connection to node 0 closed (its engine is gone)")
 
 
 def serve(argv: list[str]) -> None:
@@ -127,6 +178,18 @@ def serve(argv: list[str]) -> None:
         _fail(f"ValueError: User-specified max_model_len ({max_len}) is greater than the "
               f"derived max_model_len (max_position_embeddings="
               f"{hf['max_position_embeddings']} in model's config.json).")
+    if args.nnodes > 1:
+        if (tp * pp) % args.nnodes:
+            _fail(f"ValueError: Invalid data-parallel launch options: `--nnodes {args.nnodes}` "
+                  f"must evenly divide the total world size ({tp * pp}). Adjust `--nnodes`, "
+                  "`--data-parallel-size`, `--pipeline-parallel-size`, "
+                  "`--tensor-parallel-size`, or `--prefill-context-parallel-size`.")
+        if not 0 <= args.node_rank < args.nnodes:
+            _fail(f"ValueError: Invalid data-parallel launch options: `--node-rank` must be "
+                  f"between 0 and {args.nnodes - 1}; got `--node-rank {args.node_rank}`. Set "
+                  "it to this node's zero-based index.")
+    if args.headless:
+        _headless(args)
     mnbt, mns = args.max_num_batched_tokens, args.max_num_seqs
     if mnbt < max_len and not args.enable_chunked_prefill:
         _fail(f"ValueError: max_num_batched_tokens ({mnbt}) is smaller than max_model_len "
@@ -203,6 +266,8 @@ def serve(argv: list[str]) -> None:
             else:
                 self._json(404, {"detail": "Not Found"})
 
+    if args.nnodes > 1:
+        _rendezvous(args)
     httpd = ThreadingHTTPServer((args.host, args.port), Handler)
     signal.signal(signal.SIGTERM, lambda *a: (engine.kill(), os._exit(0)))
     if fault == "start-hang":

@@ -44,6 +44,7 @@ from autotune.measurement import (
 )
 from autotune.model import check_layout
 from autotune.runners._base import EngineBuilder, Runner
+from autotune.runners._launch import ReplicaPlace, place
 from autotune.runners._process import Job, JobResult, ProcessGroups, log_tail, read_log
 from autotune.runners._tools import public_env, replica_devices
 from autotune.runners._tools import write_json as _write_json
@@ -194,7 +195,9 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         """The layout rules (``autotune.model.check_layout``) and this node's GPU count, checked
         before anything runs (InvalidConfig)."""
         check_layout(self.scenario.model, config)
-        if self.options.launcher == "local" and config.gpus > self.scenario.num_gpus:
+        if self.options.hosts:
+            self._places(config)  # the replicas on the study's nodes (InvalidConfig if not)
+        elif self.options.launcher == "local" and config.gpus > self.scenario.num_gpus:
             raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the node has "
                                 f"{self.scenario.num_gpus} (use --launcher mpirun|srun across "
                                 "nodes)")
@@ -227,24 +230,39 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         """The runs' environment: ours, the user's extra variables, then per-replica ones."""
         return {**os.environ, **self.options.env, **(extra or {})}
 
+    def _places(self, config: EngineConfig) -> list[ReplicaPlace | None]:
+        """Each replica's nodes and GPUs when the runs are pinned to hosts (a study over
+        several nodes); None per replica otherwise."""
+        if not self.options.hosts:
+            return [None] * config.dp
+        return list(place(config, self.scenario.gpu.gpus_per_node, self.options.hosts))
+
     def _replica_gpus(self, config: EngineConfig) -> list[str | None]:
-        """``CUDA_VISIBLE_DEVICES`` for each replica (None: left as it is, for one replica and
-        under an external launcher, which places the ranks itself)."""
+        """``CUDA_VISIBLE_DEVICES`` for each replica (None: left as it is, for one replica, for
+        a replica owning whole nodes, and under an external launcher without hosts, which
+        places the ranks itself)."""
+        if self.options.hosts:
+            return [p.shares[0].visible_devices for p in self._places(config)]
         if self.options.launcher != "local":
             return [None] * config.dp
         return replica_devices(config, self.scenario.num_gpus,
                                self._env().get("CUDA_VISIBLE_DEVICES"))
 
     # ---- argv ---------------------------------------------------------------------------------
-    def _launch_prefix(self, world: int, env_names: Sequence[str]) -> list[str]:
+    def _launch_prefix(self, world: int, env_names: Sequence[str],
+                       where: ReplicaPlace | None = None) -> list[str]:
         t = self.tools
         return cmd.launch_prefix(self.options.launcher, world, launcher_path=t.launcher,
-                                 wrapper=t.wrapper or cmd.LAUNCH_WRAPPER, env_names=env_names)
+                                 wrapper=t.wrapper or cmd.LAUNCH_WRAPPER, env_names=env_names,
+                                 hosts=where.hosts if where else (),
+                                 ranks_per_node=where.ranks_per_node if where else None)
 
     def build_argv(self, config: EngineConfig, workspace: Path, max_seq_len: int) -> list[str]:
-        """``trtllm-bench build`` for ``config``, under the launcher."""
+        """``trtllm-bench build`` for ``config``, under the launcher (on the first replica's
+        nodes when the runs are pinned to hosts)."""
         o = self.options
-        return [*self._launch_prefix(config.gpus_per_replica, self._forwarded()),
+        return [*self._launch_prefix(config.gpus_per_replica, self._forwarded(),
+                                     self._places(config)[0]),
                 *cmd.build_argv(config, max_seq_len, bench=self.tools.bench, model=o.hf_name,
                                 model_path=o.model_path, workspace=str(workspace))]
 
@@ -255,12 +273,14 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
 
     def throughput_argv(self, config: EngineConfig, *, concurrency: int, num_requests: int,
                         dataset: Path, options_file: Path, report: Path, requests: Path,
-                        engine: dict | None = None, replica_env: Sequence[str] = ()) -> list[str]:
+                        engine: dict | None = None, replica_env: Sequence[str] = (),
+                        where: ReplicaPlace | None = None) -> list[str]:
         """``trtllm-bench throughput`` for one replica of ``config`` at one concurrency, under
-        the launcher. ``engine`` is the built engine's info for the tensorrt back end;
-        ``replica_env`` names the variables set for this replica."""
+        the launcher (on ``where``'s nodes when given). ``engine`` is the built engine's info
+        for the tensorrt back end; ``replica_env`` names the variables set for this replica."""
         o = self.options
-        return [*self._launch_prefix(config.gpus_per_replica, self._forwarded(replica_env)),
+        return [*self._launch_prefix(config.gpus_per_replica, self._forwarded(replica_env),
+                                     where),
                 *cmd.throughput_argv(
                     config, bench=self.tools.bench, model=o.hf_name, model_path=o.model_path,
                     workspace=str(self.workspace / "bench"), backend=o.backend,
@@ -321,6 +341,7 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         options_file = folder / cmd.OPTIONS_FILE
         options_file.write_text(yaml.safe_dump(self.options_yaml(run_cfg), sort_keys=False))
         jobs, paths = [], []
+        places = self._places(config)
         for r, gpus in enumerate(self._replica_gpus(config)):
             rdir = folder / f"replica-{r}" if config.dp > 1 else folder
             rdir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +352,7 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
             argv = self.throughput_argv(run_cfg, concurrency=per_replica, num_requests=n,
                                         dataset=dataset.path, options_file=options_file,
                                         report=report, requests=requests, engine=engine,
-                                        replica_env=tuple(extra))
+                                        replica_env=tuple(extra), where=places[r])
             _write_json(rdir / "argv.json", {"argv": argv, "env": public_env(
                 {**self.options.env, **extra})})
             jobs.append(Job(tuple(argv), rdir / "trtllm-bench.log", self._env(extra), cwd=rdir))
@@ -354,12 +375,13 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
                 "argv": list(job.argv), "log_path": str(job.log_path),
                 "report_path": str(report), "request_path": str(requests),
                 "cuda_visible_devices": job.env.get("CUDA_VISIBLE_DEVICES"),
+                "hosts": list(where.hosts) if where else None,
                 # The installed release, not the report's engine.version (1.2 and later write
                 # "1.2" whatever they are, TensorRT-LLM issue #11560); that one is kept apart.
                 "derived": list(rep.derived), "trtllm_version": self.version or "unknown",
                 "report_version": rep.version,
                 "report": rep.report,
-            } for job, rep, (report, requests) in zip(jobs, replicas, paths)],
+            } for job, rep, (report, requests), where in zip(jobs, replicas, paths, places)],
         }
         return point, raw, capacity
 

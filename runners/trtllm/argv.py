@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from autotune.config import EngineConfig
+from autotune.runners import _launch
 from autotune.runners.trtllm.releases import Release
 from autotune.specs import Workload
 
@@ -56,22 +57,19 @@ def llm_api_options(config: EngineConfig, backend: str = "pytorch",
 
 
 def launch_prefix(launcher: str, world: int, *, launcher_path: str | None = None,
-                  wrapper: str = LAUNCH_WRAPPER, env_names: Sequence[str] = ()) -> list[str]:
-    """``mpirun``/``srun`` + ``trtllm-llmapi-launch`` for ``world`` ranks (empty when local).
-
-    Open MPI passes no variables to the ranks unless named with ``-x``; srun exports all.
-    """
+                  wrapper: str = LAUNCH_WRAPPER, env_names: Sequence[str] = (),
+                  hosts: Sequence[str] = (), ranks_per_node: int | None = None,
+                  nodes: int | None = None) -> list[str]:
+    """``mpirun``/``srun`` + ``trtllm-llmapi-launch`` for ``world`` ranks (empty when local):
+    one rank per GPU, ``ranks_per_node`` on each of ``hosts`` (or of ``nodes`` nodes the
+    launcher picks) when given (a replica over several nodes is one MPI world, as TensorRT-LLM's
+    multi-node runs are), else placed by the launcher. The prefix itself is
+    ``autotune.runners._launch``'s."""
     if launcher == "local":
         return []
-    exe = launcher_path or launcher
-    if launcher == "mpirun":
-        argv = [exe, "-n", str(world)]
-        for name in env_names:
-            argv += ["-x", name]
-        return [*argv, wrapper]
-    if launcher == "srun":
-        return [exe, f"--ntasks={world}", "--mpi=pmix", wrapper]
-    raise ValueError(f"unknown launcher {launcher!r}")
+    return [*_launch.launch_prefix(launcher, hosts=hosts, tasks=world,
+                                   tasks_per_node=ranks_per_node, nodes=nodes,
+                                   exe=launcher_path, env_names=env_names), wrapper]
 
 
 def bench_global_args(bench: str, model: str, *, model_path: str | None = None,

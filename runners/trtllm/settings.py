@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.runners._launch import LAUNCHERS, study_hosts
 from autotune.runners._tools import (
-    check_one_node,
     check_run_options,
     checkpoint_folder,
     find_executable,
@@ -18,7 +18,6 @@ from autotune.runners.trtllm.releases import Release
 from autotune.scenario import Scenario
 
 BACKENDS = ("pytorch", "tensorrt")
-LAUNCHERS = ("local", "mpirun", "srun")
 DEFAULT_WORKSPACE = "autotune-workspace"
 DEFAULT_RUN_TIMEOUT_S = 1800.0  # one load point, model load included
 DEFAULT_BUILD_TIMEOUT_S = 5400.0  # engine builds take 10-60 minutes
@@ -34,7 +33,9 @@ class TrtllmSettings:
     Timeouts are seconds of wall-clock time; ``num_requests`` is requests per load point over all
     replicas (None: a few waves of the concurrency); ``env`` holds extra environment variables
     for the runs (passed through ``mpirun -x`` too); ``dataset`` is a user's JSONL file instead
-    of the synthetic one.
+    of the synthetic one. ``hosts`` (comma-separated, node 0 first) are the nodes a study over
+    several nodes runs on, under ``launcher`` mpirun or srun (default inside a Slurm job: its
+    nodes); resolved, a tuple.
     """
 
     backend: str = "pytorch"
@@ -43,6 +44,7 @@ class TrtllmSettings:
     workspace: str = DEFAULT_WORKSPACE
     trtllm_bench: str = "trtllm-bench"
     launcher: str = "local"
+    hosts: str | tuple[str, ...] | None = None
     num_requests: int | None = None
     warmup: int = 2
     run_timeout: float = DEFAULT_RUN_TIMEOUT_S
@@ -93,7 +95,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
                             "or on PATH); it ships with TensorRT-LLM")
         tools = Tools(bench=bench, launcher=runner, wrapper=wrapper)
     check_run_options(s, ("run_timeout", "build_timeout", "drain_timeout"))
-    check_one_node(scenario, "trtllm")
+    hosts = study_hosts(scenario, "trtllm", launcher, s.hosts, s.env)
     model_path = checkpoint_folder(s.model_path)
     # trtllm-bench names the model with --model (a Hugging Face name); with a local checkpoint
     # the name only labels the run and the engine folder.
@@ -110,7 +112,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
     if workspace.exists() and not workspace.is_dir():
         raise UserError(f"--workspace {str(s.workspace)!r} is not a folder")
     resolved = replace(s, backend=backend, launcher=launcher, trtllm_bench=bench,
-                       model_path=model_path, hf_name=hf_name,
+                       model_path=model_path, hf_name=hf_name, hosts=hosts,
                        workspace=str(workspace.resolve()), env=dict(s.env))
     if launcher != "local":
         # trtllm-llmapi-launch runs its command line unquoted ($task_with_command): under

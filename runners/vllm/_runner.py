@@ -41,8 +41,9 @@ from autotune.measurement import (
 )
 from autotune.model import check_layout
 from autotune.runners._base import Runner
+from autotune.runners._launch import ReplicaPlace, launch_prefix, place
 from autotune.runners._process import Job, ProcessGroups
-from autotune.runners._tools import public_env, replica_devices, write_json
+from autotune.runners._tools import find_executable, public_env, replica_devices, write_json
 from autotune.runners.vllm import argv as cmd
 from autotune.runners.vllm._result import BenchResult, load_point, parse_result
 from autotune.runners.vllm._server import (
@@ -52,6 +53,7 @@ from autotune.runners.vllm._server import (
     free_port,
     launch_server,
     port_taken,
+    stop_server,
     wait_ready,
 )
 from autotune.runners.vllm.settings import (
@@ -166,8 +168,10 @@ class VllmRunner(Runner):
             max_requests_in_flight=capacity,
             raw={"settings": self.settings(), "runs_dir": str(trial_dir),
                  "servers": [{"argv": list(s.job.argv), "log_path": str(s.log_path),
-                              "port": s.port,
-                              "cuda_visible_devices": s.job.env.get("CUDA_VISIBLE_DEVICES")}
+                              "port": s.port, "host": s.host,
+                              "cuda_visible_devices": s.job.env.get("CUDA_VISIBLE_DEVICES"),
+                              "nodes": [{"argv": list(j.argv), "log_path": str(j.log_path)}
+                                        for _, j in s.followers]}
                              for s in servers],
                  "load_points": raws},
         )
@@ -178,8 +182,9 @@ class VllmRunner(Runner):
         server starts (InvalidConfig, as vLLM would refuse them)."""
         check_layout(self.scenario.model, config)
         if config.gpus > self.scenario.num_gpus:
-            raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the node has "
+            raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
                                 f"{self.scenario.num_gpus}")
+        self._places(config)  # on the study's nodes, by the whole-node rule
         # vllm/config/scheduler.py (0.32): both refused at start-up with a ValueError.
         if config.max_num_tokens < config.max_batch_size:
             raise InvalidConfig(f"max_num_batched_tokens ({config.max_num_tokens}) must be >= "
@@ -207,16 +212,17 @@ class VllmRunner(Runner):
         folder = (self.workspace / "runs" / self._session / _label(config)
                   / f"servers-{self._starts}")
         folder.mkdir(parents=True, exist_ok=True)
-        devices = replica_devices(config, self.scenario.num_gpus,
-                                  self._env().get("CUDA_VISIBLE_DEVICES"))
-        extras = [{"CUDA_VISIBLE_DEVICES": g} if g is not None else {} for g in devices]
+        places = self._places(config)
+        devices = ([None] * config.dp if self.options.hosts else
+                   replica_devices(config, self.scenario.num_gpus,
+                                   self._env().get("CUDA_VISIBLE_DEVICES")))
         # All replicas start together (a start takes tens of seconds to minutes), then each is
         # waited for; a start that lost its port to another process is tried on a new one.
         servers: list[Server] = []
         try:
-            for r, extra in enumerate(extras):
-                servers.append(self._launch(args, r, extra, folder, attempt=0))
-            for r, extra in enumerate(extras):
+            for r, (where, visible) in enumerate(zip(places, devices)):
+                servers.append(self._launch(args, r, where, visible, folder, attempt=0))
+            for r, (where, visible) in enumerate(zip(places, devices)):
                 for attempt in range(1, PORT_RETRIES + 2):
                     try:
                         wait_ready(self._procs, servers[r], self.options.startup_timeout)
@@ -224,24 +230,57 @@ class VllmRunner(Runner):
                     except TrialFailure as exc:
                         if not port_taken(exc) or attempt > PORT_RETRIES:
                             raise
-                        servers[r] = self._launch(args, r, extra, folder, attempt=attempt)
+                        servers[r] = self._launch(args, r, where, visible, folder,
+                                                  attempt=attempt)
         except BaseException:
             for s in servers:
-                self._procs.stop(s.proc)
+                stop_server(self._procs, s)
             raise
         self._live = (key, servers, folder)
         return servers, folder
 
-    def _launch(self, args: dict, replica: int, extra: dict[str, str], folder: Path,
-                attempt: int) -> Server:
-        """Start replica ``replica``'s server on a free port (not waiting for it)."""
+    def _places(self, config: EngineConfig) -> list[ReplicaPlace | None]:
+        """Each replica's nodes and GPUs when the study's runs are pinned to hosts (a study over
+        several nodes); None per replica on this node."""
+        if not self.options.hosts:
+            return [None] * config.dp
+        return list(place(config, self.scenario.gpu.gpus_per_node, self.options.hosts))
+
+    def _launch(self, args: dict, replica: int, where: ReplicaPlace | None,
+                visible: str | None, folder: Path, attempt: int) -> Server:
+        """Start replica ``replica``'s servers without waiting for them: on this node
+        (``visible``: its ``CUDA_VISIBLE_DEVICES``), or one per node of ``where`` through the
+        launcher, the API server on node 0; on a free port."""
+        o = self.options
         port = free_port()
-        argv = cmd.serve_argv(self.model, args, vllm=self.options.vllm, port=port)
         name = f"server-{replica}" + (f"-retry{attempt}" if attempt else "")
-        write_json(folder / f"{name}.argv.json",
-                   {"argv": argv, "env": public_env({**self.options.env, **extra})})
-        job = Job(tuple(argv), folder / f"{name}.log", self._env(extra), cwd=folder)
-        return launch_server(self._procs, job, port)
+        if where is None:
+            extra = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}
+            argv = cmd.serve_argv(self.model, args, vllm=o.vllm, port=port)
+            return launch_server(self._procs, self._job(folder, name, argv, extra), port)
+        # Listening on every interface: the benchmarks reach it from this node.
+        base = cmd.serve_argv(self.model, args, vllm=o.vllm, host="0.0.0.0", port=port)
+        nodes = len(where.shares)
+        master_port = free_port()
+        jobs = []
+        for rank, share in enumerate(where.shares):
+            extra = {"CUDA_VISIBLE_DEVICES": share.visible_devices} if not share.whole else {}
+            argv = [*launch_prefix(o.launcher, hosts=[share.host], tasks=1, mpi=False,
+                                   exe=find_executable(o.launcher),
+                                   env_names=sorted({*o.env, *extra})), *base]
+            if nodes > 1:
+                argv += cmd.node_flags(nodes, rank, where.leader, master_port)
+            label = name if rank == 0 else f"{name}-node{rank}"
+            jobs.append(self._job(folder, label, argv, extra, host=share.host))
+        return launch_server(self._procs, jobs[0], port, host=where.leader,
+                             followers=tuple(jobs[1:]))
+
+    def _job(self, folder: Path, name: str, argv: list[str], extra: dict[str, str],
+             host: str | None = None) -> Job:
+        """A server's job, its argv and environment also kept beside its log."""
+        record = {"argv": argv, "env": public_env({**self.options.env, **extra})}
+        write_json(folder / f"{name}.argv.json", record | ({"host": host} if host else {}))
+        return Job(tuple(argv), folder / f"{name}.log", self._env(extra), cwd=folder)
 
     def _stop_servers(self) -> None:
         if self._live is None:
@@ -249,7 +288,7 @@ class VllmRunner(Runner):
         _, servers, _ = self._live
         self._live = None
         for s in servers:
-            self._procs.stop(s.proc)
+            stop_server(self._procs, s)
 
     # ---- one load point -----------------------------------------------------------------------
     def _requests_per_replica(self, per_replica_load: int, dp: int, fit: int | None) -> int:

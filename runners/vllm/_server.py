@@ -83,7 +83,9 @@ def healthy(base_url: str, timeout_s: float = 2.0) -> bool:
 
 @dataclass
 class Server:
-    """One running ``vllm serve``: its process (the leader of its own group), port and log."""
+    """One running replica: its API server's ``vllm serve`` (the leader of its own process
+    group) with its port and log, and on a replica over several nodes the ``--headless`` ones
+    of the other nodes (``followers``: each process with its job)."""
 
     proc: subprocess.Popen
     job: Job
@@ -92,6 +94,7 @@ class Server:
     #: Requests of the longest length its KV cache holds, read once it is ready (the log grows
     #: with every request after that).
     fit: int | None = None
+    followers: tuple[tuple[subprocess.Popen, Job], ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -102,7 +105,11 @@ class Server:
         return self.job.log_path
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and all(p.poll() is None for p, _ in self.followers)
+
+    def dead_follower(self) -> tuple[subprocess.Popen, Job] | None:
+        """The first of the other nodes' processes that has exited, if any."""
+        return next(((p, j) for p, j in self.followers if p.poll() is not None), None)
 
     def capacity(self) -> int | None:
         """Requests of the longest length the KV cache holds at once (vLLM's "Maximum
@@ -113,9 +120,26 @@ class Server:
         return int(float(found[-1][1].replace(",", "")))
 
 
-def launch_server(procs: ProcessGroups, job: Job, port: int) -> Server:
-    """Start ``job`` (a ``vllm serve`` listening on ``port``) without waiting for it."""
-    return Server(procs.start(job), job, port)
+def launch_server(procs: ProcessGroups, job: Job, port: int, *, host: str = "127.0.0.1",
+                  followers: tuple[Job, ...] = ()) -> Server:
+    """Start ``job`` (a ``vllm serve`` listening on ``host:port``) and the other nodes'
+    ``followers`` without waiting for them."""
+    started = []
+    try:
+        for follower in followers:
+            started.append((procs.start(follower), follower))
+        return Server(procs.start(job), job, port, host=host, followers=tuple(started))
+    except BaseException:
+        for proc, _ in started:
+            procs.stop(proc)
+        raise
+
+
+def stop_server(procs: ProcessGroups, server: Server) -> None:
+    """End the replica's processes on every node (each whole process group)."""
+    procs.stop(server.proc)
+    for proc, _ in server.followers:
+        procs.stop(proc)
 
 
 def wait_ready(procs: ProcessGroups, server: Server, timeout_s: float) -> Server:
@@ -131,8 +155,12 @@ def wait_ready(procs: ProcessGroups, server: Server, timeout_s: float) -> Server
                 raise Interrupted("vllm serve interrupted by the user while starting; its "
                                   "processes were killed", log_tail=log_tail(job.log_path),
                                   log_path=str(job.log_path))
-            if not server.alive():
+            if server.proc.poll() is not None:
                 raise classify_start(server.proc.returncode, job.log_path)
+            if (dead := server.dead_follower()) is not None:
+                failure = classify_start(dead[0].returncode, dead[1].log_path)
+                raise type(failure)(f"another node's vllm serve --headless: {failure}",
+                                    log_tail=failure.log_tail, log_path=failure.log_path)
             if healthy(server.base_url):
                 server.fit = server.capacity()
                 return server
@@ -143,7 +171,7 @@ def wait_ready(procs: ProcessGroups, server: Server, timeout_s: float) -> Server
             time.sleep(pause)
             pause = min(pause * 1.5, 2.0)
     except BaseException:
-        procs.stop(server.proc)
+        stop_server(procs, server)
         raise
 
 
@@ -202,7 +230,9 @@ def classify_run(returncode: int | None, log_path: Path, server: Server | None =
     if server is not None and (died := engine_death(server)) is not None:
         return died
     if server is not None and not server.alive():
-        failure = classify_start(server.proc.returncode, server.log_path)
+        dead = server.dead_follower() if server.proc.poll() is None else None
+        failure = (classify_start(dead[0].returncode, dead[1].log_path) if dead else
+                   classify_start(server.proc.returncode, server.log_path))
         return type(failure)(f"the server died during the load point: {failure}",
                              log_tail=failure.log_tail, log_path=failure.log_path)
     text = read_log(log_path)
@@ -216,5 +246,4 @@ def classify_run(returncode: int | None, log_path: Path, server: Server | None =
 
 
 __all__ = ["Server", "classify_run", "classify_start", "engine_death", "free_port", "healthy",
-           "launch_server",
-           "port_taken", "wait_ready"]
+           "launch_server", "port_taken", "stop_server", "wait_ready"]

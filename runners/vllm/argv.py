@@ -75,6 +75,17 @@ def serve_argv(model: str, args: dict, *, vllm: str = "vllm", host: str = "127.0
     return argv + (["--config", config_file] if config_file else flags(args))
 
 
+def node_flags(nodes: int, rank: int | str, master_addr: str, master_port: int | str) -> list[str]:
+    """What one node of a replica over ``nodes`` nodes adds to ``vllm serve``: vLLM's native
+    multi-node launch (no Ray; vLLM 0.32 ``vllm/engine/arg_utils.py``: ``--nnodes``,
+    ``--node-rank``, ``--master-addr``, ``--master-port``, and ``--headless`` on every node but
+    rank 0, which alone serves the API). ``rank`` and the address may be placeholders a script
+    or a manifest fills in (``$(LWS_WORKER_INDEX)``); tp and pp stay the replica's totals."""
+    argv = ["--nnodes", str(nodes), "--node-rank", str(rank), "--master-addr", master_addr,
+            "--master-port", str(master_port)]
+    return argv + (["--headless"] if str(rank) != "0" else [])
+
+
 def range_ratio(mean: int, std: float) -> float:
     """``--random-range-ratio`` for lengths with standard deviation ``std``: vLLM draws
     uniformly from ``[mean*(1-r), mean*(1+r)]``, whose standard deviation is ``mean*r/sqrt(3)``
@@ -114,4 +125,4 @@ def bench_argv(workload: Workload, *, base_url: str, tokenizer: str, concurrency
 
 
 __all__ = ["BASE_PORT", "CONFIG_FILE", "PERCENTILES", "SERVED_NAME", "bench_argv", "engine_args",
-           "flags", "range_ratio", "serve_argv"]
+           "flags", "node_flags", "range_ratio", "serve_argv"]

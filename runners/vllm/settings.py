@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.runners._launch import LAUNCHERS, study_hosts
 from autotune.runners._tools import (
-    check_one_node,
     check_run_options,
     checkpoint_folder,
     find_executable,
@@ -37,12 +37,17 @@ class VllmSettings:
     (None: a few waves of the concurrency); ``warmup`` is warm-up requests before each load
     point; ``eager`` runs without CUDA graphs / torch.compile (``--enforce-eager``: faster starts,
     slower steps); ``env`` holds extra environment variables for the servers and benchmarks.
+    A study over several nodes starts each node's ``vllm serve`` through ``launcher`` (srun or
+    mpirun) on ``hosts`` (comma-separated, node 0 first; default inside a Slurm job: its nodes;
+    resolved, a tuple); the benchmarks run here, against node 0's API server.
     """
 
     model_path: str | None = None
     hf_name: str | None = None
     workspace: str = DEFAULT_WORKSPACE
     vllm: str = "vllm"
+    launcher: str = "local"
+    hosts: str | tuple[str, ...] | None = None
     num_requests: int | None = None
     warmup: int = 4
     eager: bool = False
@@ -100,7 +105,12 @@ def resolve_settings(scenario: Scenario, options: dict) -> VllmSettings:
         raise UserError(f"vllm not found ({s.vllm!r}): install vLLM on this node or pass "
                         "--vllm PATH (the vllm executable of its environment)")
     check_run_options(s, ("startup_timeout", "run_timeout", "drain_timeout"))
-    check_one_node(scenario, "vllm")
+    launcher = str(s.launcher).strip().lower()
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher {s.launcher!r} is unknown: use {', '.join(LAUNCHERS)}")
+    if launcher != "local" and find_executable(launcher) is None:
+        raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
+    hosts = study_hosts(scenario, "vllm", launcher, s.hosts, s.env)
     if not isinstance(s.eager, bool):
         raise UserError(f"eager must be true or false, got {s.eager!r}")
     model_path = checkpoint_folder(s.model_path)
@@ -116,6 +126,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> VllmSettings:
     if workspace.exists() and not workspace.is_dir():
         raise UserError(f"--workspace {str(s.workspace)!r} is not a folder")
     return replace(s, vllm=vllm, model_path=model_path, hf_name=hf_name or None,
+                   launcher=launcher, hosts=hosts,
                    workspace=str(workspace.resolve()), env=dict(s.env))
 
 
