@@ -32,11 +32,13 @@ pytestmark = pytest.mark.timeout(900)
 
 ISL, OSL = 128, 32
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
+STANDIN = Path(__file__).resolve().parent / "standin"  # the stand-in srun (launch.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
 from vllm_cpu import (  # noqa: E402
     KV_SHARE,
     KV_SHARE_NONE,
     PP_ENV_DROP,
+    TWO_NODES,
     TWO_RANKS,
     Unavailable,
 )
@@ -59,11 +61,11 @@ def tiny_scenario(engine, slo=None) -> Scenario:
                           runner="vllm")
 
 
-def real_runner(engine, name: str, **options) -> VllmRunner:
+def real_runner(engine, name: str, scenario: Scenario | None = None, **options) -> VllmRunner:
     opts = dict(model_path=engine["model"], vllm=engine["vllm"], eager=True, num_requests=16,
                 warmup=2, workspace=str(engine["work"] / name), startup_timeout=300.0,
                 run_timeout=300.0, env=engine["env"])
-    return VllmRunner(tiny_scenario(engine), **{**opts, **options})
+    return VllmRunner(scenario or tiny_scenario(engine), **{**opts, **options})
 
 
 def processes_under(folder: Path) -> list[int]:
@@ -171,15 +173,33 @@ class TestRealVllm(RunnerContract):
         assert args["gpu-memory-utilization"] == rec["config"]["kv_fraction"]
         assert not processes_under(work / "search")
 
-    def test_tp2_and_pp2_run_on_two_ranks(self, engine):
+    def test_tp2_on_one_node_and_pp2_over_two_nodes_run_on_two_ranks(self, engine, tmp_path,
+                                                                      monkeypatch):
         two = {**engine["env"], **TWO_RANKS}
         with real_runner(engine, "tp2", env=two) as r:
             tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
                                          kv_fraction=KV_SHARE, precision="bf16"),
                             r.scenario.workload, [4])
-        # PP on vLLM 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
-        compiled = {k: v for k, v in two.items() if k not in PP_ENV_DROP}
-        with real_runner(engine, "pp2", env=compiled, eager=False) as r:
+        # PP2 with one stage per node: vLLM's native multi-node launch (--nnodes, --node-rank,
+        # --master-addr, --headless) through the stand-in srun (tests/standin/launch.py), the two
+        # nodes being loopback addresses of this machine, each with its own core. PP on vLLM
+        # 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
+        srun = tmp_path / "bin" / "srun"
+        srun.parent.mkdir()
+        srun.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(STANDIN)!r})"
+                        "\nimport launch\nlaunch.main('srun')\n")
+        srun.chmod(0o755)
+        log = tmp_path / "launch.jsonl"
+        monkeypatch.setenv("PATH", f"{srun.parent}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("AUTOTUNE_STANDIN_LAUNCH_LOG", str(log))
+        monkeypatch.setenv("AUTOTUNE_STANDIN_NODE_ENV", json.dumps(TWO_NODES))
+        compiled = {k: v for k, v in engine["env"].items() if k not in PP_ENV_DROP}
+        nodes = Scenario.build(model=str(Path(engine["model"]) / "config.json"), gpu="cpu",
+                               num_gpus=2, gpus_per_node=1, precision="bf16", isl=ISL, osl=OSL,
+                               slo=None, runner="vllm")
+        assert nodes.nodes == 2
+        with real_runner(engine, "pp2", scenario=nodes, env=compiled, eager=False,
+                         launcher="srun", hosts=",".join(TWO_NODES)) as r:
             pp2 = r.measure(EngineConfig(pp=2, max_batch_size=8, max_num_tokens=512,
                                          kv_fraction=KV_SHARE, precision="bf16"),
                             r.scenario.workload, [4])
@@ -190,6 +210,15 @@ class TestRealVllm(RunnerContract):
             assert p.num_requests == 16 and p.output_throughput > 0
             assert p.latency("itl", "p50") > 0  # real token gaps
             assert m.max_requests_in_flight == 8  # the KV cache holds more: max-num-seqs bounds it
+        launches = {json.loads(x)["tasks"][0]["host"]: json.loads(x)["command"]
+                    for x in log.read_text().splitlines()}
+        assert set(launches) == set(TWO_NODES)
+        head, other = (launches[h] for h in TWO_NODES)
+        assert head[head.index("--node-rank") + 1] == "0" and "--headless" not in head
+        assert other[other.index("--node-rank") + 1] == "1" and "--headless" in other
+        # Node 1 ran the second stage: its own log says so (vLLM's rank assignment line).
+        (node1,) = pp2.raw["servers"][0]["nodes"]
+        assert "PP rank 1" in Path(node1["log_path"]).read_text()
 
 
 def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Popen:

@@ -26,6 +26,10 @@ PP_ENV_DROP = ("VLLM_CPU_CI_ENV",)
 #: Two ranks (TP2 / PP2) on two cores: rank 0 on core 0, rank 1 on core 1 (automatic binding
 #: wants one NUMA node per rank).
 TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+#: Two "nodes" on this machine (loopback addresses), one rank each: what each node's own
+#: environment says about its cores (the stand-in srun applies it to that node's task).
+TWO_NODES = {"127.0.0.1": {"VLLM_CPU_OMP_THREADS_BIND": "0"},
+             "127.0.0.2": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}
 #: What each rank of vLLM's CPU build may take of the NUMA node's memory (here the whole 23.5 GiB
 #: machine): weights, activations and KV cache, ~2.4 GiB. Servers run side by side with the other
 #: tests, so they must stay small.
