@@ -459,9 +459,15 @@ def probe(
         "--gpu", help="Catalog GPU this node has (recorded with the profile).")] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", metavar=FLAG, help="Fewer sizes and repeats.")] = False,
+    hosts: Annotated[str | None, typer.Option(
+        "--hosts", help="Also measure the fabric between the first two of these nodes "
+        "(h1,h2,...; 'slurm': the Slurm job's nodes), one process on each.")] = None,
+    launcher: Annotated[str, typer.Option(
+        "--launcher", help="How the fabric probe reaches the nodes: srun or mpirun.")] = "srun",
     json_out: Json = False,
 ):
-    """Measure this machine with PyTorch (matmul, memory, all-reduce) and store a profile."""
+    """Measure this machine with PyTorch (matmul, memory, all-reduce) and store a profile;
+    with --hosts, the fabric between two nodes too."""
     from autotune import console
     from autotune.probe import probe as run_probe
     from autotune.probe import require_torch
@@ -472,9 +478,17 @@ def probe(
     require_torch()
     if gpu:
         load_gpu(gpu)  # a typo is a user error before anything runs
+    nodes: tuple[str, ...] = ()
+    if hosts is not None:
+        from autotune.runners._launch import resolve_hosts
+
+        if launcher not in ("srun", "mpirun"):
+            raise UserError(f"--launcher {launcher!r}: the fabric probe uses srun or mpirun")
+        nodes = resolve_hosts(None if hosts == "slurm" else hosts, 2)
     db = open_storage(storage, create=True)
     with console.err.status("probing…") as status:
-        hw = run_probe(name, quick=quick, progress=lambda msg: status.update(f"probing: {msg}"))
+        hw = run_probe(name, quick=quick, progress=lambda msg: status.update(f"probing: {msg}"),
+                       hosts=nodes, launcher=launcher)
     prof = Profile(name=name, gpu=gpu, hardware=hw, source="probe")
     db.store.save_profile(name, prof.to_dict())
     if json_out:

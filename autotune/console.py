@@ -261,6 +261,14 @@ def print_probe(hw, safe_url: str) -> None:
         for r in hw.comms:
             c.add_row(r.op, f"{r.bytes:,}", f"{r.latency_us:,.1f}", f"{r.bus_gb_s:,.3f}")
         out.print(c)
+    if hw.fabric:
+        f = Table(title=f"between nodes ({' -> '.join(hw.fabric_hosts)}, one way)",
+                  title_justify="left")
+        for col in ("bytes", "latency µs", "GB/s"):
+            f.add_column(col, justify="right")
+        for r in hw.fabric:
+            f.add_row(f"{r.bytes:,}", f"{r.latency_us:,.1f}", f"{r.bus_gb_s:,.3f}")
+        out.print(f)
     for note in hw.notes:
         out.print(f"note: {note}")
     out.print(f"stored in {safe_url}; use it with --profile {hw.name}")

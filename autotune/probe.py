@@ -5,13 +5,17 @@ is exercised everywhere):
 - matmul throughput (TFLOP/s) at several sizes for bf16, and fp8 where the GPU has it;
 - device memory bandwidth (TB/s) from large copies;
 - all-reduce and point-to-point bandwidth and latency across the local devices at several message
-  sizes, one process per device (NCCL on GPUs, gloo with 2 processes on the CPU).
+  sizes, one process per device (NCCL on GPUs, gloo with 2 processes on the CPU);
+- with ``hosts``, the fabric between nodes: point-to-point latency and bandwidth between a
+  process on node 0 and one on node 1, started there through srun or mpirun (the same command
+  lines the runners use) and joined with torch.distributed over TCP.
 
 torch is an optional extra (``probe``) and only imported here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -28,6 +32,7 @@ CPU_MATMUL_SIZES = (128, 256, 512)
 GPU_MESSAGE_BYTES = (2**10, 2**16, 2**20, 2**24, 2**27)
 CPU_MESSAGE_BYTES = (2**10, 2**14, 2**18, 2**22)
 CPU_WORLD = 2  # gloo processes on a machine without GPUs
+FABRIC_MESSAGE_BYTES = (2**10, 2**20, 2**24, 2**27)  # between nodes (GPUs)
 
 
 def require_torch():
@@ -72,6 +77,9 @@ class HardwareProfile:
     comms: tuple[CommResult, ...] = ()
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Between nodes: point-to-point from node 0 to node 1 (``fabric_hosts``), one way.
+    fabric: tuple[CommResult, ...] = ()
+    fabric_hosts: tuple[str, ...] = ()
 
     # -- the figures the performance model uses
     def peak_tflops(self, dtype: str) -> float | None:
@@ -86,6 +94,15 @@ class HardwareProfile:
         big = [c for c in self.comms if c.op == "all_reduce"]
         return max(c.bus_gb_s for c in big) if big else None
 
+    def fabric_latency_us(self) -> float | None:
+        """One message's time between nodes (the smallest message's), None if not probed."""
+        return min(self.fabric, key=lambda c: c.bytes).latency_us if self.fabric else None
+
+    def fabric_gb_s(self) -> float | None:
+        """Bandwidth between nodes, one direction (the best message size's), None if not
+        probed."""
+        return max(c.bus_gb_s for c in self.fabric) if self.fabric else None
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -95,6 +112,8 @@ class HardwareProfile:
         d["matmul"] = tuple(MatmulResult(**m) for m in d.get("matmul", ()))
         d["comms"] = tuple(CommResult(**c) for c in d.get("comms", ()))
         d["notes"] = tuple(d.get("notes", ()))
+        d["fabric"] = tuple(CommResult(**c) for c in d.get("fabric", ()))
+        d["fabric_hosts"] = tuple(d.get("fabric_hosts", ()))
         return cls(**d)
 
 
@@ -228,8 +247,106 @@ def probe_comms(torch, world: int, backend: str, sizes: Sequence[int], repeats: 
     return [CommResult(op, b, t * 1e6, bw) for op, b, t, bw in rows]
 
 
-def probe(name: str, *, quick: bool = False, progress: Callable[[str], None] | None = None
-          ) -> HardwareProfile:
+#: What node 0's process prints before its results (one JSON line), for the parent to find.
+FABRIC_MARK = "autotune-fabric: "
+FABRIC_TIMEOUT_S = 600.0
+
+
+def _fabric_worker(rank: int, world: int, master: str, sizes: Sequence[int],
+                   repeats: int) -> None:  # pragma: no cover - runs on each node
+    """One node's process: join the others at ``master`` (host:port) and ping-pong messages of
+    ``sizes`` bytes between node 0 and node 1 (NCCL between GPUs, gloo without); node 0 prints
+    the one-way times."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    backend, device = ("nccl", "cuda") if cuda else ("gloo", "cpu")
+    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def all_agree(value: int) -> int:
+        flag.fill_(value)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
+
+    rows = []
+    for nbytes in sizes:
+        buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+
+        def ping(buf=buf):
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+        dist.barrier()
+        t = _median_time(ping, sync, repeats, min_seconds=0.02, agree=all_agree) / 2
+        rows.append({"op": "p2p", "bytes": nbytes, "latency_us": t * 1e6,
+                     "bus_gb_s": nbytes / t / 1e9})
+    if rank == 0:
+        print(FABRIC_MARK + json.dumps({"backend": backend, "rows": rows}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def probe_fabric(hosts: Sequence[str], launcher: str, *, sizes: Sequence[int],
+                 repeats: int = 5, port: int | None = None,
+                 timeout_s: float = FABRIC_TIMEOUT_S) -> list[CommResult]:
+    """Point-to-point between node 0 and node 1 of ``hosts``: one process per node, started
+    through ``launcher`` (srun or mpirun, with this interpreter: the nodes share the
+    environment's path) and joined on node 0 at ``port`` (a free one by default). UserError
+    when a node's process fails or the run outlives ``timeout_s``."""
+    import subprocess
+    import sys
+
+    from autotune.runners._launch import launch_prefix
+    from autotune.runners._tools import find_executable
+
+    exe = find_executable(launcher)
+    if exe is None:
+        raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    master = f"{hosts[0]}:{port}"
+    procs = []
+    for rank, host in enumerate(hosts):
+        argv = [*launch_prefix(launcher, hosts=[host], tasks=1, mpi=False, exe=exe),
+                sys.executable, "-m", "autotune.probe", "--fabric-rank", str(rank),
+                "--world", str(len(hosts)), "--master", master,
+                "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout_s))
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the fabric probe over {','.join(hosts)} did not finish within "
+                        f"{timeout_s:g} s (can node 1 reach {master}?)") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    for host, proc, (_, err) in zip(hosts, procs, outputs):
+        if proc.returncode != 0:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"the fabric probe's process on {host} exited with "
+                            f"{proc.returncode}: {last}")
+    found = [line[len(FABRIC_MARK):] for line in outputs[0][0].splitlines()
+             if line.startswith(FABRIC_MARK)]
+    if not found:
+        raise UserError(f"the fabric probe's process on {hosts[0]} printed no result")
+    return [CommResult(**row) for row in json.loads(found[-1])["rows"]]
+
+
+def probe(name: str, *, quick: bool = False, progress: Callable[[str], None] | None = None,
+          hosts: Sequence[str] = (), launcher: str = "srun") -> HardwareProfile:
     """Measure this machine (all local GPUs, else the CPU) and return its profile."""
     torch = require_torch()
     say = progress or (lambda _msg: None)
@@ -262,13 +379,39 @@ def probe(name: str, *, quick: bool = False, progress: Callable[[str], None] | N
         comms = probe_comms(torch, world, backend, messages, repeats)
     else:
         notes.append("one GPU: no collectives to measure")
+    fabric: list[CommResult] = []
+    if len(hosts) >= 2:
+        say(f"the fabric between {hosts[0]} and {hosts[1]} ({launcher})")
+        between = FABRIC_MESSAGE_BYTES if cuda else CPU_MESSAGE_BYTES
+        fabric = probe_fabric(hosts, launcher, sizes=between[:2] if quick else between,
+                              repeats=repeats)
     return HardwareProfile(
         name=name, device=device, device_name=device_name, device_count=count,
         memory_gib=round(memory_gib, 2), host=socket.gethostname(),
         torch_version=torch.__version__, backend=backend, matmul=tuple(matmul),
         memory_tb_s=mem, comms=tuple(comms), seconds=time.perf_counter() - started,
-        notes=tuple(notes),
+        notes=tuple(notes), fabric=tuple(fabric), fabric_hosts=tuple(hosts[:2]),
     )
 
 
-__all__ = ["CommResult", "HardwareProfile", "MatmulResult", "probe", "require_torch"]
+def _fabric_main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - per node
+    """``python -m autotune.probe --fabric-rank K ...``: one node's part of ``probe_fabric``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m autotune.probe")
+    p.add_argument("--fabric-rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--master", required=True)
+    p.add_argument("--sizes", required=True)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    _fabric_worker(a.fabric_rank, a.world, a.master, [int(x) for x in a.sizes.split(",")],
+                   a.repeats)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _fabric_main()
+
+
+__all__ = ["CommResult", "HardwareProfile", "MatmulResult", "probe", "probe_fabric",
+           "require_torch"]

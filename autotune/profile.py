@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from autotune.errors import UserError
 from autotune.model.calibration import Calibration, load_calibration
+from autotune.model.perf import FABRIC_EFF
 from autotune.probe import HardwareProfile
 from autotune.specs import GpuSpec
 
@@ -60,6 +61,10 @@ class Profile:
         latency = hw.allreduce_latency_us()
         if latency:
             cal = replace(cal, ar_latency_us=latency)
+        between = hw.fabric_gb_s()
+        if between:  # the model achieves FABRIC_EFF of the fabric's bandwidth
+            changes["fabric_gb_s"] = between / FABRIC_EFF
+            changes["fabric_latency_us"] = hw.fabric_latency_us()
         return replace(gpu, **changes), cal
 
 

@@ -144,7 +144,7 @@ def resolve_hosts(hosts: str | Sequence[str] | None, nodes: int,
     if len(set(found)) != len(found):
         raise UserError(f"{source} names a host twice: {','.join(found)}")
     if len(found) < nodes:
-        raise UserError(f"the study spans {nodes} nodes; {source} name {len(found)}: "
+        raise UserError(f"{nodes} nodes are needed; {source} name {len(found)}: "
                         f"{','.join(found) or 'none'}")
     return found[:nodes]
 

@@ -22,6 +22,9 @@ from autotune.runners.vllm import VllmRunner
 from autotune.scenario import Scenario
 
 STANDIN = Path(__file__).resolve().parent / "standin"
+sys.path.insert(0, str(STANDIN))
+from launch import install as install_launchers  # noqa: E402
+
 #: Two "nodes" that are this machine: the stand-ins run node 0's task here, and a second
 #: loopback address is another host to them (mpirun gives it only the -x variables).
 HOSTS = ("127.0.0.1", "127.0.0.2")
@@ -39,9 +42,7 @@ def launchers(tmp_path_factory) -> Path:
     """bin/ with the stand-in srun, mpirun and scontrol."""
     bin_ = tmp_path_factory.mktemp("launchers") / "bin"
     bin_.mkdir()
-    for name in ("srun", "mpirun"):
-        _script(bin_ / name, f"import sys\nsys.path.insert(0, {str(STANDIN)!r})\n"
-                             f"import launch\nlaunch.main({name!r})\n")
+    install_launchers(bin_)
     # scontrol show hostnames, for one compressed list only (the real one expands any).
     _script(bin_ / "scontrol", "import sys\nassert sys.argv[1:3] == ['show', 'hostnames']\n"
                                "print('\\n'.join({'gpu[01-02]': ['gpu01', 'gpu02']}"
@@ -106,7 +107,7 @@ def test_hosts_come_from_the_option_or_the_slurm_job(on_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     ([], "the study spans 2 nodes: the vllm runner reaches them with --launcher srun or mpirun"),
     (["--launcher", "srun"], "2 nodes need their host names: pass --hosts"),
-    (["--launcher", "srun", "--hosts", "a"], "the study spans 2 nodes; --hosts name 1: a"),
+    (["--launcher", "srun", "--hosts", "a"], "2 nodes are needed; --hosts name 1: a"),
     (["--launcher", "pdsh", "--hosts", "a,b"], "--launcher 'pdsh' is unknown"),
 ])
 def test_a_study_over_nodes_without_a_way_to_reach_them_is_one_line_and_exit_2(

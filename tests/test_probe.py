@@ -1,7 +1,9 @@
 """``probe`` measures this machine for real (CPU + gloo here), and profiles steer the model."""
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +11,7 @@ from typer.testing import CliRunner
 from autotune.cli import app
 from autotune.config import EngineConfig
 from autotune.model import PerfModel, load_calibration
+from autotune.model.perf import FABRIC_EFF
 from autotune.probe import CommResult, HardwareProfile, MatmulResult
 from autotune.profile import Profile
 from autotune.specs import load_gpu, load_model
@@ -94,3 +97,33 @@ def test_probe_without_torch_says_how_to_install(tmp_path, monkeypatch):
     r = runner.invoke(app, ["probe", "--name", "x"])
     assert r.exit_code == 2 and "autotune-llm[probe]" in r.stderr
     assert not (tmp_path / "autotune.db").exists()
+
+
+def test_the_fabric_probe_runs_one_process_per_node_and_feeds_the_fabric(tmp_path, monkeypatch):
+    """Two "nodes" that are this machine's loopback addresses, reached through the stand-in
+    srun (tests/standin/launch.py): one real torch.distributed process on each, gloo over TCP."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "standin"))
+    from launch import install
+
+    bin_ = install(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "launch.jsonl"
+    monkeypatch.setenv("AUTOTUNE_STANDIN_LAUNCH_LOG", str(log))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["probe", "--name", "two", "--quick", "--hosts",
+                            "127.0.0.1,127.0.0.2", "--json"])
+    assert r.exit_code == 0, r.stderr
+    hw = HardwareProfile.from_dict(json.loads(r.stdout)["hardware"])
+    assert hw.fabric_hosts == ("127.0.0.1", "127.0.0.2")
+    assert len(hw.fabric) == 2 and all(c.latency_us > 0 and c.bus_gb_s > 0 for c in hw.fabric)
+    launches = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [lc["argv"][1:4] for lc in launches] == [
+        ["--nodes=1", "--nodelist=127.0.0.1", "--ntasks=1"],
+        ["--nodes=1", "--nodelist=127.0.0.2", "--ntasks=1"]]
+    assert [lc["command"][lc["command"].index("--fabric-rank") + 1] for lc in launches] == \
+        ["0", "1"]
+    spec, _ = Profile(name="two", hardware=hw).apply(load_gpu("h100"), "fp8")
+    assert spec.fabric_latency_us == hw.fabric_latency_us()
+    assert spec.fabric_gb_s * FABRIC_EFF == pytest.approx(hw.fabric_gb_s())
+    bad = runner.invoke(app, ["probe", "--name", "x", "--hosts", "127.0.0.1"])
+    assert bad.exit_code == 2 and "--hosts name 1" in bad.stderr

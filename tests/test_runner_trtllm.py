@@ -41,6 +41,9 @@ from autotune.scenario import Scenario
 from autotune.specs import Workload
 
 STANDIN = Path(__file__).resolve().parent / "standin" / "trtllm-bench"
+sys.path.insert(0, str(STANDIN.parent))
+from launch import install as install_launchers  # noqa: E402
+
 VERSION = "1.0.0"
 #: The releases the stand-in emulates (tests/standin/trtllm-bench): release -> its version.
 RELEASES = {"1.0": "1.0.0", "1.2": "1.2.0", "1.3": "1.3.0rc2", "main": "1.4.0.dev2026112500"}
@@ -65,9 +68,7 @@ def tools(tmp_path_factory) -> Path:
             f"import runpy\nrunpy.run_path({str(STANDIN)!r}, run_name='__main__')\n")
     _script(bin_ / "trtllm-llmapi-launch", "import os, sys\nos.execvp(sys.argv[1], sys.argv[1:])\n")
     # The stand-in srun and mpirun (tests/standin/launch.py): strict, recording each node's task.
-    for name in ("mpirun", "srun"):
-        _script(bin_ / name, f"import sys\nsys.path.insert(0, {str(STANDIN.parent)!r})\n"
-                             f"import launch\nlaunch.main({name!r})\n")
+    install_launchers(bin_)
     for version in {VERSION, "0.19.0", *RELEASES.values()}:
         dist = root / f"site-{version}" / f"tensorrt_llm-{version}.dist-info"
         dist.mkdir(parents=True)

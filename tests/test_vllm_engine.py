@@ -32,8 +32,9 @@ pytestmark = pytest.mark.timeout(900)
 
 ISL, OSL = 128, 32
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
-STANDIN = Path(__file__).resolve().parent / "standin"  # the stand-in srun (launch.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "standin"))
+from launch import install as install_launchers  # noqa: E402
 from vllm_cpu import (  # noqa: E402
     KV_SHARE,
     KV_SHARE_NONE,
@@ -184,13 +185,9 @@ class TestRealVllm(RunnerContract):
         # --master-addr, --headless) through the stand-in srun (tests/standin/launch.py), the two
         # nodes being loopback addresses of this machine, each with its own core. PP on vLLM
         # 0.32's CPU build needs torch.compile with inductor (tests/engines/vllm_cpu.py).
-        srun = tmp_path / "bin" / "srun"
-        srun.parent.mkdir()
-        srun.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(STANDIN)!r})"
-                        "\nimport launch\nlaunch.main('srun')\n")
-        srun.chmod(0o755)
+        bin_ = install_launchers(tmp_path / "bin", names=("srun",))
         log = tmp_path / "launch.jsonl"
-        monkeypatch.setenv("PATH", f"{srun.parent}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.setenv("AUTOTUNE_STANDIN_LAUNCH_LOG", str(log))
         monkeypatch.setenv("AUTOTUNE_STANDIN_NODE_ENV", json.dumps(TWO_NODES))
         compiled = {k: v for k, v in engine["env"].items() if k not in PP_ENV_DROP}

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+from pathlib import Path
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", socket.gethostname()}
 
@@ -126,6 +127,20 @@ def parse_mpirun(args: list[str]) -> tuple[dict, list[str]]:
             out.append({"host": host, "rank": rank, "env": env})
             rank += 1
     return {"tasks": out}, args
+
+
+def install(folder, names=("srun", "mpirun")) -> Path:
+    """Write executable ``srun`` and ``mpirun`` stand-ins (this interpreter, this file) into
+    ``folder``; returns it, for the front of PATH."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    here = str(Path(__file__).resolve().parent)
+    for name in names:
+        exe = folder / name
+        exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {here!r})\n"
+                       f"import launch\nlaunch.main({name!r})\n")
+        exe.chmod(0o755)
+    return folder
 
 
 def main(launcher: str | None = None) -> None:
