@@ -95,7 +95,7 @@ def test_hosts_come_from_the_option_or_the_slurm_job(on_path, monkeypatch):
     assert resolve_hosts(None, 2) == ("gpu01", "gpu02")  # expanded by scontrol
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n1,n2")
     assert resolve_hosts(None, 2) == ("n1", "n2")
-    for hosts, match in (("a", "spans 2 nodes; --hosts name 1"), ("a,a", "names a host twice"),
+    for hosts, match in (("a", "2 nodes are needed; --hosts name 1"), ("a,a", "names a host twice"),
                          ("a,b c", "is not a host name")):
         with pytest.raises(UserError, match=match):
             resolve_hosts(hosts, 2)
