@@ -116,7 +116,8 @@ def test_the_fabric_probe_runs_one_process_per_node_and_feeds_the_fabric(tmp_pat
     hw = HardwareProfile.from_dict(json.loads(r.stdout)["hardware"])
     assert hw.fabric_hosts == ("127.0.0.1", "127.0.0.2")
     assert len(hw.fabric) == 2 and all(c.latency_us > 0 and c.bus_gb_s > 0 for c in hw.fabric)
-    launches = [json.loads(x) for x in log.read_text().splitlines()]
+    launches = sorted((json.loads(x) for x in log.read_text().splitlines()),
+                      key=lambda lc: lc["command"][lc["command"].index("--fabric-rank") + 1])
     assert [lc["argv"][1:4] for lc in launches] == [
         ["--nodes=1", "--nodelist=127.0.0.1", "--ntasks=1"],
         ["--nodes=1", "--nodelist=127.0.0.2", "--ntasks=1"]]
