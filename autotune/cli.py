@@ -588,7 +588,8 @@ def deploy(
 
     For TensorRT-LLM: serve.sh (trtllm-serve), its extra_llm_api_options.yaml, bench.sh
     (trtllm-bench re-measures it); for vLLM: serve.sh (vllm serve), vllm-config.yaml, bench.sh
-    (vllm bench serve); and config.json and README.txt.
+    (vllm bench serve); and config.json and README.txt; over several nodes also slurm.sbatch
+    and lws.yaml (a Kubernetes LeaderWorkerSet).
 
     Exits 1 when no config meets the SLO (it names the closest; --trial deploys one anyway)."""
     from autotune import console
