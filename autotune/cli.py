@@ -480,10 +480,10 @@ def probe(
         load_gpu(gpu)  # a typo is a user error before anything runs
     nodes: tuple[str, ...] = ()
     if hosts is not None:
-        from autotune.runners._launch import resolve_hosts
+        from autotune.runners._launch import check_launcher, resolve_hosts
 
-        if launcher not in ("srun", "mpirun"):
-            raise UserError(f"--launcher {launcher!r}: the fabric probe uses srun or mpirun")
+        if check_launcher(launcher)[1] is None:
+            raise UserError("the fabric probe reaches other nodes with --launcher srun or mpirun")
         nodes = resolve_hosts(None if hosts == "slurm" else hosts, 2)
     db = open_storage(storage, create=True)
     with console.err.status("probing…") as status:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
 
 from autotune import deploy_nodes
 from autotune.config import EngineConfig
+from autotune.deploy_nodes import with_model_var
 from autotune.measurement import BENCH_REQUESTS, MAX_CONCURRENCY, load_label, replica_load
 from autotune.recommend import Recommendation
 from autotune.runners.trtllm.argv import (
@@ -180,20 +180,6 @@ def bench_argvs(config: EngineConfig, model: str, workload: Workload, concurrenc
     return prepare, bench
 
 
-def _with_model_var(argv: Sequence[str], model: str) -> str:
-    """``shlex.join(argv)`` with the model argument (``trtllm-serve MODEL``, ``vllm serve MODEL``,
-    ``--model MODEL``, ``--tokenizer MODEL``)
-    written as ``"$MODEL"``, so a script's user can point it at a local checkpoint."""
-    def is_model(i: int, arg: str) -> bool:
-        if arg != model:
-            return False
-        if argv[0] == "vllm":  # `vllm bench serve --model` is the served name, not the model
-            return (i == 2 and argv[1] == "serve") or argv[i - 1] == "--tokenizer"
-        return (i == 1 and argv[0] == "trtllm-serve") or argv[i - 1] == "--model"
-
-    return " ".join('"$MODEL"' if is_model(i, a) else shlex.quote(a) for i, a in enumerate(argv))
-
-
 def _comments(lines: list[str]) -> list[str]:
     return ["# " + " ".join(line.split()) for line in lines]  # one line each, whatever they hold
 
@@ -207,7 +193,7 @@ def serve_script(plan: LaunchPlan, model: str, header: list[str]) -> str:
     if many:  # Ctrl-C stops every replica
         lines.append("trap 'kill 0' INT TERM")
     for argv, gpus in zip(plan.commands, plan.gpus):
-        cmd = _with_model_var(argv, model)
+        cmd = with_model_var(argv, model)
         if many:
             lines.append(f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} {cmd} &")
         else:
@@ -226,7 +212,10 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
     prepare, bench = bench_argvs(config, model, workload, concurrency, release, warmup,
                                  gpus_per_node)
     gpus = ",".join(map(str, range(config.gpus_per_replica)))
-    probe = _with_model_var(prepare[:prepare.index("prepare-dataset") + 1] + ["--help"], model)
+    # Over several nodes srun runs it (bench_argvs) and Slurm gives each rank its GPUs.
+    spans = bool(gpus_per_node) and config.gpus_per_replica > gpus_per_node
+    devices = [] if spans else [f"export CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-{gpus}}}"]
+    probe = with_model_var(prepare[:prepare.index("prepare-dataset") + 1] + ["--help"], model)
     # `trtllm-bench prepare-dataset` came with TensorRT-LLM 1.3 (PR #9250); before it, the
     # repository's benchmarks/cpp/prepare_dataset.py makes the same file.
     missing = (f"bench.sh: this TensorRT-LLM has no 'trtllm-bench prepare-dataset' (1.3 on): "
@@ -237,12 +226,12 @@ def bench_script(config: EngineConfig, model: str, workload: Workload, concurren
         "#!/usr/bin/env bash", *_comments(header),
         "set -euo pipefail", 'cd "$(dirname "$0")"',
         f"MODEL=${{MODEL:-{shlex.quote(model)}}}",
-        f"export CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-{gpus}}}",
+        *devices,
         f"if [ ! -s {DATASET_FILE} ]; then",
         f"  {probe} >/dev/null 2>&1 || {{ echo {shlex.quote(missing)} >&2; exit 1; }}",
-        f"  {_with_model_var(prepare, model)}",
+        f"  {with_model_var(prepare, model)}",
         "fi",
-        _with_model_var(bench, model), "",
+        with_model_var(bench, model), "",
     ])
 
 
@@ -267,7 +256,7 @@ def vllm_bench_script(config: EngineConfig, model: str, served: str, workload: W
         f"for _ in $(seq 360); do curl -sf {url} >/dev/null && break; sleep 5; done",
         f"curl -sf {url} >/dev/null || {{ echo 'bench.sh: no healthy vllm serve at {url} "
         "(start ./serve.sh first)' >&2; exit 1; }",
-        _with_model_var(bench, model), "",
+        with_model_var(bench, model), "",
     ])
 
 
@@ -379,12 +368,15 @@ def deploy_files(rec: Recommendation, scenario: dict, study: str, *,
                              per_node)
     files = {}
     if multi:
-        sbatch = deploy_nodes.sbatch_script(engine, config, per_node, launch.commands,
-                                            launch.ports, model, header)
-        files = {SERVE_SCRIPT: sbatch, deploy_nodes.SBATCH: sbatch,
+        def sbatch(batch: bool) -> str:
+            return deploy_nodes.sbatch_script(engine, config, per_node, launch.commands,
+                                              launch.ports, model, header, batch=batch)
+
+        files = {SERVE_SCRIPT: sbatch(False), deploy_nodes.SBATCH: sbatch(True),
                  deploy_nodes.LWS: deploy_nodes.lws_manifest(
                      engine, config, per_node, launch.commands[0], launch.ports[0],
-                     launch.options_file, launch.options_yaml, image=engine_image(rec, engine))}
+                     launch.options_file, launch.options_yaml, model,
+                     image=engine_image(rec, engine))}
         files_txt += (f"\n  {deploy_nodes.SBATCH:<28}the replicas on their nodes, for sbatch"
                       f"\n  {deploy_nodes.LWS:<28}a LeaderWorkerSet: a pod per node, the "
                       "options in a ConfigMap")

@@ -297,49 +297,45 @@ def probe_fabric(hosts: Sequence[str], launcher: str, *, sizes: Sequence[int],
                  timeout_s: float = FABRIC_TIMEOUT_S) -> list[CommResult]:
     """Point-to-point between node 0 and node 1 of ``hosts``: one process per node, started
     through ``launcher`` (srun or mpirun, with this interpreter: the nodes share the
-    environment's path) and joined on node 0 at ``port`` (a free one by default). UserError
-    when a node's process fails or the run outlives ``timeout_s``."""
-    import subprocess
+    environment's path) and joined on node 0 at ``port`` (a free one by default). The processes
+    run side by side, their output in files; the first that fails stops the others, and none
+    outlives the probe (``autotune.runners._process``). UserError naming the node and its last
+    line when one fails, or when the probe outlives ``timeout_s``."""
     import sys
+    import tempfile
+    from pathlib import Path
 
-    from autotune.runners._launch import launch_prefix
-    from autotune.runners._tools import find_executable
+    from autotune.errors import TimedOut
+    from autotune.runners._launch import check_launcher, launch_prefix
+    from autotune.runners._process import Job, ProcessGroups, read_log
 
-    exe = find_executable(launcher)
+    _, exe = check_launcher(launcher)
     if exe is None:
-        raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
+        raise UserError("the fabric probe reaches other nodes with --launcher srun or mpirun")
     if port is None:
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
     master = f"{hosts[0]}:{port}"
-    procs = []
-    for rank, host in enumerate(hosts):
-        argv = [*launch_prefix(launcher, hosts=[host], tasks=1, mpi=False, exe=exe),
-                sys.executable, "-m", "autotune.probe", "--fabric-rank", str(rank),
-                "--world", str(len(hosts)), "--master", master,
-                "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout_s))
-    except subprocess.TimeoutExpired:
-        raise UserError(f"the fabric probe over {','.join(hosts)} did not finish within "
-                        f"{timeout_s:g} s (can node 1 reach {master}?)") from None
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    for host, proc, (_, err) in zip(hosts, procs, outputs):
-        if proc.returncode != 0:
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"the fabric probe's process on {host} exited with "
-                            f"{proc.returncode}: {last}")
-    found = [line[len(FABRIC_MARK):] for line in outputs[0][0].splitlines()
-             if line.startswith(FABRIC_MARK)]
+    with tempfile.TemporaryDirectory(prefix="autotune-fabric-") as tmp:
+        jobs = [Job((*launch_prefix(launcher, hosts=[host], tasks=1, mpi=False, exe=exe),
+                     sys.executable, "-m", "autotune.probe", "--fabric-rank", str(rank),
+                     "--world", str(len(hosts)), "--master", master,
+                     "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)),
+                    Path(tmp) / f"node-{rank}.log", dict(os.environ))
+                for rank, host in enumerate(hosts)]
+        try:
+            results = ProcessGroups().run(jobs, timeout_s, what="the fabric probe")
+        except TimedOut:
+            raise UserError(f"the fabric probe over {','.join(hosts)} did not finish within "
+                            f"{timeout_s:g} s (can node 1 reach {master}?)") from None
+        for host, res in zip(hosts, results):
+            if res.returncode not in (0, None):
+                lines = read_log(res.job.log_path).strip().splitlines() or ["no output"]
+                raise UserError(f"the fabric probe's process on {host} exited with "
+                                f"{res.returncode}: {lines[-1]}")
+        out = read_log(jobs[0].log_path)
+    found = [line[len(FABRIC_MARK):] for line in out.splitlines() if line.startswith(FABRIC_MARK)]
     if not found:
         raise UserError(f"the fabric probe's process on {hosts[0]} printed no result")
     return [CommResult(**row) for row in json.loads(found[-1])["rows"]]

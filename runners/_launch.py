@@ -22,6 +22,10 @@ from dataclasses import dataclass
 LAUNCHERS = ("local", "mpirun", "srun")
 #: Slurm's name for the nodes of the job a process runs in (a compressed host list).
 SLURM_NODELIST = "SLURM_JOB_NODELIST"
+#: Variables of our environment a launch names for the ranks (``mpirun -x``: Open MPI gives
+#: remote ranks only what it is told; srun exports everything): NCCL's, UCX's, TensorRT-LLM's,
+#: vLLM's and Hugging Face's (a token, a cache).
+FORWARD_PREFIXES = ("NCCL_", "UCX_", "TLLM_", "TRTLLM_", "VLLM_", "HF_")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
 
@@ -63,6 +67,46 @@ class ReplicaPlace:
     @property
     def ranks(self) -> int:
         return sum(len(s.devices) for s in self.shares)
+
+
+def forwarded(names: Sequence[str] = ()) -> list[str]:
+    """The variables a launch passes on: ours of ``FORWARD_PREFIXES`` and ``names`` (the
+    user's extra ones, a replica's own)."""
+    return sorted({*(k for k in os.environ if k.startswith(FORWARD_PREFIXES)), *names})
+
+
+def check_launcher(launcher: str) -> tuple[str, str | None]:
+    """``--launcher`` as a known name and its executable (None for local); UserError when it is
+    unknown or not on PATH."""
+    from autotune.errors import UserError
+    from autotune.runners._tools import find_executable
+
+    name = str(launcher).strip().lower()
+    if name not in LAUNCHERS:
+        raise UserError(f"--launcher {launcher!r} is unknown: use {', '.join(LAUNCHERS)}")
+    if name == "local":
+        return name, None
+    exe = find_executable(name)
+    if exe is None:
+        raise UserError(f"--launcher {name}: {name!r} is not on PATH")
+    return name, exe
+
+
+def step_cpus(gpus: int, gpus_per_node: int, env: Mapping[str, str] | None = None
+              ) -> int | None:
+    """CPUs for a Slurm step that takes ``gpus`` of a node's ``gpus_per_node``: its share of the
+    job's CPUs on the node (``SLURM_CPUS_ON_NODE``); None outside a job. (Since Slurm 22.05 a
+    step gets one CPU per task unless it asks: a whole vLLM server on one core.)"""
+    cpus = (os.environ if env is None else env).get("SLURM_CPUS_ON_NODE", "")
+    return max(1, int(cpus) * gpus // gpus_per_node) if cpus.isdigit() else None
+
+
+def place_replicas(config, gpus_per_node: int, hosts: Sequence[str] | None
+                   ) -> list[ReplicaPlace | None]:
+    """``place`` on ``hosts``, or None per replica when the runs are not pinned to hosts."""
+    if not hosts:
+        return [None] * config.dp
+    return list(place(config, gpus_per_node, hosts))
 
 
 def place(config, gpus_per_node: int, hosts: Sequence[str]) -> tuple[ReplicaPlace, ...]:
@@ -168,14 +212,19 @@ def study_hosts(scenario, engine: str, launcher: str, hosts: str | Sequence[str]
 
 def launch_prefix(launcher: str, *, hosts: Sequence[str] = (), tasks: int,
                   tasks_per_node: int | None = None, nodes: int | None = None,
+                  gpus: int | None = None, cpus: int | str | None = None,
                   exe: str | None = None, env_names: Sequence[str] = (),
                   mpi: bool = True) -> list[str]:
     """``mpirun`` / ``srun`` starting ``tasks`` copies of the command that follows (empty for
     ``local``). ``hosts`` pins them to those nodes, ``tasks_per_node`` on each; without hosts
     the launcher places them itself (on ``nodes`` nodes of its allocation when given, srun
-    only). ``mpi``: the command is an MPI program (srun's PMIx plug-in); a plain one gets none.
+    only). ``mpi``: the command is an MPI program (srun's PMIx plug-in; mpirun binds its ranks);
+    a plain one gets neither.
 
-    Open MPI passes the ranks no variables unless named with ``-x``; srun exports everything.
+    srun: a step that asks for no GPUs gets all of the job's on its nodes (Slurm's rule), so a
+    step that shares a node with others asks for its ``gpus`` per node (``--gres``; Slurm then
+    binds them) and ``cpus`` per task. mpirun: Open MPI passes the ranks no variables unless
+    named with ``-x`` (a replica's ``CUDA_VISIBLE_DEVICES`` among them).
     """
     if launcher == "local":
         if len(set(hosts)) > 1:
@@ -185,8 +234,10 @@ def launch_prefix(launcher: str, *, hosts: Sequence[str] = (), tasks: int,
     if launcher == "mpirun":
         argv = [path, "-n", str(tasks)]
         if hosts:
-            per = tasks_per_node or tasks
+            per = tasks_per_node or -(-tasks // len(hosts))
             argv += ["-H", ",".join(f"{h}:{per}" for h in hosts)]
+        if not mpi:  # one process that starts its own: not pinned to one core
+            argv += ["--bind-to", "none"]
         for name in env_names:
             argv += ["-x", name]
         return argv
@@ -200,9 +251,14 @@ def launch_prefix(launcher: str, *, hosts: Sequence[str] = (), tasks: int,
         argv.append(f"--ntasks={tasks}")
         if count and tasks_per_node:
             argv.append(f"--ntasks-per-node={tasks_per_node}")
+        if gpus:
+            argv.append(f"--gres=gpu:{gpus}")
+        if cpus:
+            argv.append(f"--cpus-per-task={cpus}")
         return argv + (["--mpi=pmix"] if mpi else [])
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
-__all__ = ["LAUNCHERS", "SLURM_NODELIST", "NodeShare", "ReplicaPlace", "expand_nodelist",
-           "launch_prefix", "place", "resolve_hosts", "study_hosts"]
+__all__ = ["FORWARD_PREFIXES", "LAUNCHERS", "SLURM_NODELIST", "NodeShare", "ReplicaPlace",
+           "check_launcher", "expand_nodelist", "forwarded", "launch_prefix", "place",
+           "place_replicas", "resolve_hosts", "step_cpus", "study_hosts"]

@@ -117,7 +117,7 @@ def test_a_study_over_nodes_without_a_way_to_reach_them_is_one_line_and_exit_2(
                          "--hf-name", "x/y", "--storage", f"sqlite:///{tmp_path / 'n.db'}",
                          *extra])
     assert r.exit_code == 2, r.output
-    assert r.stderr.strip() == f"error: {message}" or message in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "n.db").exists()
 
@@ -184,6 +184,22 @@ def test_vllm_replicas_inside_nodes_run_one_per_node_with_their_own_gpus(
     for lc in launches:
         assert "--nnodes" not in lc["command"]  # each replica within its node
         assert lc["argv"][:5] == ["mpirun", "-n", "1", "-H", f"{lc['tasks'][0]['host']}:1"]
+
+
+def test_replicas_sharing_a_node_under_srun_ask_slurm_for_their_gpus_and_cpus(
+        on_path, vllm_standin, tmp_path, monkeypatch):
+    # The stand-in srun keeps the job's steps as Slurm does: a step that asks for no GPUs takes
+    # the whole node, so two replicas on one node must each ask for theirs.
+    monkeypatch.setenv("AUTOTUNE_STANDIN_SLURM_STATE", str(tmp_path / "steps"))
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "128")
+    with vllm_runner(vllm_standin, tmp_path, "srun") as r:
+        (p,) = r.measure(cfg(tp=4, dp=4), r.scenario.workload, [8]).load_points
+    assert p.concurrency == 8
+    launches = [json.loads(line) for line in on_path.read_text().splitlines()]
+    assert sorted(lc["tasks"][0]["host"] for lc in launches) == sorted(HOSTS * 2)
+    for lc in launches:
+        assert "--gres=gpu:4" in lc["argv"] and "--cpus-per-task=64" in lc["argv"]
+        assert "CUDA_VISIBLE_DEVICES" not in lc["tasks"][0]["env"]  # Slurm binds them
 
 
 def test_another_node_that_fails_to_start_fails_the_start_and_leaves_nothing(
@@ -257,14 +273,18 @@ def test_a_trtllm_deployment_over_two_nodes_is_one_srun_world(study_405b, tmp_pa
     config = EngineConfig.from_dict(done["recommendation"]["config"])
     assert config.gpus == 16
     assert {"slurm.sbatch", "lws.yaml", "serve.sh"} <= set(done["files"])
-    assert (out / "serve.sh").read_text() == (out / "slurm.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in (out / "slurm.sbatch").read_text()
+    serve, batch = (out / "serve.sh").read_text(), (out / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in batch and 'cd "$(dirname "$0")"' in serve  # salloc: its folder
+    assert [x for x in serve.splitlines() if "srun" in x] == \
+        [x for x in batch.splitlines() if "srun" in x]
     job = subprocess.run(["bash", str(out / "slurm.sbatch")], capture_output=True, text=True,
-                         timeout=60, cwd=out, env=dict(os.environ, SLURM_SUBMIT_DIR=str(out)))
+                         timeout=60, cwd=out, env=dict(os.environ, SLURM_SUBMIT_DIR=str(out),
+                                                       SLURM_CPUS_ON_NODE="128"))
     assert job.returncode == 1, job.stderr  # the replica's end ends the job (here: at once)
     (launch,) = [json.loads(x) for x in on_path.read_text().splitlines()]
-    assert launch["argv"][:6] == ["srun", "--nodes=2", "--nodelist=gpu01,gpu02", "--ntasks=16",
-                                  "--ntasks-per-node=8", "--mpi=pmix"]
+    # One rank per GPU, each with its GPU's share of the node's CPUs (128 / 8).
+    assert launch["argv"][:7] == ["srun", "--nodes=2", "--nodelist=gpu01,gpu02", "--ntasks=16",
+                                  "--ntasks-per-node=8", "--cpus-per-task=16", "--mpi=pmix"]
     assert [t["host"] for t in launch["tasks"]] == ["gpu01"] * 8 + ["gpu02"] * 8
     (served,) = logging_engines()
     model = done["recommendation"]["launch"]["commands"][0][1]

@@ -128,3 +128,22 @@ def test_the_fabric_probe_runs_one_process_per_node_and_feeds_the_fabric(tmp_pat
     assert spec.fabric_gb_s * FABRIC_EFF == pytest.approx(hw.fabric_gb_s())
     bad = runner.invoke(app, ["probe", "--name", "x", "--hosts", "127.0.0.1"])
     assert bad.exit_code == 2 and "--hosts name 1" in bad.stderr
+
+
+def test_a_node_whose_probe_process_fails_is_named_and_the_other_is_stopped(tmp_path,
+                                                                            monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "standin"))
+    from launch import install
+
+    bin_ = install(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    # Node 1's own environment names a network interface it does not have: gloo fails there,
+    # while node 0 would wait for it at the rendezvous.
+    monkeypatch.setenv("AUTOTUNE_STANDIN_NODE_ENV",
+                       json.dumps({"127.0.0.2": {"GLOO_SOCKET_IFNAME": "no-such-nic0"}}))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["probe", "--name", "two", "--quick", "--hosts",
+                            "127.0.0.1,127.0.0.2"])
+    assert r.exit_code == 2, r.output
+    assert "fabric probe's process on 127.0.0.2 exited with" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -292,7 +292,7 @@ def test_a_replica_over_two_nodes_is_one_mpi_world_on_both(standin, tmp_path, la
                       env={"NCCL_IB_HCA": "mlx5"}) as r:
         (p,) = r.measure(cfg(tp=8, pp=2), scen.workload, [4]).load_points
         assert p.output_throughput > 0
-        with pytest.raises(InvalidConfig, match="needs 4 node"):
+        with pytest.raises(InvalidConfig, match="needs 32 GPUs; the study has 16"):
             r.measure(cfg(tp=8, pp=2, dp=2), scen.workload, [1])
     (launch,) = [json.loads(x) for x in standin.launch_log.read_text().splitlines()]
     assert [Path(a).name for a in launch["argv"][:len(prefix)]] == prefix
@@ -301,6 +301,23 @@ def test_a_replica_over_two_nodes_is_one_mpi_world_on_both(standin, tmp_path, la
     assert all(t["env"].get("NCCL_IB_HCA") == "mlx5" for t in launch["tasks"])
     (call,) = standin.calls("throughput")
     assert call["argv"][call["argv"].index("--tp") + 1] == "8"
+
+
+def test_replicas_inside_nodes_under_srun_are_steps_that_ask_for_their_gpus(standin, tmp_path,
+                                                                           monkeypatch):
+    # Slurm's step rule (the stand-in srun keeps it): a step asking for no GPUs takes its whole
+    # node, so four replicas side by side on two nodes each ask for their four.
+    monkeypatch.setenv("AUTOTUNE_STANDIN_SLURM_STATE", str(tmp_path / "steps"))
+    scen = Scenario.build(model="llama-3.1-8b", gpu="h100", num_gpus=None, nodes=2,
+                          precision="fp8", isl=1024, osl=128, slo=None, runner="trtllm")
+    with TrtllmRunner(scen, trtllm_bench=standin.exe, launcher="srun", hosts=",".join(HOSTS),
+                      workspace=str(tmp_path / "ws"), num_requests=16, run_timeout=60.0) as r:
+        (p,) = r.measure(cfg(tp=4, dp=4), scen.workload, [8]).load_points
+    assert p.concurrency == 8
+    launches = [json.loads(x) for x in standin.launch_log.read_text().splitlines()]
+    assert sorted(lc["tasks"][0]["host"] for lc in launches) == sorted(HOSTS * 2)
+    assert all("--gres=gpu:4" in lc["argv"] and lc["tasks"][0]["env"].get(
+        "CUDA_VISIBLE_DEVICES") is None for lc in launches)
 
 
 def test_replicas_inside_nodes_of_a_two_node_study_get_their_gpus_on_their_node(standin,

@@ -44,7 +44,7 @@ from autotune.measurement import (
 )
 from autotune.model import check_layout
 from autotune.runners._base import EngineBuilder, Runner
-from autotune.runners._launch import ReplicaPlace, place
+from autotune.runners._launch import ReplicaPlace, forwarded, place_replicas, step_cpus
 from autotune.runners._process import Job, JobResult, ProcessGroups, log_tail, read_log
 from autotune.runners._tools import public_env, replica_devices
 from autotune.runners._tools import write_json as _write_json
@@ -55,7 +55,6 @@ from autotune.runners.trtllm._process import classify, needed_sequence, oom_in_l
 from autotune.runners.trtllm._report import ReplicaResult, merge_replicas, parse_report
 from autotune.runners.trtllm.releases import Release, Version
 from autotune.runners.trtllm.settings import (
-    FORWARD_PREFIXES,
     TrtllmSettings,
     check_release,
     resolve_settings,
@@ -195,6 +194,9 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         """The layout rules (``autotune.model.check_layout``) and this node's GPU count, checked
         before anything runs (InvalidConfig)."""
         check_layout(self.scenario.model, config)
+        if self.options.hosts and config.gpus > self.scenario.num_gpus:
+            raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
+                                f"{self.scenario.num_gpus}")
         if self.options.hosts:
             self._places(config)  # the replicas on the study's nodes (InvalidConfig if not)
         elif self.options.launcher == "local" and config.gpus > self.scenario.num_gpus:
@@ -233,15 +235,15 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
     def _places(self, config: EngineConfig) -> list[ReplicaPlace | None]:
         """Each replica's nodes and GPUs when the runs are pinned to hosts (a study over
         several nodes); None per replica otherwise."""
-        if not self.options.hosts:
-            return [None] * config.dp
-        return list(place(config, self.scenario.gpu.gpus_per_node, self.options.hosts))
+        return place_replicas(config, self.scenario.gpu.gpus_per_node, self.options.hosts)
 
     def _replica_gpus(self, config: EngineConfig) -> list[str | None]:
         """``CUDA_VISIBLE_DEVICES`` for each replica (None: left as it is, for one replica, for
-        a replica owning whole nodes, and under an external launcher without hosts, which
-        places the ranks itself)."""
+        a replica owning whole nodes, under srun, which binds a step's GPUs itself, and under
+        an external launcher without hosts, which places the ranks itself)."""
         if self.options.hosts:
+            if self.options.launcher == "srun":
+                return [None] * config.dp
             return [p.shares[0].visible_devices for p in self._places(config)]
         if self.options.launcher != "local":
             return [None] * config.dp
@@ -252,10 +254,16 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
     def _launch_prefix(self, world: int, env_names: Sequence[str],
                        where: ReplicaPlace | None = None) -> list[str]:
         t = self.tools
+        if where is None:
+            return cmd.launch_prefix(self.options.launcher, world, launcher_path=t.launcher,
+                                     wrapper=t.wrapper or cmd.LAUNCH_WRAPPER,
+                                     env_names=env_names)
+        share, per_node = where.shares[0], self.scenario.gpu.gpus_per_node
         return cmd.launch_prefix(self.options.launcher, world, launcher_path=t.launcher,
                                  wrapper=t.wrapper or cmd.LAUNCH_WRAPPER, env_names=env_names,
-                                 hosts=where.hosts if where else (),
-                                 ranks_per_node=where.ranks_per_node if where else None)
+                                 hosts=where.hosts, ranks_per_node=where.ranks_per_node,
+                                 gpus=None if share.whole else len(share.devices),
+                                 cpus=step_cpus(1, per_node, self._env()))
 
     def build_argv(self, config: EngineConfig, workspace: Path, max_seq_len: int) -> list[str]:
         """``trtllm-bench build`` for ``config``, under the launcher (on the first replica's
@@ -268,8 +276,7 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
 
     def _forwarded(self, extra: Sequence[str] = ()) -> list[str]:
         """Names of the variables an external MPI launcher must pass to the ranks."""
-        ours = {k for k in os.environ if k.startswith(FORWARD_PREFIXES)}
-        return sorted({*ours, *self.options.env, *extra})
+        return forwarded([*self.options.env, *extra])
 
     def throughput_argv(self, config: EngineConfig, *, concurrency: int, num_requests: int,
                         dataset: Path, options_file: Path, report: Path, requests: Path,

@@ -59,17 +59,19 @@ def llm_api_options(config: EngineConfig, backend: str = "pytorch",
 def launch_prefix(launcher: str, world: int, *, launcher_path: str | None = None,
                   wrapper: str = LAUNCH_WRAPPER, env_names: Sequence[str] = (),
                   hosts: Sequence[str] = (), ranks_per_node: int | None = None,
-                  nodes: int | None = None) -> list[str]:
+                  nodes: int | None = None, gpus: int | None = None,
+                  cpus: int | str | None = None) -> list[str]:
     """``mpirun``/``srun`` + ``trtllm-llmapi-launch`` for ``world`` ranks (empty when local):
     one rank per GPU, ``ranks_per_node`` on each of ``hosts`` (or of ``nodes`` nodes the
     launcher picks) when given (a replica over several nodes is one MPI world, as TensorRT-LLM's
-    multi-node runs are), else placed by the launcher. The prefix itself is
+    multi-node runs are), else placed by the launcher; ``gpus`` per node and ``cpus`` per rank
+    for a Slurm step that shares its node. The prefix itself is
     ``autotune.runners._launch``'s."""
     if launcher == "local":
         return []
     return [*_launch.launch_prefix(launcher, hosts=hosts, tasks=world,
-                                   tasks_per_node=ranks_per_node, nodes=nodes,
-                                   exe=launcher_path, env_names=env_names), wrapper]
+                                   tasks_per_node=ranks_per_node, nodes=nodes, gpus=gpus,
+                                   cpus=cpus, exe=launcher_path, env_names=env_names), wrapper]
 
 
 def bench_global_args(bench: str, model: str, *, model_path: str | None = None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.runners._launch import LAUNCHERS, study_hosts
+from autotune.runners._launch import LAUNCHERS, check_launcher, study_hosts
 from autotune.runners._tools import (
     check_run_options,
     checkpoint_folder,
@@ -21,9 +21,6 @@ BACKENDS = ("pytorch", "tensorrt")
 DEFAULT_WORKSPACE = "autotune-workspace"
 DEFAULT_RUN_TIMEOUT_S = 1800.0  # one load point, model load included
 DEFAULT_BUILD_TIMEOUT_S = 5400.0  # engine builds take 10-60 minutes
-#: Variables of our environment that ``--launcher mpirun`` names with ``-x``: Open MPI gives remote
-#: ranks only the variables it is told to (srun exports everything by default).
-FORWARD_PREFIXES = ("NCCL_", "TLLM_", "TRTLLM_", "HF_", "UCX_")
 
 
 @dataclass
@@ -73,21 +70,17 @@ def resolve_settings(scenario: Scenario, options: dict) -> tuple[TrtllmSettings,
     """Check the options and resolve paths and executables; UserError (one line), no side
     effects (nothing is created or written)."""
     s = TrtllmSettings.from_options(**options)
-    backend, launcher = str(s.backend).strip().lower(), str(s.launcher).strip().lower()
+    backend = str(s.backend).strip().lower()
     if backend not in BACKENDS:
         raise UserError(f"--backend {s.backend!r} is not a trtllm back end: use "
                         f"{' or '.join(BACKENDS)}")
-    if launcher not in LAUNCHERS:
-        raise UserError(f"--launcher {s.launcher!r} is unknown: use {', '.join(LAUNCHERS)}")
+    launcher, runner = check_launcher(s.launcher)
     bench = find_executable(str(s.trtllm_bench))
     if bench is None:
         raise UserError(f"trtllm-bench not found ({s.trtllm_bench!r}): install TensorRT-LLM on "
                         "this node or pass --trtllm-bench PATH")
     tools = Tools(bench=bench)
     if launcher != "local":
-        runner = find_executable(launcher)
-        if runner is None:
-            raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
         sibling = Path(bench).parent / LAUNCH_WRAPPER
         wrapper = find_executable(str(sibling)) or find_executable(LAUNCH_WRAPPER)
         if wrapper is None:

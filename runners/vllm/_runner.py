@@ -41,7 +41,13 @@ from autotune.measurement import (
 )
 from autotune.model import check_layout
 from autotune.runners._base import Runner
-from autotune.runners._launch import ReplicaPlace, launch_prefix, place
+from autotune.runners._launch import (
+    ReplicaPlace,
+    forwarded,
+    launch_prefix,
+    place_replicas,
+    step_cpus,
+)
 from autotune.runners._process import Job, ProcessGroups
 from autotune.runners._tools import find_executable, public_env, replica_devices, write_json
 from autotune.runners.vllm import argv as cmd
@@ -242,15 +248,14 @@ class VllmRunner(Runner):
     def _places(self, config: EngineConfig) -> list[ReplicaPlace | None]:
         """Each replica's nodes and GPUs when the study's runs are pinned to hosts (a study over
         several nodes); None per replica on this node."""
-        if not self.options.hosts:
-            return [None] * config.dp
-        return list(place(config, self.scenario.gpu.gpus_per_node, self.options.hosts))
+        return place_replicas(config, self.scenario.gpu.gpus_per_node, self.options.hosts)
 
     def _launch(self, args: dict, replica: int, where: ReplicaPlace | None,
                 visible: str | None, folder: Path, attempt: int) -> Server:
         """Start replica ``replica``'s servers without waiting for them: on this node
         (``visible``: its ``CUDA_VISIBLE_DEVICES``), or one per node of ``where`` through the
-        launcher, the API server on node 0; on a free port."""
+        launcher, the API server on node 0; on a free port (a port free here, for a server on
+        another node: one taken there fails the start as a taken port, tried again on another)."""
         o = self.options
         port = free_port()
         name = f"server-{replica}" + (f"-retry{attempt}" if attempt else "")
@@ -260,14 +265,20 @@ class VllmRunner(Runner):
             return launch_server(self._procs, self._job(folder, name, argv, extra), port)
         # Listening on every interface: the benchmarks reach it from this node.
         base = cmd.serve_argv(self.model, args, vllm=o.vllm, host="0.0.0.0", port=port)
-        nodes = len(where.shares)
+        nodes, per_node = len(where.shares), self.scenario.gpu.gpus_per_node
         master_port = free_port()
+        srun = o.launcher == "srun"
         jobs = []
         for rank, share in enumerate(where.shares):
-            extra = {"CUDA_VISIBLE_DEVICES": share.visible_devices} if not share.whole else {}
+            # A share of a node: srun binds the step's GPUs itself (--gres); mpirun passes the
+            # replica's CUDA_VISIBLE_DEVICES on.
+            extra = ({"CUDA_VISIBLE_DEVICES": share.visible_devices}
+                     if not share.whole and not srun else {})
             argv = [*launch_prefix(o.launcher, hosts=[share.host], tasks=1, mpi=False,
                                    exe=find_executable(o.launcher),
-                                   env_names=sorted({*o.env, *extra})), *base]
+                                   gpus=None if share.whole else len(share.devices),
+                                   cpus=step_cpus(len(share.devices), per_node, self._env()),
+                                   env_names=forwarded([*o.env, *extra])), *base]
             if nodes > 1:
                 argv += cmd.node_flags(nodes, rank, where.leader, master_port)
             label = name if rank == 0 else f"{name}-node{rank}"

@@ -56,7 +56,9 @@ _INVALID = re.compile(r"must be divisible by tensor parallel size|"
 #: argparse's refusal of an argument (exit 2): another vLLM release than the one tested.
 _USAGE = re.compile(r"^(?:usage: .*|.*: error: (?:unrecognized arguments|argument|the following "
                     r"arguments are required).*)$", re.MULTILINE)
-_PORT_TAKEN = re.compile(r"Address already in use|address already in use")
+#: A port another process holds: the API server's (uvicorn), or the rendezvous of a replica over
+#: several nodes (torch's TCPStore: "... code: -98, name: EADDRINUSE").
+_PORT_TAKEN = re.compile(r"Address already in use|address already in use|EADDRINUSE")
 #: The engine process died under a running server (the API server then answers 500).
 _ENGINE_DEAD = re.compile(r"EngineDeadError|WorkerProc hit an exception|Engine core proc .* died")
 _LOGGED_LINE = re.compile(r"^\(\w+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^\]]+\] ?(.*)$", re.MULTILINE)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.runners._launch import LAUNCHERS, study_hosts
+from autotune.runners._launch import check_launcher, study_hosts
 from autotune.runners._tools import (
     check_run_options,
     checkpoint_folder,
@@ -105,11 +105,7 @@ def resolve_settings(scenario: Scenario, options: dict) -> VllmSettings:
         raise UserError(f"vllm not found ({s.vllm!r}): install vLLM on this node or pass "
                         "--vllm PATH (the vllm executable of its environment)")
     check_run_options(s, ("startup_timeout", "run_timeout", "drain_timeout"))
-    launcher = str(s.launcher).strip().lower()
-    if launcher not in LAUNCHERS:
-        raise UserError(f"--launcher {s.launcher!r} is unknown: use {', '.join(LAUNCHERS)}")
-    if launcher != "local" and find_executable(launcher) is None:
-        raise UserError(f"--launcher {launcher}: {launcher!r} is not on PATH")
+    launcher, _ = check_launcher(s.launcher)
     hosts = study_hosts(scenario, "vllm", launcher, s.hosts, s.env)
     if not isinstance(s.eager, bool):
         raise UserError(f"eager must be true or false, got {s.eager!r}")

@@ -4,13 +4,15 @@ about the options autotune uses, failing where the real ones fail, recording eac
 other tasks are recorded, not run: an MPI world cannot be faked, and rank 0 is the one that
 writes the report or serves the API).
 
-- ``srun [--nodes=N --nodelist=h1,h2] --ntasks=T [--ntasks-per-node=K] [--mpi=pmix] CMD...``:
+- ``srun [--nodes=N --nodelist=h1,h2] --ntasks=T [--ntasks-per-node=K] [--gres=gpu:G]
+  [--cpus-per-task=C] [--mpi=pmix] CMD...``:
   every task gets the environment (srun exports all) plus ``SLURM_PROCID``, ``SLURM_NODEID``,
   ``SLURM_LOCALID``, ``SLURMD_NODENAME``, ``SLURM_NTASKS``; nodes outside the job
-  (``SLURM_JOB_NODELIST``, when set) are refused as Slurm refuses them.
-- ``mpirun -n T [-H h1:k,h2:k] [-x NAME]... CMD...``: ranks on another host than this one get
-  only ``PATH``, ``HOME``, the ``-x`` variables and ``OMPI_COMM_WORLD_*`` (Open MPI forwards
-  nothing else to remote nodes); more ranks than slots is refused.
+  (``SLURM_JOB_NODELIST``, when set) are refused as Slurm refuses them; with
+  ``AUTOTUNE_STANDIN_SLURM_STATE``, steps claim GPUs as Slurm's steps do (``claim_gpus``).
+- ``mpirun -n T [-H h1:k,h2:k] [--bind-to none] [-x NAME]... CMD...``: ranks on another host
+  than this one get only ``PATH``, ``HOME``, the ``-x`` variables and ``OMPI_COMM_WORLD_*``
+  (Open MPI forwards nothing else to remote nodes); more ranks than slots is refused.
 
 ``AUTOTUNE_STANDIN_LAUNCH_LOG``: a JSONL file, one line per launch: ``{"launcher", "argv",
 "tasks": [{"host", "rank", "env"}]}``. ``AUTOTUNE_STANDIN_NODE_ENV``: JSON mapping a host to
@@ -47,10 +49,42 @@ def expand(nodelist: str) -> list[str]:
     return hosts
 
 
+def claim_gpus(hosts: list[str], gpus: int | None) -> None:
+    """Slurm's step rule, where ``AUTOTUNE_STANDIN_SLURM_STATE`` names a folder for the job's
+    running steps: a step that asks for no GPUs takes all of the job's on its nodes
+    (``SLURM_GPUS_ON_NODE``, 8), so it cannot start beside another step on one of them; steps
+    that ask (``--gres=gpu:N``) share a node while their GPUs fit. (Real srun waits, "Job step
+    creation temporarily disabled"; this one fails at once so that a test sees it.)"""
+    state = os.environ.get("AUTOTUNE_STANDIN_SLURM_STATE")
+    if not state:
+        return
+    per_node = int(os.environ.get("SLURM_GPUS_ON_NODE", "8"))
+    want = per_node if gpus is None else gpus
+    folder = Path(state)
+    folder.mkdir(parents=True, exist_ok=True)
+    used: dict[str, int] = {}
+    for entry in folder.glob("*.json"):
+        pid = int(entry.stem)
+        try:
+            os.kill(pid, 0)
+        except OSError:  # that step has ended
+            entry.unlink(missing_ok=True)
+            continue
+        step = json.loads(entry.read_text())
+        for host in step["hosts"]:
+            used[host] = used.get(host, 0) + step["gpus"]
+    for host in hosts:
+        if used.get(host, 0) + want > per_node:
+            die("srun", f"Job step creation temporarily disabled: {host} has "
+                        f"{per_node - used.get(host, 0)} of the {want} GPUs the step takes free")
+    # The step keeps this process's id: the command replaces it (exec).
+    (folder / f"{os.getpid()}.json").write_text(json.dumps({"hosts": hosts, "gpus": want}))
+
+
 def parse_srun(args: list[str]) -> tuple[dict, list[str]]:
     opts: dict = {}
     known = {"--nodes": int, "--nodelist": str, "--ntasks": int, "--ntasks-per-node": int,
-             "--mpi": str}
+             "--mpi": str, "--gres": str, "--cpus-per-task": int}
     while args and args[0].startswith("-"):
         flag, _, value = args.pop(0).partition("=")
         if flag not in known or not value:
@@ -71,6 +105,10 @@ def parse_srun(args: list[str]) -> tuple[dict, list[str]]:
         outside = [h for h in hosts if h not in expand(allocated)]
         if outside:
             die("srun", f"Requested node configuration is not available ({outside[0]})")
+    gres = opts.get("--gres")
+    if gres is not None and not re.fullmatch(r"gpu:\d+", gres):
+        die("srun", f"Invalid generic resource (gres) specification: {gres}")
+    claim_gpus(hosts, int(gres.split(":")[1]) if gres else None)
     tasks = opts.get("--ntasks", nodes)
     per = opts.get("--ntasks-per-node", -(-tasks // nodes))
     if per * nodes < tasks or tasks < nodes:
@@ -99,6 +137,10 @@ def parse_mpirun(args: list[str]) -> tuple[dict, list[str]]:
                 slots.append((host, int(count or 1)))
         elif flag == "-x":
             forward.append(args.pop(0))
+        elif flag == "--bind-to":
+            if not args or args[0] not in ("none", "core", "socket", "numa", "hwthread"):
+                die("mpirun", "--bind-to needs none, core, socket, numa or hwthread")
+            args.pop(0)
         else:
             die("mpirun", f'unknown option "{flag}"')
     if not args:
