@@ -188,6 +188,32 @@ def probe_memory(torch, device: str, nbytes: int, repeats: int = 5) -> float:
     return 2 * nbytes / seconds / 1e12
 
 
+def _agreement(torch, dist, device: str) -> Callable[[int], int]:
+    """``all_agree(value)``: the minimum of ``value`` over the ranks (1 only when every rank
+    says 1), so that every rank of a timed collective loop stops at the same count."""
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def all_agree(value: int) -> int:
+        flag.fill_(value)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
+
+    return all_agree
+
+
+def _one_way_s(dist, rank: int, buf, sync, repeats: int, agree) -> float:
+    """Seconds for ``buf`` to go from rank 0 to rank 1 (half a ping-pong; other ranks wait)."""
+    def ping():
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+    dist.barrier()
+    return _median_time(ping, sync, repeats, min_seconds=0.02, agree=agree) / 2
+
+
 def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence[int],
                  repeats: int, results) -> None:  # pragma: no cover - runs in child processes
     import torch
@@ -200,14 +226,7 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence
     if device == "cuda":
         torch.cuda.set_device(rank)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def all_agree(value: int) -> int:
-        """The minimum of ``value`` over the ranks (1 only when every rank says 1)."""
-        flag.fill_(value)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return int(flag.item())
-
+    all_agree = _agreement(torch, dist, device)
     rows = []
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
@@ -216,15 +235,7 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: Sequence
                          agree=all_agree)
         rows.append(("all_reduce", nbytes, t, nbytes / t * 2 * (world - 1) / world / 1e9))
         if world >= 2:
-            def ping(buf=buf):
-                if rank == 0:
-                    dist.send(buf, 1)
-                    dist.recv(buf, 1)
-                elif rank == 1:
-                    dist.recv(buf, 0)
-                    dist.send(buf, 0)
-            dist.barrier()
-            t = _median_time(ping, sync, repeats, min_seconds=0.02, agree=all_agree) / 2  # one way
+            t = _one_way_s(dist, rank, buf, sync, repeats, all_agree)
             rows.append(("p2p", nbytes, t, nbytes / t / 1e9))
     if rank == 0:
         results.put(rows)
@@ -264,26 +275,11 @@ def _fabric_worker(rank: int, world: int, master: str, sizes: Sequence[int],
     backend, device = ("nccl", "cuda") if cuda else ("gloo", "cpu")
     dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def all_agree(value: int) -> int:
-        flag.fill_(value)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return int(flag.item())
-
+    all_agree = _agreement(torch, dist, device)
     rows = []
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-
-        def ping(buf=buf):
-            if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
-            elif rank == 1:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
-        dist.barrier()
-        t = _median_time(ping, sync, repeats, min_seconds=0.02, agree=all_agree) / 2
+        t = _one_way_s(dist, rank, buf, sync, repeats, all_agree)
         rows.append({"op": "p2p", "bytes": nbytes, "latency_us": t * 1e6,
                      "bus_gb_s": nbytes / t / 1e9})
     if rank == 0:
