@@ -17,9 +17,18 @@ constants, the prior is the unperturbed sim; trials to 1% of the *real* optimum 
 the prior. And the operating-point search: model runs per trial for the ascending ladder with
 early stop vs the bisection the study uses for expensive runners.
 
-    python benchmarks/search_efficiency.py               # all 36 scenarios, 20 seeds
-    python benchmarks/search_efficiency.py --quick       # 4 scenarios, 8 seeds
+    python benchmarks/search_efficiency.py               # the held-out sample: 40 drawn scenarios
+    python benchmarks/search_efficiency.py --sample dev  # the sample the strategy is developed on
+    python benchmarks/search_efficiency.py --sample both # both, one table each
+    python benchmarks/search_efficiency.py --sample fixed  # the original 36 (8 GPUs, H100/H200)
+    python benchmarks/search_efficiency.py --quick       # 4 fixed scenarios, 8 seeds
     python benchmarks/search_efficiency.py --no-prior    # without the warm-start part
+
+Drawn scenarios come from a seeded generator (``draw_scenarios``): a dense model from 7B to 405B,
+a GPU (A100, H100, H200, B200), 1-8 of them, lengths from short chat to long context (up to
+8192/1024 where the model takes it), an SLO kind (tight, medium, TTFT-bound, none). The ``dev``
+sample (generator seed 1) is the one to develop the strategy on; ``held-out`` (seed 2) is the
+one to report, its scenarios never looked at while tuning.
 
 The ground truth (every configuration's whole load ladder) is cached in benchmarks/.cache/ per
 model, GPU and mix, keyed by the model's code and constants; loads between the ladder's rungs
@@ -35,6 +44,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,18 +73,58 @@ MIXES = ((1024, 128), (2048, 512))  # (ISL, OSL): prompt-heavy chat, longer gene
 #: reaches at concurrency 1): tight leaves little room above the fastest layout, medium is a
 #: chat-like budget. TTFT gets a bound of the same kind.
 SLOS = {"tight": 1.5, "medium": 4.0, "none": None}
+#: The TTFT-bound kind: the scenario's fastest TTFT p99 at concurrency 1, times this, alone.
+TTFT_ONLY = 3.0
 
 
 def slo_for(table: dict, tightness: str) -> str | None:
     """The SLO string of ``tightness`` for the scenario whose truth ``table`` this is."""
-    factor = SLOS[tightness]
-    if factor is None:
+    if tightness == "none":
         return None
     ones = [p for e in table.values() for p in e.get("points", []) if p["concurrency"] == 1]
     tpot = min(p["latency_ms"]["tpot"]["p99"] for p in ones)
     ttft = min(p["latency_ms"]["ttft"]["p99"] for p in ones)
+    if tightness == "ttft":  # a time-to-first-token budget alone (interactive prefill-heavy use)
+        return f"ttft:p99<={ttft * TTFT_ONLY:.0f}ms"
+    factor = SLOS[tightness]
     return f"tpot:p99<={tpot * factor:.1f}ms,ttft:p99<={ttft * factor * 2:.0f}ms"
 WITHIN = 0.01
+
+#: What drawn scenarios are made of (dense models only: MoE is not modelled yet).
+DRAW_MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-13b", "llama-3-70b", "llama-3.1-70b",
+               "falcon-180b", "llama-3.1-405b")
+DRAW_GPUS = ("a100", "h100", "h200", "b200")
+DRAW_COUNTS = (1, 2, 4, 8)
+DRAW_MIXES = ((128, 128), (512, 256), (1024, 128), (2048, 512), (4096, 512), (8192, 1024))
+DRAW_SLOS = ("tight", "medium", "ttft", "none")
+#: Generator seed of each sample.
+SAMPLES = {"dev": 1, "held-out": 2}
+
+
+def draw_scenarios(seed: int, n: int, exclude: Sequence[tuple] = ()) -> list[tuple]:
+    """``n`` distinct scenarios ``(model, gpu, isl, osl, tightness, num_gpus)`` from the seeded
+    generator, each one the default space can run (its model fits the GPUs and the context),
+    none of ``exclude`` (another sample's)."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple] = []
+    space = SearchSpace.load()
+    while len(out) < n:
+        model = DRAW_MODELS[rng.integers(len(DRAW_MODELS))]
+        gpu = DRAW_GPUS[rng.integers(len(DRAW_GPUS))]
+        count = int(DRAW_COUNTS[rng.integers(len(DRAW_COUNTS))])
+        isl, osl = DRAW_MIXES[rng.integers(len(DRAW_MIXES))]
+        tightness = DRAW_SLOS[rng.integers(len(DRAW_SLOS))]
+        combo = (model, gpu, isl, osl, tightness, count)
+        if combo in out or combo in exclude:
+            continue
+        try:
+            scen = Scenario.build(model=model, gpu=gpu, num_gpus=count, precision=None,
+                                  isl=isl, osl=osl, slo=None)
+            space.layouts(scen)
+        except Exception:  # noqa: BLE001 - too long for the model, or it does not fit
+            continue
+        out.append(combo)
+    return out
 
 
 # ---- ground truth -------------------------------------------------------------------------
@@ -85,13 +135,14 @@ def _code_hash() -> str:
     return hashlib.sha256(b"".join(parts)).hexdigest()[:12]
 
 
-def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = None) -> dict:
+def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = None,
+                num_gpus: int = 8) -> dict:
     """config label -> list of LoadPoint dicts over the whole ladder (or a failure string)."""
-    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
-                          slo=None)
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=num_gpus, precision=None, isl=isl,
+                          osl=osl, slo=None)
     space = SearchSpace.load()
     cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
-    key = f"{model}-{gpu}-{isl}-{osl}-p{perturb}-{_code_hash()}"
+    key = f"{model}-{gpu}x{num_gpus}-{isl}-{osl}-p{perturb}-{_code_hash()}"
     path = CACHE / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -169,9 +220,9 @@ class Landscape:
 
 
 def landscape(table: dict, model: str, gpu: str, isl: int, osl: int, slo: str,
-              perturb: int | None = None) -> Landscape:
-    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
-                          slo=slo)
+              perturb: int | None = None, num_gpus: int = 8) -> Landscape:
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=num_gpus, precision=None, isl=isl,
+                          osl=osl, slo=slo)
     space = SearchSpace.load()
     cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
     between: dict = {}
@@ -205,7 +256,7 @@ _CONFIGS: dict = {}
 
 
 def _configs(scen: Scenario, space: SearchSpace) -> list[EngineConfig]:
-    key = (scen.model.name, scen.gpu.name)
+    key = (scen.model.name, scen.gpu.name, scen.num_gpus)
     if key not in _CONFIGS:
         _CONFIGS[key] = list(space.configs(space.layouts(scen), scen.precision))
     return _CONFIGS[key]
@@ -280,13 +331,14 @@ def summarize(runs: list[int | None], budget: int) -> tuple[float, float, int]:
 
 
 def scenario_job(args) -> dict:
-    model, gpu, isl, osl, tightness, seeds, budget, methods = args
-    table = truth_table(model, gpu, isl, osl)
+    model, gpu, isl, osl, tightness, num_gpus, seeds, budget, methods = args
+    table = truth_table(model, gpu, isl, osl, num_gpus=num_gpus)
     slo = slo_for(table, tightness)
-    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
-                          slo=slo)
-    land = landscape(table, model, gpu, isl, osl, slo)
-    row = {"model": model, "gpu": gpu, "isl": isl, "osl": osl, "slo": tightness, "slo_text": slo,
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=num_gpus, precision=None, isl=isl,
+                          osl=osl, slo=slo)
+    land = landscape(table, model, gpu, isl, osl, slo, num_gpus=num_gpus)
+    row = {"model": model, "gpu": gpu, "num_gpus": num_gpus, "isl": isl, "osl": osl,
+           "slo": tightness, "slo_text": slo,
            "configs": len(land.outcomes), "optimum": land.optimum, "share": land.share_within,
            "runs_ladder": land.runs_ladder, "runs_bisect": land.runs_bisect}
     if math.isnan(land.optimum):
@@ -299,14 +351,15 @@ def scenario_job(args) -> dict:
 
 def prior_job(args) -> dict:
     """Real runner = perturbed sim; with and without the unperturbed sim's prior."""
-    model, gpu, isl, osl, tightness, seeds, budget, perturb = args
-    slo = slo_for(truth_table(model, gpu, isl, osl, perturb), tightness)
-    scen = Scenario.build(model=model, gpu=gpu, num_gpus=8, precision=None, isl=isl, osl=osl,
-                          slo=slo)
+    model, gpu, isl, osl, tightness, num_gpus, seeds, budget, perturb = args
+    slo = slo_for(truth_table(model, gpu, isl, osl, perturb, num_gpus), tightness)
+    scen = Scenario.build(model=model, gpu=gpu, num_gpus=num_gpus, precision=None, isl=isl,
+                          osl=osl, slo=slo)
     space = SearchSpace.load()
-    real = landscape(truth_table(model, gpu, isl, osl, perturb), model, gpu, isl, osl, slo,
-                     perturb)
-    model_view = landscape(truth_table(model, gpu, isl, osl), model, gpu, isl, osl, slo)
+    real = landscape(truth_table(model, gpu, isl, osl, perturb, num_gpus), model, gpu, isl, osl,
+                     slo, perturb, num_gpus)
+    model_view = landscape(truth_table(model, gpu, isl, osl, num_gpus=num_gpus), model, gpu, isl,
+                           osl, slo, num_gpus=num_gpus)
     configs = {c.label(): c for c in _configs(scen, space)}
     scored = [Scored(configs[label], o, f)
               for label, (o, f, _) in model_view.outcomes.items()]
@@ -317,56 +370,36 @@ def prior_job(args) -> dict:
     # How good the prior's picks are on the real node: the best of them, as a share of the optimum.
     first_real = max((real.outcomes[c.label()][0] for c in prior if real.outcomes[c.label()][1]),
                      default=0.0)
-    return {"model": model, "gpu": gpu, "slo": tightness, "perturb": perturb,
+    return {"model": model, "gpu": gpu, "num_gpus": num_gpus, "isl": isl, "osl": osl,
+            "slo": tightness, "perturb": perturb,
             "without": summarize(without, budget), "with": summarize(with_prior, budget),
             "prior_best_share": first_real / real.optimum if real.optimum == real.optimum else 0}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--budget", type=int, default=200, help="trials per search run at most")
-    ap.add_argument("--quick", action="store_true", help="4 scenarios, 8 seeds")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--methods", default="autotune,tpe,random,grid")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    ap.add_argument("--no-prior", action="store_true", help="skip the warm-start section")
-    args = ap.parse_args()
-    methods = args.methods.split(",")
-    if args.quick:
-        args.seeds = min(args.seeds, 8)
-        combos = [("llama-3.1-70b", "h100", 1024, 128, "medium"),
-                  ("llama-3.1-405b", "h200", 2048, 512, "tight"),
-                  ("llama-3.1-8b", "h200", 1024, 128, "none"),
-                  ("llama-3.1-405b", "h100", 1024, 128, "none")]
-    else:
-        combos = [(m, g, i, o, t) for m in MODELS for g in GPUS for (i, o) in MIXES
-                  for t in SLOS]
-    started = time.perf_counter()
-    # Ground truth first, one table per (model, GPU, mix), in parallel.
-    tables = sorted({c[:4] for c in combos})
-    with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(_truth_star, tables))
-    print(f"ground truth: {len(tables)} tables in {time.perf_counter() - started:.0f} s",
-          file=sys.stderr)
-    with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(scenario_job, [(*c, args.seeds, args.budget, methods)
-                                            for c in combos]))
-    print(f"\nTrials to come within 1% of the best feasible value (median / p90 over "
-          f"{args.seeds} seeds; '>{args.budget}' = not within the budget)\n")
-    head = f"{'scenario':44} {'configs':>7} {'<=1%':>6} " + " ".join(
+def sample(name: str, n: int) -> list[tuple]:
+    """The ``dev`` or ``held-out`` sample of ``n`` scenarios (held-out shares none with dev)."""
+    dev = draw_scenarios(SAMPLES["dev"], n)
+    return dev if name == "dev" else draw_scenarios(SAMPLES[name], n, exclude=dev)
+
+
+def print_sample(title: str, rows: list[dict], methods: list[str], seeds: int,
+                 budget: int) -> None:
+    """One sample's table: per scenario the median / p90 trials of each method."""
+    print(f"\n{title}: trials to come within 1% of the best feasible value (median / p90 over "
+          f"{seeds} seeds; '>{budget}' = not within the budget)\n")
+    head = f"{'scenario':48} {'configs':>7} {'<=1%':>6} " + " ".join(
         f"{m:>13}" for m in methods) + f" {'random/autotune':>15}"
     print(head)
     print("-" * len(head))
-    ratios, medians, slos = [], [], []
+    ratios, medians, slos, worse = [], [], [], []
     for r in rows:
-        name = f"{r['model']} {r['gpu']} {r['isl']}/{r['osl']} {r['slo']}"
+        name = f"{r['model']} {r['num_gpus']}x{r['gpu']} {r['isl']}/{r['osl']} {r['slo']}"
         if r["slo_text"]:
             slos.append(f"{name}: {r['slo_text']}")
         if math.isnan(r["optimum"]):
-            print(f"{name:44} {r['configs']:>7}   nothing feasible")
+            print(f"{name:48} {r['configs']:>7}   nothing feasible")
             continue
-        cells = " ".join(f"{_fmt(r[m][0], args.budget):>6}/{_fmt(r[m][1], args.budget):<6}"
+        cells = " ".join(f"{_fmt(r[m][0], budget):>6}/{_fmt(r[m][1], budget):<6}"
                          for m in methods)
         ratio = ""
         if "autotune" in r and "random" in r:
@@ -374,13 +407,19 @@ def main() -> int:
             ratios.append(q)
             medians.append(r["autotune"][0])
             ratio = f"{q:.1f}x"
-        print(f"{name:44} {r['configs']:>7} {r['share']:>6.1%} {cells} {ratio:>15}")
+            if any(m in r and r[m][0] < r["autotune"][0] for m in ("random", "tpe")):
+                worse.append(name)
+        print(f"{name:48} {r['configs']:>7} {r['share']:>6.1%} {cells} {ratio:>15}")
     if medians:
-        print(f"\nautotune: worst scenario median {max(medians):g} trials (target <= 30); "
-              f"random needs {min(ratios):.1f}x–{max(ratios):.1f}x as many "
-              f"(median {statistics.median(ratios):.1f}x; target >= 3x)")
-    print("\nSLOs (tight = 1.5x, medium = 4x the scenario's fastest TPOT p99 at concurrency 1; "
-          "TTFT bound twice that factor):")
+        total = {m: sum(r[m][0] for r in rows if m in r) for m in methods}
+        print(f"\nautotune: mean of the medians {statistics.mean(medians):.1f} trials (target "
+              f"<= 10), worst {max(medians):g} (target <= 30); random needs "
+              f"{total.get('random', 0) / max(1e-9, total['autotune']):.1f}x as many over the "
+              f"sample (target >= 3x), per scenario {min(ratios):.1f}x–{max(ratios):.1f}x")
+        print(f"scenarios where random or TPE alone has a lower median: {len(worse)}"
+              + (f" ({'; '.join(worse)})" if worse else ""))
+    print("\nSLOs (tight = 1.5x, medium = 4x the scenario's fastest TPOT p99 at concurrency 1, "
+          f"TTFT bound twice that factor; ttft = {TTFT_ONLY:g}x its fastest TTFT p99 alone):")
     for line in slos:
         print("  " + line)
     lad = [r["runs_ladder"] for r in rows if not math.isnan(r["optimum"])]
@@ -389,32 +428,85 @@ def main() -> int:
         print(f"model runs per trial (operating-point search): ascending ladder with early stop "
               f"{statistics.mean(lad):.2f}, bisection {statistics.mean(bis):.2f}")
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--budget", type=int, default=200, help="trials per search run at most")
+    ap.add_argument("--quick", action="store_true", help="4 fixed scenarios, 8 seeds")
+    ap.add_argument("--sample", choices=["held-out", "dev", "both", "fixed"], default="held-out")
+    ap.add_argument("--scenarios", type=int, default=40, help="scenarios per drawn sample")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--methods", default="autotune,tpe,random,grid")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--no-prior", action="store_true", help="skip the warm-start section")
+    ap.add_argument("--prior-scenarios", type=int, default=8,
+                    help="scenarios of the warm-start section (the sample's first)")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    samples: list[tuple[str, list[tuple]]] = []
+    if args.quick:
+        args.seeds = min(args.seeds, 8)
+        samples.append(("quick (fixed, developed on)", [
+            ("llama-3.1-70b", "h100", 1024, 128, "medium", 8),
+            ("llama-3.1-405b", "h200", 2048, 512, "tight", 8),
+            ("llama-3.1-8b", "h200", 1024, 128, "none", 8),
+            ("llama-3.1-405b", "h100", 1024, 128, "none", 8)]))
+    elif args.sample == "fixed":
+        samples.append(("fixed 36 (developed on)", [
+            (m, g, i, o, t, 8) for m in MODELS for g in GPUS for (i, o) in MIXES for t in SLOS]))
+    else:
+        for name in (("dev", "held-out") if args.sample == "both" else (args.sample,)):
+            samples.append((f"{name} sample (generator seed {SAMPLES[name]}"
+                            + ("; never tuned on)" if name == "held-out" else "; developed on)"),
+                            sample(name, args.scenarios)))
+    started = time.perf_counter()
+    results = {}
+    for title, combos in samples:
+        # Ground truth first, one table per (model, GPU, count, mix), in parallel.
+        tables = sorted({(m, g, i, o, n) for m, g, i, o, _, n in combos})
+        with ProcessPoolExecutor(args.jobs) as pool:
+            list(pool.map(_truth_of, tables))
+        print(f"{title} ground truth: {len(tables)} tables in "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(scenario_job, [(*c, args.seeds, args.budget, methods)
+                                                for c in combos]))
+        print_sample(title, rows, methods, args.seeds, args.budget)
+        results[title] = rows
+
     prior_rows = []
     if not args.no_prior:
-        pcombos = [("llama-3.1-70b", "h100", 1024, 128, "medium", 11),
-                   ("llama-3.1-405b", "h200", 2048, 512, "tight", 12),
-                   ("llama-3.1-405b", "h200", 1024, 128, "none", 13),
-                   ("llama-3.1-8b", "h100", 2048, 512, "tight", 14)]
+        # The last sample's first scenarios (the held-out one's by default), each on a "real"
+        # node of its own perturbation.
+        title, combos = samples[-1]
+        pcombos = [(*c, 100 + k) for k, c in enumerate(combos[:args.prior_scenarios])]
         with ProcessPoolExecutor(args.jobs) as pool:
-            list(pool.map(_truth_star, {(m, g, i, o, p) for m, g, i, o, _, p in pcombos}))
-            prior_rows = list(pool.map(prior_job, [(m, g, i, o, t, args.seeds, args.budget, p)
-                                                   for m, g, i, o, t, p in pcombos]))
-        print("\nWarm start: 'real' node = sim with perturbed constants (x0.7–1.4 each); "
-              "trials to 1% of the real optimum")
-        print(f"{'scenario':40} {'no prior':>14} {'--prior sim':>14} {'best pick':>10}")
+            list(pool.map(_truth_star, {(m, g, i, o, p, n) for m, g, i, o, _, n, p in pcombos}))
+            prior_rows = list(pool.map(prior_job, [(*c[:6], args.seeds, args.budget, c[6])
+                                                   for c in pcombos]))
+        print(f"\nWarm start on the {title}: 'real' node = sim with perturbed constants "
+              "(x0.7–1.4 each); trials to 1% of the real optimum")
+        print(f"{'scenario':56} {'no prior':>14} {'--prior sim':>14} {'best pick':>10}")
         for r in prior_rows:
-            name = f"{r['model']} {r['gpu']} {r['slo']} (perturbation {r['perturb']})"
-            print(f"{name:40} {_fmt(r['without'][0], args.budget):>6}/"
+            name = (f"{r['model']} {r['num_gpus']}x{r['gpu']} {r['isl']}/{r['osl']} {r['slo']} "
+                    f"(perturbation {r['perturb']})")
+            print(f"{name:56} {_fmt(r['without'][0], args.budget):>6}/"
                   f"{_fmt(r['without'][1], args.budget):<7} {_fmt(r['with'][0], args.budget):>6}/"
                   f"{_fmt(r['with'][1], args.budget):<7} {r['prior_best_share']:>9.1%}")
     print(f"\n({time.perf_counter() - started:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"scenarios": rows, "prior": prior_rows}, indent=1))
+        args.json.write_text(json.dumps({"samples": results, "prior": prior_rows}, indent=1))
     return 0
 
 
 def _truth_star(args):
     return truth_table(*args)
+
+
+def _truth_of(args):
+    model, gpu, isl, osl, num_gpus = args
+    return truth_table(model, gpu, isl, osl, num_gpus=num_gpus)
 
 
 def _fmt(x: float, budget: int) -> str:
