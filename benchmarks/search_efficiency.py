@@ -142,8 +142,7 @@ def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = 
                           osl=osl, slo=None)
     space = SearchSpace.load()
     cal = perturbed(load_calibration(scen.gpu.name, scen.precision), perturb)
-    key = f"{model}-{gpu}x{num_gpus}-{isl}-{osl}-p{perturb}-{_code_hash()}"
-    path = CACHE / f"{key}.json"
+    path = _cache_path(model, gpu, isl, osl, perturb, num_gpus)
     if path.is_file():
         return json.loads(path.read_text())
     sim = Simulator(scen.model, scen.gpu, cal)
@@ -161,6 +160,16 @@ def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = 
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table))
     return table
+
+
+def _cache_path(model: str, gpu: str, isl: int, osl: int, perturb: int | None = None,
+                num_gpus: int = 8) -> Path:
+    """Where ``truth_table`` keeps these arguments' table (keyed by the model's code)."""
+    return CACHE / f"{model}-{gpu}x{num_gpus}-{isl}-{osl}-p{perturb}-{_code_hash()}.json"
+
+
+def _cached(model: str, gpu: str, isl: int, osl: int, num_gpus: int = 8) -> bool:
+    return _cache_path(model, gpu, isl, osl, None, num_gpus).is_file()
 
 
 def perturbed(cal: Calibration, seed: int | None) -> Calibration:
@@ -480,6 +489,12 @@ def main() -> int:
     ap.add_argument("--no-prior", action="store_true", help="skip the warm-start section")
     ap.add_argument("--prior-scenarios", type=int, default=8,
                     help="scenarios of the warm-start section (the sample's first)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="leave out (and name) the scenarios whose ground truth is not cached "
+                         "yet instead of building it")
+    ap.add_argument("--prior-max-len", type=int, default=0,
+                    help="warm start only on scenarios whose prompt + output is at most this "
+                         "many tokens (their perturbed truth tables are the cheap ones; 0: all)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     samples: list[tuple[str, list[tuple]]] = []
@@ -500,7 +515,15 @@ def main() -> int:
                             sample(name, args.scenarios)))
     started = time.perf_counter()
     results = {}
-    for title, combos in samples:
+    for i, (title, combos) in enumerate(samples):
+        if args.cached_only:
+            left = [c for c in combos if not _cached(*c[:4], num_gpus=c[5])]
+            combos = [c for c in combos if c not in left]
+            samples[i] = (title, combos)
+            for c in left:
+                print(f"left out (ground truth not cached): {' '.join(map(str, c))}",
+                      file=sys.stderr)
+            title = f"{title}, {len(combos)} scenarios with cached ground truth"
         # Ground truth first, one table per (model, GPU, count, mix), in parallel.
         tables = sorted({(m, g, i, o, n) for m, g, i, o, _, n in combos})
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -518,7 +541,8 @@ def main() -> int:
         # The last sample's first scenarios (the held-out one's by default), each on a "real"
         # node of its own perturbation.
         title, combos = samples[-1]
-        pcombos = [(*c, 100 + k) for k, c in enumerate(combos[:args.prior_scenarios])]
+        short = [c for c in combos if not args.prior_max_len or c[2] + c[3] <= args.prior_max_len]
+        pcombos = [(*c, 100 + k) for k, c in enumerate(short[:args.prior_scenarios])]
         with ProcessPoolExecutor(args.jobs) as pool:
             list(pool.map(_truth_star, {(m, g, i, o, p, n) for m, g, i, o, _, n, p in pcombos}))
             prior_rows = list(pool.map(prior_job, [(*c[:6], args.seeds, args.budget, c[6])
