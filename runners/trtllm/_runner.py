@@ -194,6 +194,11 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         """The layout rules (``autotune.model.check_layout``) and this node's GPU count, checked
         before anything runs (InvalidConfig)."""
         check_layout(self.scenario.model, config)
+        if self.options.backend == "tensorrt" and (config.ep > 1 or config.attention_dp):
+            # autotune builds TensorRT engines with trtllm-bench build, which takes tp and pp
+            # only; expert parallelism and attention DP are the PyTorch back end's.
+            raise InvalidConfig(f"{config.label()}: expert parallelism and attention DP need "
+                                "--backend pytorch")
         if self.options.hosts and config.gpus > self.scenario.num_gpus:
             raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
                                 f"{self.scenario.num_gpus}")

@@ -187,6 +187,11 @@ class VllmRunner(Runner):
         """The layout rules, this node's GPU count and vLLM's scheduler rules, checked before a
         server starts (InvalidConfig, as vLLM would refuse them)."""
         check_layout(self.scenario.model, config)
+        if 1 < config.ep < config.tp:
+            # vLLM's expert parallelism spans every GPU of the MoE layers' group (EP size =
+            # TP x DP, vllm/model_executor/layers/fused_moe/config.py): all or none.
+            raise InvalidConfig(f"{config.label()}: vLLM's expert parallelism takes all tp "
+                                f"GPUs of a stage (ep 1 or {config.tp})")
         if config.gpus > self.scenario.num_gpus:
             raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
                                 f"{self.scenario.num_gpus}")
