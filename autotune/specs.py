@@ -316,7 +316,9 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     # Only the layers the config marks as sliding (gpt-oss's layer_types); a bare
     # sliding_window is often switched off (Qwen's use_sliding_window: false).
     types = cfg.get("layer_types") if isinstance(cfg.get("layer_types"), list) else []
-    sliding = sum(1 for t in types if t == "sliding_attention")
+    # (MoE models only for now: gpt-oss. Dense ones with sliding layers, Gemma-2/3, keep the
+    # full-attention model they always had.)
+    sliding = sum(1 for t in types if t == "sliding_attention") if experts > 1 else 0
     quant = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"),
                                                         dict) else {}
     dense_layers = int(cfg.get("first_k_dense_replace") or 0) if moe else 0

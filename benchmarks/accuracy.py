@@ -686,7 +686,6 @@ def load_moe(csv: Path = SERVING_CSV) -> tuple[list[MoeRow], dict[str, int]]:
         adp = 1 if pd.isna(r.attention_dp_size) else int(r.attention_dp_size)
         ep = 1 if pd.isna(r.moe_ep_size) else int(r.moe_ep_size)
         mtp = 1 if pd.isna(r.moe_tp_size) else int(r.moe_tp_size)
-        tp = int(r.tp_size) * adp
         tp, ep = _unsquared(int(r.tp_size), adp, mtp, ep)
         # batch_size is per attention-DP rank on these rows: the run's own concurrency is in
         # its provenance (silicon_concurrency=N).
@@ -719,7 +718,9 @@ def _unsquared(tp: int, adp: int, moe_tp: int, ep: int) -> tuple[int, int]:
     world = tp * adp
     root = math.isqrt(world)
     if root > 1 and root * root == world and (
-            (moe_tp == ep == root) or (moe_tp == 1 and tp == adp == root and ep == world)):
+            # TensorRT-LLM's forms only beyond one node (tp 4, moe_tp 2, ep 2 is a real layout)
+            (moe_tp == ep == root and world > 8)
+            or (moe_tp == 1 and tp == adp == root and ep == world)):
         return root, root
     return world, ep
 

@@ -198,6 +198,6 @@ def test_a_moe_search_on_the_sim_recommends_a_moe_layout(tmp_path):
     assert out.exit_code == 0, out.output
     best = cli.invoke(app, ["best", "--storage", db, "--study", "moe", "--json"])
     assert best.exit_code == 0, best.output
-    config = json.loads(best.output)["config"]
+    config = json.loads(best.output)["best"][0]["config"]
     assert config["tp"] * config["pp"] * config["dp"] == 2
     assert config.get("ep", 1) in (1, 2)

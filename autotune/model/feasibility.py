@@ -32,7 +32,7 @@ def check_layout(model: ModelSpec, config: EngineConfig) -> None:
         raise InvalidConfig(f"ep={config.ep} does not divide tp={config.tp} (MoE TP x EP = tp)")
     if model.experts % config.ep:
         raise InvalidConfig(f"{model.experts} experts are not divisible by ep={config.ep}")
-    if model.ffn % config.moe_tp:
+    if model.is_moe and model.ffn % config.moe_tp:
         raise InvalidConfig(f"the experts' width {model.ffn} is not divisible by MoE TP "
                             f"{config.moe_tp} (tp / ep)")
     if config.attention_dp and config.tp < 2:

@@ -262,20 +262,22 @@ class PerfModel:
         return compute if compute > memory else memory
 
     def layer_time(self, tokens: float, ctx_sum: float, prefill_attn: float,
-                   lead: bool = False) -> float:
+                   lead: bool = False, share: float | None = None) -> float:
         """One transformer layer on one GPU for one (micro-)batch (seconds).
 
         ``tokens``: tokens in the batch; ``ctx_sum``: KV-cache tokens read by decoding requests;
         ``prefill_attn``: sum over prefill chunks of chunk * (prefix + chunk / 2) (token pairs);
         all three over the whole stage (under attention DP each rank takes its share).
-        ``lead``: one of a MoE model's leading dense layers.
+        ``lead``: one of a MoE model's leading dense layers. ``share``: the part of the
+        attention-side work on the busiest attention-DP rank (default an even split).
         """
         if tokens <= 0:
             return 0.0
         m = self.model
-        # Attention's side, per attention-DP rank (the ranks are balanced; the slowest sets
-        # the pace at the MoE block's collectives).
-        own, ctx, pairs = tokens / self.ranks, ctx_sum / self.ranks, prefill_attn / self.ranks
+        # Attention's side, on the busiest attention-DP rank (the slowest sets the pace at the
+        # MoE block's collectives).
+        share = 1.0 / self.ranks if share is None else share
+        own, ctx, pairs = tokens * share, ctx_sum * share, prefill_attn * share
         t = self._gemm(self.attn_flops_tok * own, self.attn_w + self.attn_io_tok * own,
                        own, self.gemm_rate)
         if lead:
@@ -371,18 +373,23 @@ class PerfModel:
                        + window * m.sliding_layers) / m.layers
         pp = self.config.pp
         leads = self.stage_leads[0]
+        mb = 1 if pp == 1 else min(pp, seqs)
+        # Under attention DP the requests are dealt out to the ranks: with fewer requests than
+        # ranks some idle while the busiest does a whole request's attention.
+        share = math.ceil(seqs / mb / self.ranks) * mb / seqs if self.ranks > 1 else None
         if pp == 1:
-            t = self.model.layers * self.layer_time(tokens, ctx_sum, prefill_attn) \
-                if not leads else \
-                ((m.layers - leads) * self.layer_time(tokens, ctx_sum, prefill_attn)
-                 + leads * self.layer_time(tokens, ctx_sum, prefill_attn, lead=True))
-            return t + self.lm_head_time(seqs / self.ranks) + overhead
-        mb = min(pp, seqs)
+            t = m.layers * self.layer_time(tokens, ctx_sum, prefill_attn, share=share)
+            if leads:
+                t = ((m.layers - leads) * self.layer_time(tokens, ctx_sum, prefill_attn,
+                                                          share=share)
+                     + leads * self.layer_time(tokens, ctx_sum, prefill_attn, lead=True,
+                                               share=share))
+            return t + self.lm_head_time(seqs * (share or 1.0)) + overhead
         t = tokens / mb
-        per_layer = self.layer_time(t, ctx_sum / mb, prefill_attn / mb)
-        lead_layer = (self.layer_time(t, ctx_sum / mb, prefill_attn / mb, lead=True)
-                      if leads else per_layer)
-        head = self.lm_head_time(seqs / mb / self.ranks)
+        per_layer = self.layer_time(t, ctx_sum / mb, prefill_attn / mb, share=share)
+        lead_layer = (self.layer_time(t, ctx_sum / mb, prefill_attn / mb, lead=True,
+                                      share=share) if leads else per_layer)
+        head = self.lm_head_time(seqs / mb * (share or 1.0))
         stage_times = [(n - ld) * per_layer + ld * lead_layer
                        for n, ld in zip(self.stages, self.stage_leads, strict=True)]
         slowest = stage_times[0]  # earlier stages take the extra layers
@@ -390,7 +397,9 @@ class PerfModel:
         if last > slowest:
             slowest = last
         xfers = [self.handoff_time(t, cross) for cross in self.crossings]
-        trip = sum(stage_times) + head + sum(xfers)
+        # (layers x one layer when all are alike: the sum rounds differently in the last bit)
+        layers_time = sum(stage_times) if leads else self.model.layers * per_layer
+        trip = layers_time + head + sum(xfers)
         through = mb * (slowest + max(xfers))
         return (through if through > trip else trip) + overhead
 
