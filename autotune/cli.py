@@ -359,6 +359,12 @@ def estimate(
     tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel GPUs per replica.")] = 1,
     pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline stages per replica.")] = 1,
     dp: Annotated[int, typer.Option("--dp", min=1, help="Replicas.")] = 1,
+    ep: Annotated[int, typer.Option(
+        "--ep", min=1, help="MoE models: expert-parallel GPUs of each stage's tp (MoE TP = "
+        "tp / ep).")] = 1,
+    attention_dp: Annotated[bool, typer.Option(
+        "--attention-dp/--no-attention-dp", metavar=FLAG,
+        help="MoE models: attention data-parallel over the tp GPUs.")] = False,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size")] = 2048,
     max_num_tokens: Annotated[int, typer.Option("--max-num-tokens")] = 8192,
     kv_fraction: Annotated[float, typer.Option(
@@ -406,7 +412,8 @@ def estimate(
         raise UserError(f"tp*pp*dp = {tp * pp * dp} GPUs but --num-gpus is {scen.num_gpus}")
     config = EngineConfig(tp=tp, pp=pp, dp=dp, max_batch_size=max_batch_size,
                           max_num_tokens=max_num_tokens, kv_fraction=kv_fraction,
-                          chunked_prefill=chunked_prefill, precision=scen.precision)
+                          chunked_prefill=chunked_prefill, precision=scen.precision, ep=ep,
+                          attention_dp=attention_dp)
     try:
         m = Simulator(scen.model, scen.gpu, scen.calibration, engine=engine).measure(
             config, scen.workload, [load])

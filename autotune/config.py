@@ -19,6 +19,15 @@ class EngineConfig:
     ``tp``/``pp`` are per replica; ``dp`` replicas serve independent requests. ``max_batch_size``
     (requests) and ``max_num_tokens`` (tokens per iteration) are the scheduler's limits;
     ``kv_fraction`` is the share of free GPU memory given to the KV cache.
+
+    For a mixture-of-experts model the ``tp`` GPUs of a pipeline stage also split the experts,
+    as TensorRT-LLM counts them: ``ep`` of them hold disjoint sets of experts (expert
+    parallelism) and each expert is split over the other ``tp / ep`` (MoE tensor parallelism),
+    so that MoE TP x EP = tp. ``attention_dp``: attention runs data-parallel over the ``tp``
+    GPUs (each its own requests, whole heads, its own KV cache) instead of tensor-parallel;
+    attention TP x attention DP = tp either way. Dense models keep ``ep`` 1 and no attention DP.
+    With ``max_batch_size`` and ``max_num_tokens`` per attention-DP rank, as the engines apply
+    them.
     """
 
     tp: int = 1
@@ -29,6 +38,18 @@ class EngineConfig:
     kv_fraction: float = DEFAULT_KV_FRACTION
     chunked_prefill: bool = True
     precision: str = "fp8"
+    ep: int = 1
+    attention_dp: bool = False
+
+    @property
+    def moe_tp(self) -> int:
+        """GPUs each expert is split over (tp / ep)."""
+        return max(1, self.tp // self.ep)
+
+    @property
+    def attention_tp(self) -> int:
+        """GPUs each request's attention is split over (1 under attention DP)."""
+        return 1 if self.attention_dp else self.tp
 
     @property
     def gpus(self) -> int:
@@ -39,18 +60,28 @@ class EngineConfig:
         return self.tp * self.pp
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings (the MoE ones only where they differ from a dense model's, so that a
+        dense configuration keeps the identity, hashes and stored form it always had)."""
+        out = asdict(self)
+        for name in _MOE_FIELDS:
+            if out[name] == _MOE_DEFAULTS[name]:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> EngineConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def layout_label(self) -> str:
+        """The parallel layout's name (``layout_label``)."""
+        return layout_label(self.tp, self.pp, self.dp, self.ep, self.attention_dp)
+
     def label(self) -> str:
         """Short human name: ``tp4-pp2-dp1 b256 t8192 kv0.90 chunked``."""
         chunk = "chunked" if self.chunked_prefill else "no-chunk"
         return (
-            f"tp{self.tp}-pp{self.pp}-dp{self.dp} b{self.max_batch_size} t{self.max_num_tokens} "
+            f"{self.layout_label()} b{self.max_batch_size} t{self.max_num_tokens} "
             f"kv{self.kv_fraction:.2f} {chunk}"
         )
 
@@ -62,7 +93,33 @@ class EngineConfig:
             "precision": self.precision,
             "max_batch_size": self.max_batch_size,
             "max_num_tokens": self.max_num_tokens,
+            **{name: getattr(self, name) for name in _MOE_FIELDS
+               if getattr(self, name) != _MOE_DEFAULTS[name]},
         }
+
+
+#: The MoE settings of a configuration and their dense-model values.
+_MOE_FIELDS = ("ep", "attention_dp")
+_MOE_DEFAULTS = {"ep": 1, "attention_dp": False}
+
+
+def layout_label(tp: int, pp: int, dp: int, ep: int = 1, attention_dp: bool = False) -> str:
+    """A parallel layout's name: ``tp8-pp1-dp1``; a MoE layout adds its expert parallelism and
+    attention DP, ``tp8-pp1-dp1-ep8-adp`` (TensorRT-LLM's "DEP8"; without ``-adp`` "TEP8")."""
+    return (f"tp{tp}-pp{pp}-dp{dp}" + (f"-ep{ep}" if ep > 1 else "")
+            + ("-adp" if attention_dp else ""))
+
+
+def parse_layout(label: str) -> tuple[int, int, int, int, bool]:
+    """``(tp, pp, dp, ep, attention_dp)`` of a ``layout_label`` (ValueError if it is none)."""
+    parts = label.split("-")
+    attention_dp = parts[-1] == "adp"
+    if attention_dp:
+        parts = parts[:-1]
+    values = {part[:2]: int(part[2:]) for part in parts}
+    if set(values) - {"tp", "pp", "dp", "ep"} or not {"tp", "pp", "dp"} <= set(values):
+        raise ValueError(f"not a layout label: {label!r}")
+    return values["tp"], values["pp"], values["dp"], values.get("ep", 1), attention_dp
 
 
 def stable_hash(*parts: dict | str) -> str:
@@ -76,5 +133,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_NUM_TOKENS",
     "EngineConfig",
+    "layout_label",
+    "parse_layout",
     "stable_hash",
 ]

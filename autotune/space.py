@@ -15,29 +15,40 @@ from pathlib import Path
 
 import yaml
 
-from autotune.config import EngineConfig
+from autotune.config import EngineConfig, layout_label, parse_layout
 from autotune.errors import InvalidConfig, PredictedOutOfMemory, UserError
 from autotune.measurement import MAX_CONCURRENCY
 from autotune.scenario import Scenario
 
 _KEYS = ("tp", "pp", "max_batch_size", "max_num_tokens", "kv_fraction", "chunked_prefill",
          "concurrency")
+#: Settings of mixture-of-experts models only, and their choices when a space does not list
+#: them (a space written before MoE support stays valid and dense models never see them).
+_MOE_KEYS = {"ep": (1, 2, 4, 8, 16), "attention_dp": (False, True)}
 
 
 @dataclass(frozen=True)
 class Layout:
+    """A parallel layout: ``tp x pp`` GPUs per replica, ``dp`` replicas; for a MoE model the
+    expert parallelism and attention DP inside each stage's ``tp`` GPUs (see EngineConfig)."""
+
     tp: int
     pp: int
     dp: int
+    ep: int = 1
+    attention_dp: bool = False
 
     @property
     def label(self) -> str:
-        return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
+        return layout_label(self.tp, self.pp, self.dp, self.ep, self.attention_dp)
 
     @classmethod
     def parse(cls, label: str) -> Layout:
-        tp, pp, dp = (int(part[2:]) for part in label.split("-"))
-        return cls(tp, pp, dp)
+        return cls(*parse_layout(label))
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> Layout:
+        return cls(config.tp, config.pp, config.dp, config.ep, config.attention_dp)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class SearchSpace:
     chunked_prefill: tuple[bool, ...]
     concurrency: tuple[int, ...]
     source: str = "default"
+    ep: tuple[int, ...] = _MOE_KEYS["ep"]
+    attention_dp: tuple[bool, ...] = _MOE_KEYS["attention_dp"]
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -76,10 +89,10 @@ class SearchSpace:
     def from_dict(cls, data: object, source: str = "<dict>") -> SearchSpace:
         if not isinstance(data, dict):
             raise UserError(f"search space {source!r} must be a mapping of setting -> list")
-        unknown = sorted(set(data) - set(_KEYS))
+        unknown = sorted(set(data) - set(_KEYS) - set(_MOE_KEYS))
         if unknown:
             raise UserError(f"search space {source!r}: unknown key(s) {', '.join(unknown)} "
-                            f"(known: {', '.join(_KEYS)})")
+                            f"(known: {', '.join(_KEYS + tuple(_MOE_KEYS))})")
         missing = [k for k in _KEYS if k not in data]
         if missing:
             raise UserError(f"search space {source!r}: missing key(s) {', '.join(missing)}")
@@ -115,6 +128,9 @@ class SearchSpace:
             chunked_prefill=values("chunked_prefill", bool, lambda v: True, "true or false"),
             concurrency=tuple(finite) + ((MAX_CONCURRENCY,) if MAX_CONCURRENCY in ladder else ()),
             source=source,
+            ep=values("ep", int, pos, "a positive integer") if "ep" in data else _MOE_KEYS["ep"],
+            attention_dp=(values("attention_dp", bool, lambda v: True, "true or false")
+                          if "attention_dp" in data else _MOE_KEYS["attention_dp"]),
         )
 
     # ---- layouts and configs ------------------------------------------------------------
@@ -131,13 +147,18 @@ class SearchSpace:
 
         m, n = scenario.model, scenario.num_gpus
         out, reasons = [], []
-        for tp, pp in itertools.product(sorted(self.tp), sorted(self.pp)):
-            if n % (tp * pp):
+        # A MoE model's layouts also choose the expert parallelism and attention DP inside each
+        # stage's tp GPUs (dense models: ep 1, no attention DP).
+        moe = (itertools.product(sorted(self.ep), sorted(self.attention_dp)) if m.is_moe
+               else [(1, False)])
+        for (tp, pp), (ep, adp) in itertools.product(
+                itertools.product(sorted(self.tp), sorted(self.pp)), list(moe)):
+            if n % (tp * pp) or ep > tp or (adp and tp < 2):
                 continue
             cfg = EngineConfig(tp=tp, pp=pp, dp=n // (tp * pp), precision=scenario.precision,
                                max_num_tokens=min(self.max_num_tokens),
                                max_batch_size=min(self.max_batch_size),
-                               kv_fraction=max(self.kv_fraction))
+                               kv_fraction=max(self.kv_fraction), ep=ep, attention_dp=adp)
             try:
                 check_layout(m, cfg)
                 if n > scenario.gpu.gpus_per_node:
@@ -155,7 +176,7 @@ class SearchSpace:
             if not weights_only and not perf.memory().fits:
                 reasons.append(f"tp{tp}-pp{pp}: no room for a KV cache")
                 continue
-            out.append(Layout(tp, pp, n // (tp * pp)))
+            out.append(Layout.of(cfg))
         if not out:
             why = "; ".join(reasons) or "no tp*pp from the space divides the GPU count"
             raise UserError(f"no valid parallel layout for {m.name} on {n}x{scenario.gpu.name} "
@@ -166,7 +187,8 @@ class SearchSpace:
         """Ask an Optuna trial for one configuration (all categoricals, fixed choices)."""
         layout = Layout.parse(trial.suggest_categorical("layout", [lay.label for lay in layouts]))
         return EngineConfig(
-            tp=layout.tp, pp=layout.pp, dp=layout.dp,
+            tp=layout.tp, pp=layout.pp, dp=layout.dp, ep=layout.ep,
+            attention_dp=layout.attention_dp,
             max_batch_size=trial.suggest_categorical("max_batch_size", list(self.max_batch_size)),
             max_num_tokens=trial.suggest_categorical("max_num_tokens", list(self.max_num_tokens)),
             kv_fraction=trial.suggest_categorical("kv_fraction", list(self.kv_fraction)),
@@ -180,13 +202,14 @@ class SearchSpace:
         for lay, b, t, kv, ch in itertools.product(layouts, self.max_batch_size,
                                                    self.max_num_tokens, self.kv_fraction,
                                                    self.chunked_prefill):
-            yield EngineConfig(lay.tp, lay.pp, lay.dp, b, t, kv, ch, precision)
+            yield EngineConfig(lay.tp, lay.pp, lay.dp, b, t, kv, ch, precision, lay.ep,
+                               lay.attention_dp)
 
     @staticmethod
     def params_of(config: EngineConfig) -> dict:
         """The Optuna params that propose ``config`` (for enqueueing trials)."""
         return {
-            "layout": Layout(config.tp, config.pp, config.dp).label,
+            "layout": Layout.of(config).label,
             "max_batch_size": config.max_batch_size,
             "max_num_tokens": config.max_num_tokens,
             "kv_fraction": config.kv_fraction,
@@ -201,7 +224,11 @@ class SearchSpace:
                 "max_batch_size": list(self.max_batch_size),
                 "max_num_tokens": list(self.max_num_tokens),
                 "kv_fraction": list(self.kv_fraction),
-                "chunked_prefill": list(self.chunked_prefill), "concurrency": ladder}
+                "chunked_prefill": list(self.chunked_prefill), "concurrency": ladder,
+                # The MoE settings only where a space sets its own (a study from before they
+                # existed compares equal to the defaults).
+                **{k: list(getattr(self, k)) for k, default in _MOE_KEYS.items()
+                   if getattr(self, k) != default}}
 
     def size(self, layouts: list[Layout]) -> int:
         return (len(layouts) * len(self.max_batch_size) * len(self.max_num_tokens)

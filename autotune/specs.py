@@ -28,20 +28,50 @@ PRECISIONS: dict[str, tuple[float, float]] = {
 MAX_SEQUENCE = 1_048_576
 
 
+#: Bytes per weight element of the expert formats a checkpoint can fix whatever the deployment's
+#: precision (``ModelSpec.expert_format``): MXFP4 is 4-bit values plus one 8-bit (E8M0) scale
+#: per 32 elements (OCP Microscaling spec), as gpt-oss ships its experts.
+EXPERT_FORMATS: dict[str, float] = {"mxfp4": 0.53125, "fp4": 0.5625, "fp8": 1.0, "bf16": 2.0}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer (dense Llama-style, or Mixtral-style MoE when ``experts`` > 1)."""
+    """A decoder-only transformer: dense (Llama-style) or mixture-of-experts.
+
+    Dense: every layer has one gated MLP of width ``ffn``. MoE (``experts`` > 1): each MoE layer
+    routes a token to ``experts_per_token`` of ``experts`` routed experts of width ``ffn`` each,
+    plus ``shared_experts`` always-active ones (``shared_ffn`` wide in all, 0: ``shared_experts
+    * ffn``); the first ``dense_layers`` layers keep a dense MLP of width ``dense_ffn``
+    (DeepSeek's ``first_k_dense_replace``). Attention is grouped-query (``kv_heads``) unless
+    ``kv_lora_rank`` > 0: multi-head latent attention (MLA, DeepSeek-V2/V3), whose KV cache
+    holds one compressed latent of ``kv_lora_rank + rope_head_dim`` per token and layer, shared
+    by all heads; ``head_dim`` is then the query/key width (nope + rope) and ``v_head_dim`` the
+    value width. ``sliding_layers`` of the layers attend only to the last ``sliding_window``
+    tokens (gpt-oss alternates them with full ones). ``expert_format``: the routed experts'
+    number format when the checkpoint fixes it (gpt-oss: ``mxfp4``), else the deployment's.
+    """
 
     name: str
     layers: int
     hidden: int
     heads: int
     kv_heads: int
-    ffn: int  # per expert for MoE
+    ffn: int  # per routed expert for MoE
     vocab: int
     head_dim: int = 0  # 0: hidden // heads
     experts: int = 1
     experts_per_token: int = 1
+    shared_experts: int = 0
+    shared_ffn: int = 0
+    dense_layers: int = 0
+    dense_ffn: int = 0
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    rope_head_dim: int = 0
+    v_head_dim: int = 0  # 0: head_dim
+    sliding_window: int = 0
+    sliding_layers: int = 0
+    expert_format: str = ""
     gated_mlp: bool = True
     tied_embeddings: bool = False
     hf_name: str = ""
@@ -51,27 +81,64 @@ class ModelSpec:
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.v_head_dim == 0:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
+        if self.shared_experts and not self.shared_ffn:
+            object.__setattr__(self, "shared_ffn", self.shared_experts * self.ffn)
+        if self.dense_layers and not self.dense_ffn:
+            object.__setattr__(self, "dense_ffn", self.ffn)
+        if self.expert_format and self.expert_format not in EXPERT_FORMATS:
+            raise UserError(f"model {self.name!r}: unknown expert_format "
+                            f"{self.expert_format!r} (use one of {', '.join(EXPERT_FORMATS)})")
 
     @property
     def is_moe(self) -> bool:
         return self.experts > 1
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers with routed experts (0 for a dense model)."""
+        return self.layers - self.dense_layers if self.is_moe else 0
+
+    @property
+    def kv_width(self) -> int:
+        """KV-cache elements per token and layer: K and V of every KV head, or MLA's latent."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.rope_head_dim
+        return 2 * self.kv_heads * self.head_dim
+
+    @property
     def attn_params_per_layer(self) -> int:
-        """Q, K, V and O projection weights of one layer (elements)."""
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        return q + kv + self.heads * self.head_dim * self.hidden
+        """Attention projection weights of one layer (elements): Q, K, V and O, or MLA's
+        down- and up-projections."""
+        h, n, d = self.hidden, self.heads, self.head_dim
+        if self.is_mla:
+            q = (h * self.q_lora_rank + self.q_lora_rank * n * d if self.q_lora_rank
+                 else h * n * d)
+            kv_down = h * (self.kv_lora_rank + self.rope_head_dim)
+            kv_up = self.kv_lora_rank * n * (d - self.rope_head_dim + self.v_head_dim)
+            return q + kv_down + kv_up + n * self.v_head_dim * h
+        return h * n * d + 2 * h * self.kv_heads * d + n * d * h
+
+    def mlp_params(self, width: int) -> int:
+        """Weights of one MLP of intermediate ``width`` (elements)."""
+        return (3 if self.gated_mlp else 2) * self.hidden * width
 
     @property
     def mlp_params_per_expert(self) -> int:
-        """MLP weights of one expert of one layer (elements)."""
-        return (3 if self.gated_mlp else 2) * self.hidden * self.ffn
+        """MLP weights of one routed expert (or the dense MLP) of one layer (elements)."""
+        return self.mlp_params(self.ffn)
 
     @property
     def params_per_layer(self) -> int:
+        """Weights of one MoE layer (of any layer for a dense model; elements)."""
         router = self.hidden * self.experts if self.is_moe else 0
-        return self.attn_params_per_layer + self.experts * self.mlp_params_per_expert + router
+        return (self.attn_params_per_layer + self.experts * self.mlp_params_per_expert
+                + self.mlp_params(self.shared_ffn) + router)
 
     @property
     def embedding_params(self) -> int:
@@ -80,12 +147,16 @@ class ModelSpec:
     @property
     def total_params(self) -> int:
         heads = 1 if self.tied_embeddings else 2
-        return self.layers * self.params_per_layer + heads * self.embedding_params
+        dense = self.dense_layers * (self.attn_params_per_layer + self.mlp_params(self.dense_ffn))
+        return ((self.layers - self.dense_layers) * self.params_per_layer + dense
+                + heads * self.embedding_params)
 
     @property
     def active_params_per_token(self) -> int:
-        """Weights one token multiplies per layer (elements): attention plus top-k experts."""
-        return self.attn_params_per_layer + self.experts_per_token * self.mlp_params_per_expert
+        """Weights one token multiplies per MoE layer (elements): attention, top-k experts
+        and the shared ones."""
+        return (self.attn_params_per_layer + self.experts_per_token * self.mlp_params_per_expert
+                + self.mlp_params(self.shared_ffn))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,8 +272,17 @@ def load_model(name_or_path: str) -> ModelSpec:
                     "or a path to a config.json")
 
 
+#: Integer fields of a Hugging Face config that must be positive when present.
+_HF_POSITIVE = ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
+                "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "max_position_embeddings", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                "qk_nope_head_dim", "v_head_dim", "shared_expert_intermediate_size",
+                "sliding_window")
+
+
 def model_from_hf_config(path: Path) -> ModelSpec:
-    """Read a Hugging Face ``config.json`` (Llama-, Mistral-, Mixtral-, Qwen-style)."""
+    """Read a Hugging Face ``config.json``: Llama-, Mistral- and Qwen-style dense models, and
+    mixture-of-experts ones (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3 with MLA, gpt-oss)."""
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -212,20 +292,38 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM under text_config
     needed = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if not isinstance(cfg.get(k), int) or cfg.get(k) <= 0]
-    ffn = (cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
-           or cfg.get("ffn_hidden_size"))
+    dense_ffn = cfg.get("intermediate_size") or cfg.get("ffn_hidden_size")
+    # A routed expert's width: moe_intermediate_size (DeepSeek, Qwen-MoE); Mixtral and gpt-oss
+    # give it as intermediate_size.
+    ffn = cfg.get("moe_intermediate_size") or dense_ffn
     if missing or not isinstance(ffn, int) or ffn <= 0:
         what = ", ".join(
             missing + ([] if isinstance(ffn, int) and ffn > 0 else ["intermediate_size"]))
         raise UserError(f"{str(path)!r} is not a decoder model config: missing or invalid {what}")
-    for key in ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
-                "num_experts_per_tok", "max_position_embeddings"):
+    for key in _HF_POSITIVE:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value <= 0):
             raise UserError(f"{str(path)!r}: {key} must be a positive integer, got {value!r}")
     heads = cfg["num_attention_heads"]
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+    experts = int(cfg.get("n_routed_experts") or cfg.get("num_local_experts")
+                  or cfg.get("num_experts") or 1)
+    moe = experts > 1
+    mla = bool(cfg.get("kv_lora_rank"))
+    rope = int(cfg.get("qk_rope_head_dim") or 0) if mla else 0
+    head_dim = (int(cfg.get("qk_nope_head_dim") or 0) + rope if mla
+                else cfg.get("head_dim") or 0)
+    # Only the layers the config marks as sliding (gpt-oss's layer_types); a bare
+    # sliding_window is often switched off (Qwen's use_sliding_window: false).
+    types = cfg.get("layer_types") if isinstance(cfg.get("layer_types"), list) else []
+    # (MoE models only for now: gpt-oss. Dense ones with sliding layers, Gemma-2/3, keep the
+    # full-attention model they always had.)
+    sliding = sum(1 for t in types if t == "sliding_attention") if experts > 1 else 0
+    quant = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"),
+                                                        dict) else {}
+    dense_layers = int(cfg.get("first_k_dense_replace") or 0) if moe else 0
+    shared = int(cfg.get("n_shared_experts") or 0) if moe else 0
+    shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0) if moe else 0
     return ModelSpec(
         name=_config_name(Path(path), cfg),
         layers=cfg["num_hidden_layers"],
@@ -234,10 +332,21 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         kv_heads=cfg.get("num_key_value_heads") or heads,
         ffn=ffn,
         vocab=cfg["vocab_size"],
-        head_dim=cfg.get("head_dim") or 0,
-        experts=int(experts),
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 1),
-        gated_mlp=True,  # Llama, Mistral, Mixtral and Qwen all use gated (SwiGLU) MLPs
+        head_dim=head_dim,
+        experts=experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 1) if moe else 1,
+        shared_experts=max(shared, 1 if shared_ffn else 0),
+        shared_ffn=shared_ffn,
+        dense_layers=dense_layers,
+        dense_ffn=int(dense_ffn) if dense_layers and isinstance(dense_ffn, int) else 0,
+        kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
+        q_lora_rank=int(cfg.get("q_lora_rank") or 0) if mla else 0,
+        rope_head_dim=rope,
+        v_head_dim=int(cfg.get("v_head_dim") or 0) if mla else 0,
+        sliding_window=int(cfg.get("sliding_window") or 0) if sliding else 0,
+        sliding_layers=sliding,
+        expert_format="mxfp4" if moe and quant.get("quant_method") == "mxfp4" else "",
+        gated_mlp=True,  # Llama, Mistral, Mixtral, Qwen, DeepSeek and gpt-oss: gated MLPs
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         hf_name=str(cfg.get("_name_or_path", "")),
         max_context=_context_length(cfg),
@@ -370,6 +479,7 @@ def layer_split(layers: int, pp: int) -> list[int]:
 
 
 __all__ = [
+    "EXPERT_FORMATS",
     "FABRICS",
     "GpuSpec",
     "MAX_SEQUENCE",

@@ -316,7 +316,8 @@ def startup_configs(space: SearchSpace, layouts: Sequence[Layout], precision: st
     # most (a stage sends its activations once, where TP all-reduces twice per layer).
     ordered = sorted(layouts, key=lambda lay: (lay.tp * lay.pp,
                                                lay.pp if latency_bound else -lay.pp))
-    return [EngineConfig(lay.tp, lay.pp, lay.dp, batch, tokens, kv, chunked, precision)
+    return [EngineConfig(lay.tp, lay.pp, lay.dp, batch, tokens, kv, chunked, precision, lay.ep,
+                         lay.attention_dp)
             for lay in ordered]
 
 
@@ -358,7 +359,7 @@ def pick_prior(scored: Sequence[Scored], k: int = PRIOR_TRIALS) -> list[EngineCo
     picked: list[EngineConfig] = []
     seen_layouts = set()
     for s in ranked:
-        lay = (s.config.tp, s.config.pp, s.config.dp)
+        lay = s.config.layout_label()
         if lay not in seen_layouts:
             picked.append(s.config)
             seen_layouts.add(lay)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 import zlib
@@ -640,13 +641,195 @@ def layouts_405b() -> None:
               f"{top.output_throughput:>13.0f} {top.output_throughput_per_user:>10.1f}")
 
 
+# ---- mixture-of-experts models (issue 19) -----------------------------------------------------
+#: MoE checkpoints of the serving data -> catalog models. MiniMax-M2.5 has M2's architecture
+#: (its config.json); Kimi-K2.5's language model is Kimi-K2's.
+MOE_MODELS = {
+    "deepseek-ai/DeepSeek-R1": "deepseek-r1", "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+    "nvidia/DeepSeek-R1-NVFP4": "deepseek-r1", "Qwen/Qwen3-235B-A22B-FP8": "qwen3-235b-a22b",
+    "openai/gpt-oss-120b": "gpt-oss-120b", "MiniMaxAI/MiniMax-M2.5": "minimax-m2",
+    "moonshotai/Kimi-K2.5": "kimi-k2",
+}
+
+
+@dataclass(frozen=True)
+class MoeRow:
+    """One measured MoE operating point and its layout in autotune's terms (tp = the GPUs of
+    a stage = the data's attention TP x attention DP = MoE TP x MoE EP)."""
+
+    serving: ServingRow
+    ep: int
+    attention_dp: bool
+
+    @property
+    def family(self) -> str:
+        """TP (experts tensor-parallel), TEP (expert-parallel, attention TP) or DEP (expert-
+        parallel, attention DP), as practitioners name them."""
+        if self.attention_dp:
+            return "DEP" if self.ep > 1 else "DP-attention"
+        return "TEP" if self.ep > 1 else "TP"
+
+
+def load_moe(csv: Path = SERVING_CSV) -> tuple[list[MoeRow], dict[str, int]]:
+    """The aggregated MoE rows of catalog models on catalog GPUs and engines (none is fitted
+    on: the constants are the dense fits'), and how many others were skipped why."""
+    df = pd.read_csv(csv)
+    rows: list[MoeRow] = []
+    skipped: dict[str, int] = defaultdict(int)
+    for i, r in df.iterrows():
+        if r["mode"] != "agg" or r.model_path not in MOE_MODELS:
+            continue
+        precision = _serving_precision(r)
+        if load_model(MOE_MODELS[r.model_path]).expert_format:
+            # gpt-oss: MXFP4 experts (the model's expert_format), the rest in 16-bit.
+            precision = "bf16"
+        adp = 1 if pd.isna(r.attention_dp_size) else int(r.attention_dp_size)
+        ep = 1 if pd.isna(r.moe_ep_size) else int(r.moe_ep_size)
+        mtp = 1 if pd.isna(r.moe_tp_size) else int(r.moe_tp_size)
+        tp, ep = _unsquared(int(r.tp_size), adp, mtp, ep)
+        # batch_size is per attention-DP rank on these rows: the run's own concurrency is in
+        # its provenance (silicon_concurrency=N).
+        conc = re.search(r"silicon_concurrency=(\d+)", str(r.silicon_data_source))
+        concurrency = int(conc.group(1)) if conc else int(r.batch_size) * adp
+        why = ("system not in the GPU catalog" if r.system not in SERVING_GPUS
+               else f"engine {r.backend}" if r.backend not in ("trtllm", "vllm")
+               else "FP4 needs Blackwell" if precision == "fp4"
+               and SERVING_GPUS[r.system] != "b200"
+               else "layout outside MoE TP x EP = tp" if tp % ep else "")
+        if why:
+            skipped[why] += 1
+            continue
+        rows.append(MoeRow(ServingRow(
+            index=int(i), engine=r.backend, version=str(r.backend_version),
+            gpu=SERVING_GPUS[r.system], model=MOE_MODELS[r.model_path], precision=precision,
+            tp=tp, pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
+            concurrency=concurrency, ttft_ms=float(r.silicon_ttft_ms),
+            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source))),
+            ep=ep, attention_dp=adp > 1))
+    return rows, dict(skipped)
+
+
+def _unsquared(tp: int, adp: int, moe_tp: int, ep: int) -> tuple[int, int]:
+    """(GPUs per stage, EP) of a MoE row. Some rows square the GPU count of an expert-parallel
+    layout (AIConfigurator's encodings: TensorRT-LLM's EP over N GPUs as tp N^2, moe_tp N,
+    ep N; its attention DP as attention_dp N^2, moe_tp N, ep N; vLLM's DP + EP as tp N,
+    attention_dp N, ep N^2; the same runs appear unsquared on earlier dates): such a row runs on
+    N GPUs, every one holding its own experts."""
+    world = tp * adp
+    root = math.isqrt(world)
+    if root > 1 and root * root == world and (
+            # TensorRT-LLM's forms only beyond one node (tp 4, moe_tp 2, ep 2 is a real layout)
+            (moe_tp == ep == root and world > 8)
+            or (moe_tp == 1 and tp == adp == root and ep == world)):
+        return root, root
+    return world, ep
+
+
+def predict_moe(row: MoeRow) -> tuple[float, float, float]:
+    """Modelled (mean TTFT ms, mean TPOT ms, output tok/s per GPU) of a MoE row, run as
+    ``predict_serving`` runs a dense one."""
+    s = row.serving
+    cal = load_calibration(s.gpu, s.precision, engine=s.engine)
+    # Under attention DP the engines' batch limit is per rank: the run's concurrency over them.
+    ranks = s.tp if row.attention_dp else 1
+    config = EngineConfig(tp=s.tp, pp=s.pp, max_batch_size=max(1, -(-s.concurrency // ranks)),
+                          max_num_tokens=SERVING_MAX_NUM_TOKENS, kv_fraction=SERVING_KV_FRACTION,
+                          chunked_prefill=True, precision=s.precision, ep=row.ep,
+                          attention_dp=row.attention_dp)
+    sim = Simulator(load_model(s.model), load_gpu(s.gpu), cal, engine=s.engine,
+                    benchmark=Benchmark(queued=HARNESS_QUEUED.get((s.harness, s.engine), 0)))
+    if s.engine in WHOLE_GPU_FRACTION:
+        config = replace(config, kv_fraction=_whole_gpu_kv_fraction(sim, config))
+    try:
+        (p,) = sim.measure(config, Workload(isl=s.isl, osl=s.osl), [s.concurrency]).load_points
+    except TrialFailure:
+        return math.nan, math.nan, math.nan
+    return p.latency("ttft", "mean"), p.latency("tpot", "mean"), p.output_throughput_per_gpu
+
+
+def _measured_per_gpu(s: ServingRow) -> float:
+    """Output tok/s per GPU of a measured row (shared/data/README.md's formula)."""
+    return s.concurrency * s.osl / (s.ttft_ms + (s.osl - 1) * s.tpot_ms) * 1000 / (s.tp * s.pp)
+
+
+def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
+               skipped: dict[str, int]) -> dict:
+    """TPOT and TTFT MAPE per engine, GPU and model, and whether the model ranks the layout
+    families right wherever the data measured two or more at the same point."""
+    print("\nMixture-of-experts models, aggregated serving (no MoE constant is fitted: every "
+          "row is unseen)\n")
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if not math.isnan(preds[i][1]):
+            groups[(r.serving.engine, r.serving.gpu, r.serving.model)].append(i)
+    print(f"{'engine':7} {'GPU':5} {'model':16} {'rows':>5} {'TPOT':>7} {'TTFT':>7}  layouts")
+    out = {"groups": []}
+    for key in sorted(groups):
+        idx = groups[key]
+        tpot = mape([ape(preds[i][1], rows[i].serving.tpot_ms) for i in idx])
+        ttft = mape([ape(preds[i][0], rows[i].serving.ttft_ms) for i in idx])
+        fams = sorted({rows[i].family for i in idx})
+        print(f"{key[0]:7} {key[1]:5} {key[2]:16} {len(idx):>5} {tpot:>6.1f}% {ttft:>6.1f}%  "
+              f"{', '.join(fams)}")
+        out["groups"].append({"engine": key[0], "gpu": key[1], "model": key[2],
+                              "rows": len(idx), "tpot_mape": tpot, "ttft_mape": ttft})
+    failed = sum(1 for p in preds if math.isnan(p[1]))
+    # Layout ranking: the same engine, GPU, model, precision, lengths and concurrency measured
+    # with two or more families; the fastest per user (lowest TPOT) and the most per GPU.
+    points: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        s = r.serving
+        if not math.isnan(preds[i][1]):
+            points[(s.engine, s.gpu, s.model, s.precision, s.isl, s.osl,
+                    s.concurrency)].append(i)
+    ranked = {"user": [0, 0], "gpu": [0, 0]}
+    by_band: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for idx in points.values():
+        best_family: dict[str, int] = {}
+        for i in idx:  # each family's best layout at this point, by the measurement
+            f = rows[i].family
+            if f not in best_family or (rows[i].serving.tpot_ms
+                                        < rows[best_family[f]].serving.tpot_ms):
+                best_family[f] = i
+        if len(best_family) < 2:
+            continue
+        cands = list(best_family.values())
+        user_ok = (min(cands, key=lambda i: rows[i].serving.tpot_ms)
+                   == min(cands, key=lambda i: preds[i][1]))
+        gpu_ok = (max(cands, key=lambda i: _measured_per_gpu(rows[i].serving))
+                  == max(cands, key=lambda i: preds[i][2]))
+        band = rows[cands[0]].serving.band
+        for name, ok in (("user", user_ok), ("gpu", gpu_ok)):
+            ranked[name][0] += ok
+            ranked[name][1] += 1
+        b = by_band[band]
+        b[0] += user_ok
+        b[1] += 1
+        b[2] += gpu_ok
+        b[3] += 1
+    print(f"\n{failed} rows the model cannot run (out of memory in its plan); skipped: "
+          + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+    if ranked["user"][1]:
+        print(f"layout family ranked right where two or more were measured at one point: "
+              f"fastest per user {ranked['user'][0]}/{ranked['user'][1]}, most per GPU "
+              f"{ranked['gpu'][0]}/{ranked['gpu'][1]}")
+        for band, (u, n, g, m) in sorted(by_band.items()):
+            print(f"  concurrency {band:>6}: per user {u}/{n}, per GPU {g}/{m}")
+    out["ranking"] = ranked
+    return out
+
+
+def _predict_moe_one(row):
+    return predict_moe(row)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     ap.add_argument("--rows", action="store_true", help="print every row's error")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--serving-csv", type=Path, default=SERVING_CSV)
-    ap.add_argument("--only", choices=("throughput", "latency", "405b"),
+    ap.add_argument("--only", choices=("throughput", "latency", "405b", "moe"),
                     help="print one part only")
     args = ap.parse_args(argv)
     if args.only in (None, "throughput"):
@@ -661,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
                        show_rows=args.rows)
     if args.only in (None, "405b"):
         layouts_405b()
+    if args.only in (None, "moe"):
+        moe, skipped_moe = load_moe(args.serving_csv)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            preds = list(pool.map(_predict_moe_one, moe, chunksize=4))
+        report_moe(moe, preds, skipped_moe)
     return 0
 
 

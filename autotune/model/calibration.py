@@ -34,7 +34,10 @@ ENGINES = ("trtllm", "vllm", "sglang")
 #: - ``request_overhead_ms``: a request's path outside the GPU's iterations, paid once before
 #:   its first token (HTTP, tokenisation, hand-over to the scheduler, streaming the token back);
 #: - ``mem_eff``: achievable share of HBM bandwidth for streaming weight reads (~0.6-0.92 of the
-#:   datasheet; a device-to-device copy reaches ~0.9 on H100/H200).
+#:   datasheet; a device-to-device copy reaches ~0.9 on H100/H200);
+#: - ``moe_overhead_us``: what a mixture-of-experts block costs beyond its GEMMs' bytes and
+#:   FLOPs and the layer's fixed cost: the router's top-k, permuting the tokens to their
+#:   experts and back, the grouped GEMMs' launches (a handful of kernels, ~5-80 us).
 BOUNDS: dict[str, tuple[float, float]] = {
     "gemm_eff": (0.2, 1.0),
     "gemm_half_tokens": (1.0, 4096.0),
@@ -48,6 +51,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "iter_overhead_ms": (0.01, 20.0),
     "seq_overhead_us": (0.01, 200.0),
     "request_overhead_ms": (0.5, 300.0),
+    "moe_overhead_us": (2.0, 80.0),
 }
 
 
@@ -71,6 +75,7 @@ class Calibration:
     layer_overhead_us: float = 5.0  # fixed cost of one layer per iteration (microseconds)
     p2p_latency_us: float = 15.0  # fixed cost of one stage-to-stage send (microseconds)
     request_overhead_ms: float = 1.0  # once per request, before its first token (milliseconds)
+    moe_overhead_us: float = 20.0  # fixed cost of one MoE block per iteration (microseconds)
 
     def out_of_bounds(self) -> list[str]:
         """Names of the constants outside their physical range (``BOUNDS``)."""

@@ -21,8 +21,22 @@ def check_layout(model: ModelSpec, config: EngineConfig) -> None:
     """The validity rules of a parallel layout and its limits (raises InvalidConfig)."""
     if min(config.tp, config.pp, config.dp, config.max_batch_size, config.max_num_tokens) < 1:
         raise InvalidConfig("tp, pp, dp, max_batch_size and max_num_tokens must be >= 1")
-    if model.heads % config.tp:
+    if config.ep < 1:
+        raise InvalidConfig("ep must be >= 1")
+    if not model.is_moe and (config.ep > 1 or config.attention_dp):
+        raise InvalidConfig(f"{model.name} is a dense model: ep and attention DP apply to "
+                            "mixture-of-experts models only")
+    if model.heads % config.attention_tp:
         raise InvalidConfig(f"{model.heads} attention heads are not divisible by tp={config.tp}")
+    if config.tp % config.ep:
+        raise InvalidConfig(f"ep={config.ep} does not divide tp={config.tp} (MoE TP x EP = tp)")
+    if model.experts % config.ep:
+        raise InvalidConfig(f"{model.experts} experts are not divisible by ep={config.ep}")
+    if model.is_moe and model.ffn % config.moe_tp:
+        raise InvalidConfig(f"the experts' width {model.ffn} is not divisible by MoE TP "
+                            f"{config.moe_tp} (tp / ep)")
+    if config.attention_dp and config.tp < 2:
+        raise InvalidConfig("attention DP needs tp >= 2 (it spreads requests over the tp GPUs)")
     if config.pp > model.layers:
         raise InvalidConfig(f"pp={config.pp} exceeds the model's {model.layers} layers")
     if not 0 < config.kv_fraction < 1:
@@ -61,7 +75,9 @@ def replica_capacity(perf: PerfModel, max_seq_len: int) -> Capacity:
             f"weights {mem.weights / 2**30:.1f} GiB + activations {mem.activations / 2**30:.1f} "
             f"GiB leave no KV cache on a {perf.gpu.memory_gib:g} GiB GPU"
         )
-    micro = config.pp  # TensorRT-LLM keeps pp micro-batches in flight, each within the limits
+    # TensorRT-LLM keeps pp micro-batches in flight, each within the limits, and under attention
+    # DP each rank schedules its own batch within them.
+    micro = config.pp * mem.ranks
     limits = Limits(
         max_in_flight=config.max_batch_size * micro,
         token_budget=config.max_num_tokens * micro,

@@ -33,11 +33,12 @@ TensorRT-LLM numbers; ``benchmarks/accuracy.py`` measures the error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autotune.config import EngineConfig
 from autotune.model.calibration import Calibration, load_calibration
-from autotune.specs import PRECISIONS, GpuSpec, ModelSpec, ceil_div, layer_split
+from autotune.specs import EXPERT_FORMATS, PRECISIONS, GpuSpec, ModelSpec, ceil_div, layer_split
 
 #: GPU memory a TensorRT-LLM rank keeps for itself: CUDA context, NCCL and cuBLAS workspaces,
 #: CUDA graphs (bytes).
@@ -79,18 +80,31 @@ class MemoryPlan:
     kv_bytes_per_token: float  # on the GPU whose stage holds the most KV per token
     kv_tokens: int  # tokens of KV cache the replica holds
     total: float
+    ranks: int = 1  # attention-DP ranks, each caching its own requests (1: one shared cache)
 
     @property
     def fits(self) -> bool:
-        return self.kv_cache > 0 and self.kv_tokens >= KV_BLOCK_TOKENS
+        return self.kv_cache > 0 and self.kv_tokens >= KV_BLOCK_TOKENS * self.ranks
 
     def requests_that_fit(self, tokens_per_request: int) -> int:
-        blocks = self.kv_tokens // KV_BLOCK_TOKENS
-        return int(blocks // ceil_div(tokens_per_request, KV_BLOCK_TOKENS))
+        blocks = self.kv_tokens // self.ranks // KV_BLOCK_TOKENS  # one rank's
+        return int(blocks // ceil_div(tokens_per_request, KV_BLOCK_TOKENS)) * self.ranks
 
 
 class PerfModel:
-    """Memory and iteration time of one replica (``tp x pp`` GPUs) of ``config``."""
+    """Memory and iteration time of one replica (``tp x pp`` GPUs) of ``config``.
+
+    A mixture-of-experts layer on one GPU of a stage: its ``experts / ep`` routed experts, each
+    ``1 / moe_tp`` of the width, run as a grouped GEMM over the tokens routed to them (top-k
+    routing leaves some GPUs more than their share: the expected maximum over ``ep`` groups);
+    the shared experts and any leading dense layers are split like attention. Without attention
+    DP every GPU holds every token after attention's all-reduce (TEP), so the MoE block ends in
+    the layer's second all-reduce; with it (DEP) each GPU runs attention for its own requests,
+    whole heads and its own KV cache, and the MoE block gathers the tokens from all ranks and
+    scatters the sums back (an all-gather and a reduce-scatter: an all-reduce's bytes, two
+    latencies). MLA keeps one latent per token and layer, which every attention-TP rank reads
+    whole: attention DP divides that read, TP does not.
+    """
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, config: EngineConfig,
                  calibration: Calibration | None = None, engine: str | None = None):
@@ -99,14 +113,23 @@ class PerfModel:
         self.cal = c = calibration or load_calibration(gpu.name, config.precision,
                                                        engine=engine)
         self.w_bytes, self.kv_bytes = PRECISIONS[config.precision]
+        self.expert_bytes = (EXPERT_FORMATS[model.expert_format] if model.expert_format
+                             else self.w_bytes)
         self.stages = layer_split(model.layers, config.pp)
         m, tp = model, config.tp
+        # Attention (and what is split like it: dense MLPs, shared experts, the LM head) is
+        # tensor-parallel over ``atp`` GPUs; under attention DP each of the ``ranks`` GPUs of a
+        # stage runs it for its own share of the requests.
+        self.adp = config.attention_dp and tp > 1
+        self.ranks = tp if self.adp else 1
+        atp = 1 if self.adp else tp
         hd = m.head_dim
-        self.kv_heads_per_gpu = ceil_div(m.kv_heads, tp)  # replicated when tp > KV heads
-        self.heads_per_gpu = m.heads / tp
-        q_width = m.heads * hd / tp
-        kv_width = 2 * self.kv_heads_per_gpu * hd
-        ffn_gpu = m.ffn / tp
+        self.kv_heads_per_gpu = ceil_div(m.kv_heads, atp)  # replicated when tp > KV heads
+        self.heads_per_gpu = m.heads / atp
+        q_width = m.heads * hd / atp
+        v_width = m.heads * m.v_head_dim / atp
+        kv_width = m.kv_width if m.is_mla else 2 * self.kv_heads_per_gpu * hd
+        ffn_gpu = m.ffn / config.moe_tp  # one routed expert's (or the dense MLP's) slice
         mlp_mats = 3 if m.gated_mlp else 2
 
         # Achieved rates.
@@ -124,25 +147,44 @@ class PerfModel:
         self.custom_ar_tokens = CUSTOM_AR_MAX_BYTES / (m.hidden * ACT_BYTES)
         self.p2p_lat = c.p2p_latency_us * 1e-6
         self.layer_fixed = c.layer_overhead_us * 1e-6
+        self.moe_fixed = c.moe_overhead_us * 1e-6
         self.half = c.gemm_half_tokens
 
         # Per layer and GPU: weights (elements) and the FLOPs of one token (attention GEMMs and
         # one expert's MLP).
-        self.attn_params = m.hidden * (q_width + kv_width) + q_width * m.hidden
+        if m.is_mla:  # the down-projections are replicated, the per-head up-projections split
+            q = (m.hidden * m.q_lora_rank + m.q_lora_rank * q_width if m.q_lora_rank
+                 else m.hidden * q_width)
+            kv_up = m.kv_lora_rank * (m.heads / atp) * (hd - m.rope_head_dim + m.v_head_dim)
+            self.attn_params = q + m.hidden * m.kv_width + kv_up + v_width * m.hidden
+        else:
+            self.attn_params = m.hidden * (q_width + kv_width) + q_width * m.hidden
         self.expert_params = mlp_mats * m.hidden * ffn_gpu
         self.attn_w = self.attn_params * self.w_bytes
-        self.expert_w = self.expert_params * self.w_bytes
+        self.expert_w = self.expert_params * (self.expert_bytes if m.is_moe else self.w_bytes)
         self.router_w = m.hidden * m.experts * EMBED_BYTES if m.is_moe else 0.0
+        self.local_experts = m.experts / config.ep
+        # Split like attention: the shared experts of a MoE layer, the MLP of a leading dense one.
+        self.shared_w = m.mlp_params(m.shared_ffn) / atp * self.w_bytes
+        self.lead_w = m.mlp_params(m.dense_ffn) / atp * self.w_bytes
         self.attn_flops_tok = 2 * self.attn_params
         self.expert_flops_tok = 2 * self.expert_params
         # Activation bytes in and out of the GEMMs per token (attention; one expert's MLP).
-        self.attn_io_tok = (m.hidden + q_width + kv_width + q_width + m.hidden) * ACT_BYTES
+        self.attn_io_tok = (m.hidden + q_width + kv_width + v_width + m.hidden) * ACT_BYTES
         self.mlp_io_tok = (m.hidden + (mlp_mats - 1) * ffn_gpu + ffn_gpu + m.hidden) * ACT_BYTES
+        # Element-wise work per token: the hidden-state passes, and the gated activation over
+        # the MLP width this GPU computes for the token (its share of the routed experts' and
+        # the shared experts' widths).
+        routed_width = ffn_gpu * m.experts_per_token / config.ep + m.shared_ffn / atp
         self.elementwise_tok = (ELEMENTWISE_HIDDEN_PASSES * m.hidden
-                                + ELEMENTWISE_FFN_PASSES * ffn_gpu * m.experts_per_token
-                                ) * ACT_BYTES
+                                + ELEMENTWISE_FFN_PASSES * routed_width) * ACT_BYTES
         self.kv_per_token_layer = kv_width * self.kv_bytes
-        self.prefill_flops_pair = 4 * self.heads_per_gpu * hd
+        # Prefill attention: a (query, key) pair costs a dot product over the query/key width
+        # and a multiply-add over the value width, per head.
+        self.prefill_flops_pair = 2 * self.heads_per_gpu * (hd + m.v_head_dim)
+        # MLA's absorbed decode: every head scores and sums against the whole latent.
+        self.decode_flops_pair = (self.heads_per_gpu * (4 * m.kv_lora_rank + 2 * m.rope_head_dim)
+                                  if m.is_mla else 0.0)
         # All-reduce traffic per token, in "bus" bytes (nccl-tests' convention, so that
         # nvlink x ar_bw_eff is a bus bandwidth): a ring moves 2 (tp - 1) / tp of the message
         # per GPU; with in-switch reduction (NVLS) each GPU sends its partial sums once and
@@ -164,40 +206,52 @@ class PerfModel:
         # Which stage-to-stage hand-offs cross a node boundary: the next stage starts a node.
         self.crossings = tuple(tp * config.pp > per_node and (s * tp) % per_node == 0
                                for s in range(1, config.pp))
-        self.lm_head_w = m.vocab * m.hidden / tp * EMBED_BYTES
-        self.lm_head_flops = 2 * m.vocab * m.hidden / tp
+        self.lm_head_w = m.vocab * m.hidden / atp * EMBED_BYTES
+        self.lm_head_flops = 2 * m.vocab * m.hidden / atp
         self.xfer_tok = m.hidden * ACT_BYTES  # stage-to-stage activation per token
         self.overhead = c.iter_overhead_ms * 1e-3
         self.seq_overhead = c.seq_overhead_us * 1e-6
+        # Leading dense layers of a MoE model per stage (they are the first ones: stage 0's).
+        lead, self.stage_leads = m.dense_layers if m.is_moe else 0, []
+        for layers in self.stages:
+            self.stage_leads.append(min(lead, layers))
+            lead -= self.stage_leads[-1]
 
     # ---- memory -------------------------------------------------------------------------
     def memory(self) -> MemoryPlan:
         m, cfg = self.model, self.config
-        layer_w = self.attn_w + m.experts * self.expert_w + self.router_w
-        embed = m.vocab * m.hidden / cfg.tp * EMBED_BYTES  # vocab-parallel over the TP group
+        layer_w = (self.attn_w + self.local_experts * self.expert_w + self.router_w
+                   + self.shared_w) if m.is_moe else self.attn_w + self.expert_w
+        lead_w = self.attn_w + self.lead_w
+        embed = self.lm_head_w  # vocab-parallel over the attention TP group, 16-bit
         worst_weights = 0.0
         worst_kv_per_token = 0.0
         last = len(self.stages) - 1
         for i, n in enumerate(self.stages):
-            w = n * layer_w
+            leads = self.stage_leads[i]
+            w = (n - leads) * layer_w + leads * lead_w
             if i == 0:
                 w += embed
             if i == last and not (m.tied_embeddings and last == 0):
                 w += self.lm_head_w
             worst_weights = max(worst_weights, w)
             worst_kv_per_token = max(worst_kv_per_token, n * self.kv_per_token_layer)
-        # Activations and workspace sized for a full iteration of max_num_tokens, plus the
-        # gathered FP32 logits of one token per request in the batch.
-        ffn_gpu = m.ffn * m.experts_per_token / cfg.tp
-        act = cfg.max_num_tokens * (8 * m.hidden + 3 * ffn_gpu) * ACT_BYTES
+        # Activations and workspace sized for a full iteration of max_num_tokens (per
+        # attention-DP rank; the MoE block's for the tokens routed here from all ranks), plus
+        # the gathered FP32 logits of one token per request in the batch.
+        moe_tokens = cfg.max_num_tokens * self.ranks * m.experts_per_token / cfg.ep
+        act = (cfg.max_num_tokens * 8 * m.hidden
+               + moe_tokens * 3 * m.ffn / cfg.moe_tp) * ACT_BYTES
         act += min(cfg.max_batch_size, cfg.max_num_tokens) * m.vocab * LOGIT_BYTES
         free = self.gpu.memory_bytes - worst_weights - act - RUNTIME_RESERVE_BYTES
         kv = max(0.0, free) * cfg.kv_fraction
-        kv_tokens = int(kv // worst_kv_per_token) if worst_kv_per_token else 0
+        # Under attention DP each rank caches its own requests: the replica holds ranks times
+        # one GPU's tokens.
+        per_gpu = int(kv // worst_kv_per_token) if worst_kv_per_token else 0
         return MemoryPlan(
             weights=worst_weights, activations=act, reserve=RUNTIME_RESERVE_BYTES,
-            kv_cache=kv, kv_bytes_per_token=worst_kv_per_token, kv_tokens=kv_tokens,
-            total=self.gpu.memory_bytes,
+            kv_cache=kv, kv_bytes_per_token=worst_kv_per_token, kv_tokens=per_gpu * self.ranks,
+            total=self.gpu.memory_bytes, ranks=self.ranks,
         )
 
     # ---- time ---------------------------------------------------------------------------
@@ -207,34 +261,66 @@ class PerfModel:
         memory = nbytes / self.bw
         return compute if compute > memory else memory
 
-    def layer_time(self, tokens: float, ctx_sum: float, prefill_attn: float) -> float:
+    def layer_time(self, tokens: float, ctx_sum: float, prefill_attn: float,
+                   lead: bool = False, share: float | None = None) -> float:
         """One transformer layer on one GPU for one (micro-)batch (seconds).
 
         ``tokens``: tokens in the batch; ``ctx_sum``: KV-cache tokens read by decoding requests;
-        ``prefill_attn``: sum over prefill chunks of chunk * (prefix + chunk / 2) (token pairs).
+        ``prefill_attn``: sum over prefill chunks of chunk * (prefix + chunk / 2) (token pairs);
+        all three over the whole stage (under attention DP each rank takes its share).
+        ``lead``: one of a MoE model's leading dense layers. ``share``: the part of the
+        attention-side work on the busiest attention-DP rank (default an even split).
         """
         if tokens <= 0:
             return 0.0
         m = self.model
-        t = self._gemm(self.attn_flops_tok * tokens, self.attn_w + self.attn_io_tok * tokens,
-                       tokens, self.gemm_rate)
-        if m.is_moe:
+        # Attention's side, on the busiest attention-DP rank (the slowest sets the pace at the
+        # MoE block's collectives).
+        share = 1.0 / self.ranks if share is None else share
+        own, ctx, pairs = tokens * share, ctx_sum * share, prefill_attn * share
+        t = self._gemm(self.attn_flops_tok * own, self.attn_w + self.attn_io_tok * own,
+                       own, self.gemm_rate)
+        if lead:
+            width = self.lead_w / self.w_bytes
+            t += self._gemm(2 * width * own, self.lead_w + self.mlp_io_tok * own, own,
+                            self.gemm_rate)
+        elif m.is_moe:
             # Only the experts some token is routed to are read; each sees its share of tokens.
-            k, e = m.experts_per_token, m.experts
-            routed = tokens * k
-            active = e * (1.0 - (1.0 - k / e) ** tokens)
-            t += self._gemm(self.expert_flops_tok * routed,
+            # All the stage's tokens reach the MoE block (gathered from the ranks under
+            # attention DP); this GPU holds experts / ep of them, and with ep groups the
+            # busiest one gets more than its mean share of the routed tokens (top-k routing as
+            # independent draws: the expected maximum of ep near-Poisson counts).
+            k, e, ep = m.experts_per_token, m.experts, self.config.ep
+            routed = tokens * k / ep
+            if ep > 1:
+                routed += (2.0 * routed * math.log(ep)) ** 0.5
+            mean = tokens * k / ep
+            # Distinct experts hit on the busiest GPU: the mean, scaled by its excess tokens.
+            active = min(self.local_experts, self.local_experts
+                         * (1.0 - (1.0 - k / e) ** tokens) * routed / mean)
+            t += self.moe_fixed + self._gemm(self.expert_flops_tok * routed,
                             active * self.expert_w + self.router_w + self.mlp_io_tok * routed,
                             routed / active, self.gemm_rate)
+            if self.shared_w:
+                width = self.shared_w / self.w_bytes
+                t += self._gemm(2 * width * own, self.shared_w + self.mlp_io_tok * own, own,
+                                self.gemm_rate)
         else:
             t += self._gemm(self.expert_flops_tok * tokens,
                             self.expert_w + self.mlp_io_tok * tokens,
                             tokens, self.gemm_rate)
-        # Attention: decode reads the KV cache; prefill is compute-bound.
-        t += (ctx_sum * self.kv_per_token_layer + tokens * self.elementwise_tok) / self.bw
-        t += prefill_attn * self.prefill_flops_pair / self.attn_rate
+        # Attention: decode reads the KV cache (MLA's latent can make it compute-bound);
+        # prefill is compute-bound.
+        t += (ctx * self.kv_per_token_layer + own * self.elementwise_tok) / self.bw
+        if self.decode_flops_pair:
+            t += max(0.0, ctx * self.decode_flops_pair / self.attn_rate
+                     - ctx * self.kv_per_token_layer / self.bw)
+        t += pairs * self.prefill_flops_pair / self.attn_rate
         if self.config.tp > 1:
-            t += 2 * self.allreduce_time(tokens)
+            if not self.adp:
+                t += 2 * self.allreduce_time(tokens)
+            elif not lead:  # all-gather before the experts, reduce-scatter after
+                t += self.allreduce_time(tokens) + self.lat
         return t + self.layer_fixed
 
     def allreduce_time(self, tokens: float) -> float:
@@ -279,20 +365,41 @@ class PerfModel:
         if seqs <= 0:
             return 0.0
         overhead = self.overhead + self.seq_overhead * seqs
+        m = self.model
+        if m.sliding_layers:
+            # A sliding-window layer reads at most the window of each request's cache.
+            window = min(ctx_sum, seqs * m.sliding_window)
+            ctx_sum = (ctx_sum * (m.layers - m.sliding_layers)
+                       + window * m.sliding_layers) / m.layers
         pp = self.config.pp
+        leads = self.stage_leads[0]
+        mb = 1 if pp == 1 else min(pp, seqs)
+        # Under attention DP the requests are dealt out to the ranks: with fewer requests than
+        # ranks some idle while the busiest does a whole request's attention.
+        share = math.ceil(seqs / mb / self.ranks) * mb / seqs if self.ranks > 1 else None
         if pp == 1:
-            return self.model.layers * self.layer_time(tokens, ctx_sum, prefill_attn) \
-                + self.lm_head_time(seqs) + overhead
-        mb = min(pp, seqs)
+            t = m.layers * self.layer_time(tokens, ctx_sum, prefill_attn, share=share)
+            if leads:
+                t = ((m.layers - leads) * self.layer_time(tokens, ctx_sum, prefill_attn,
+                                                          share=share)
+                     + leads * self.layer_time(tokens, ctx_sum, prefill_attn, lead=True,
+                                               share=share))
+            return t + self.lm_head_time(seqs * (share or 1.0)) + overhead
         t = tokens / mb
-        per_layer = self.layer_time(t, ctx_sum / mb, prefill_attn / mb)
-        head = self.lm_head_time(seqs / mb)
-        slowest = self.stages[0] * per_layer  # earlier stages take the extra layers
-        last = self.stages[-1] * per_layer + head
+        per_layer = self.layer_time(t, ctx_sum / mb, prefill_attn / mb, share=share)
+        lead_layer = (self.layer_time(t, ctx_sum / mb, prefill_attn / mb, lead=True,
+                                      share=share) if leads else per_layer)
+        head = self.lm_head_time(seqs / mb * (share or 1.0))
+        stage_times = [(n - ld) * per_layer + ld * lead_layer
+                       for n, ld in zip(self.stages, self.stage_leads, strict=True)]
+        slowest = stage_times[0]  # earlier stages take the extra layers
+        last = stage_times[-1] + head
         if last > slowest:
             slowest = last
         xfers = [self.handoff_time(t, cross) for cross in self.crossings]
-        trip = self.model.layers * per_layer + head + sum(xfers)
+        # (layers x one layer when all are alike: the sum rounds differently in the last bit)
+        layers_time = sum(stage_times) if leads else self.model.layers * per_layer
+        trip = layers_time + head + sum(xfers)
         through = mb * (slowest + max(xfers))
         return (through if through > trip else trip) + overhead
 

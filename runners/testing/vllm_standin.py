@@ -82,6 +82,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", "-ep", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -170,6 +172,7 @@ def serve(argv: list[str]) -> None:
         _fail(f"OSError: {args.model} does not appear to have a file named config.json")
     heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    dp = args.data_parallel_size
     max_len = args.max_model_len or hf.get("max_position_embeddings", 4096)
     if heads % tp:
         _fail(f"ValueError: Total number of attention heads ({heads}) must be divisible by "
@@ -179,9 +182,9 @@ def serve(argv: list[str]) -> None:
               f"derived max_model_len (max_position_embeddings="
               f"{hf['max_position_embeddings']} in model's config.json).")
     if args.nnodes > 1:
-        if (tp * pp) % args.nnodes:
+        if (tp * pp * dp) % args.nnodes:
             _fail(f"ValueError: Invalid data-parallel launch options: `--nnodes {args.nnodes}` "
-                  f"must evenly divide the total world size ({tp * pp}). Adjust `--nnodes`, "
+                  f"must evenly divide the total world size ({tp * pp * dp}). Adjust `--nnodes`, "
                   "`--data-parallel-size`, `--pipeline-parallel-size`, "
                   "`--tensor-parallel-size`, or `--prefill-context-parallel-size`.")
         if not 0 <= args.node_rank < args.nnodes:
@@ -227,7 +230,8 @@ def serve(argv: list[str]) -> None:
               "initializing the engine.")
     _log(f"GPU KV cache size: {tokens:,} tokens")
     _log(f"Maximum concurrency for {max_len:,} tokens per request: {tokens / max_len:.2f}x")
-    state = {"max_num_seqs": mns, "max_num_batched_tokens": mnbt, "tp": tp, "pp": pp,
+    state = {"max_num_seqs": mns, "max_num_batched_tokens": mnbt, "tp": tp, "pp": pp, "dp": dp,
+             "expert_parallel": args.enable_expert_parallel,
              "chunked": args.enable_chunked_prefill, "eager": args.enforce_eager,
              "capacity": tokens // max_len, "max_model_len": max_len,
              "name": args.served_model_name or args.model}

@@ -72,7 +72,7 @@ _BLOCK_TOKENS = re.compile(r"Number of tokens per block: (\d+)")
 
 def _safe_label(config: EngineConfig) -> str:
     chunk = "chunked" if config.chunked_prefill else "nochunk"
-    return (f"tp{config.tp}-pp{config.pp}-dp{config.dp}-b{config.max_batch_size}-"
+    return (f"{config.layout_label()}-b{config.max_batch_size}-"
             f"t{config.max_num_tokens}-kv{config.kv_fraction:.2f}-{chunk}")
 
 
@@ -194,6 +194,11 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
         """The layout rules (``autotune.model.check_layout``) and this node's GPU count, checked
         before anything runs (InvalidConfig)."""
         check_layout(self.scenario.model, config)
+        if self.options.backend == "tensorrt" and (config.ep > 1 or config.attention_dp):
+            # autotune builds TensorRT engines with trtllm-bench build, which takes tp and pp
+            # only; expert parallelism and attention DP are the PyTorch back end's.
+            raise InvalidConfig(f"{config.label()}: expert parallelism and attention DP need "
+                                "--backend pytorch")
         if self.options.hosts and config.gpus > self.scenario.num_gpus:
             raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
                                 f"{self.scenario.num_gpus}")
@@ -432,7 +437,10 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
             # py_executor_creator.py), then the real one: the last allocation is the capacity.
             # With a single allocation (TensorRT engines, older releases) it is that one.
             fit = (tokens[-1] // block) // max(1, need)
-            per_replica.append(min(fit, config.max_batch_size * config.pp))
+            # Under attention DP each of the tp ranks logs (and schedules) its own cache and
+            # batch: the replica holds tp times one rank's.
+            ranks = config.tp if config.attention_dp else 1
+            per_replica.append(min(fit, config.max_batch_size * config.pp) * ranks)
         return min(per_replica) * config.dp if per_replica else None
 
 

@@ -47,6 +47,10 @@ def llm_api_options(config: EngineConfig, backend: str = "pytorch",
         "kv_cache_config": {"free_gpu_memory_fraction": config.kv_fraction,
                             "enable_block_reuse": False},
     }
+    if config.attention_dp:
+        # Attention data-parallel over the tp GPUs (a field of the LLM arguments; the expert
+        # parallelism itself is the command's --ep / --ep_size).
+        opts["enable_attention_dp"] = True
     padding = release.cuda_graph_padding
     if backend == "pytorch" and padding is not None:
         # CUDA graphs up to the batch limit, padded, as NVIDIA's throughput recipes configure
@@ -136,6 +140,10 @@ def throughput_argv(config: EngineConfig, *, bench: str, model: str, concurrency
     else:
         mbs, mnt = config.max_batch_size, config.max_num_tokens
         argv += ["--tp", str(config.tp), "--pp", str(config.pp)]
+        if config.ep > 1:
+            # trtllm-bench throughput's "World Configuration" group (bench/benchmark/
+            # throughput.py, 1.0-1.2): MoE TP = tp / ep, as tensorrt_llm/mapping.py derives it.
+            argv += ["--ep", str(config.ep)]
     argv += [
         "--max_batch_size", str(mbs), "--max_num_tokens", str(mnt),
         "--kv_cache_free_gpu_mem_fraction", f"{config.kv_fraction:g}",
@@ -157,6 +165,7 @@ def serve_argv(config: EngineConfig, model: str, *, port: int = BASE_PORT,
     return [
         "trtllm-serve", model, "--backend", "pytorch",
         "--tp_size", str(config.tp), "--pp_size", str(config.pp),
+        *(["--ep_size", str(config.ep)] if config.ep > 1 else []),
         "--max_batch_size", str(config.max_batch_size),
         "--max_num_tokens", str(config.max_num_tokens),
         "--kv_cache_free_gpu_memory_fraction", f"{config.kv_fraction:g}",

@@ -77,7 +77,7 @@ PORT_RETRIES = 2
 
 def _label(config: EngineConfig) -> str:
     chunk = "chunked" if config.chunked_prefill else "nochunk"
-    return (f"tp{config.tp}-pp{config.pp}-dp{config.dp}-s{config.max_batch_size}-"
+    return (f"{config.layout_label()}-s{config.max_batch_size}-"
             f"t{config.max_num_tokens}-m{config.kv_fraction:.2f}-{chunk}")
 
 
@@ -167,7 +167,10 @@ class VllmRunner(Runner):
             self._stop_servers()
             raise
         fits = [s.fit for s in servers]
-        capacity = (min(min(f, config.max_batch_size) for f in fits) * config.dp
+        # Under attention DP each of a server's tp data-parallel ranks has its own cache and
+        # batch (the figure vLLM logs is one rank's).
+        ranks = config.tp if config.attention_dp else 1
+        capacity = (min(min(f, config.max_batch_size) for f in fits) * ranks * config.dp
                     if all(fits) else 0)
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
@@ -187,6 +190,11 @@ class VllmRunner(Runner):
         """The layout rules, this node's GPU count and vLLM's scheduler rules, checked before a
         server starts (InvalidConfig, as vLLM would refuse them)."""
         check_layout(self.scenario.model, config)
+        if 1 < config.ep < config.tp:
+            # vLLM's expert parallelism spans every GPU of the MoE layers' group (EP size =
+            # TP x DP, vllm/model_executor/layers/fused_moe/config.py): all or none.
+            raise InvalidConfig(f"{config.label()}: vLLM's expert parallelism takes all tp "
+                                f"GPUs of a stage (ep 1 or {config.tp})")
         if config.gpus > self.scenario.num_gpus:
             raise InvalidConfig(f"{config.label()} needs {config.gpus} GPUs; the study has "
                                 f"{self.scenario.num_gpus}")

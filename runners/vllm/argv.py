@@ -35,7 +35,10 @@ def engine_args(config: EngineConfig, *, max_model_len: int, quantization: str |
     load point, so a cache would turn the second load point's prefills into hits.
     """
     args = {
-        "tensor-parallel-size": config.tp,
+        # Attention DP: vLLM's data-parallel ranks inside one server, each its own requests
+        # (tp GPUs of a stage as 1 x tp); its MoE layers span all tp x dp GPUs either way.
+        "tensor-parallel-size": config.attention_tp,
+        **({"data-parallel-size": config.tp} if config.attention_dp else {}),
         "pipeline-parallel-size": config.pp,
         "max-num-seqs": config.max_batch_size,
         "max-num-batched-tokens": config.max_num_tokens,
@@ -45,6 +48,10 @@ def engine_args(config: EngineConfig, *, max_model_len: int, quantization: str |
         "enable-prefix-caching": prefix_caching,
         "max-model-len": max_model_len,
     }
+    if config.ep > 1:
+        # Experts split over the whole tp x dp group (vLLM's EP size is all of it: runner
+        # checks ep == tp) instead of each expert tensor-parallel over it.
+        args["enable-expert-parallel"] = True
     if quantization:
         args["quantization"] = quantization
     if kv_cache_dtype:
