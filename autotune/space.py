@@ -1,8 +1,9 @@
 """The search space: which configurations a study may propose, loaded from YAML.
 
 The parallel layout is one categorical over the valid (tp, pp, dp) triples (and never a tp and a
-pp sampled apart): TPE learns far better when it only ever sees valid points (see
-shared/docs/optuna-notes.md). Layouts whose weights cannot fit in GPU memory are left out.
+pp sampled apart), for a mixture-of-experts model over (tp, pp, dp, ep, attention DP): TPE learns
+far better when it only ever sees valid points (see shared/docs/optuna-notes.md). Layouts whose
+weights cannot fit in GPU memory are left out.
 """
 
 from __future__ import annotations
