@@ -52,6 +52,12 @@ class EngineConfig:
         return 1 if self.attention_dp else self.tp
 
     @property
+    def attention_ranks(self) -> int:
+        """Attention-DP ranks of a stage, each with its own requests, KV cache and batch
+        limits (1 without attention DP)."""
+        return self.tp if self.attention_dp else 1
+
+    @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
 

@@ -154,7 +154,7 @@ class SearchSpace:
                else [(1, False)])
         for (tp, pp), (ep, adp) in itertools.product(
                 itertools.product(sorted(self.tp), sorted(self.pp)), list(moe)):
-            if n % (tp * pp) or ep > tp or (adp and tp < 2):
+            if n % (tp * pp):
                 continue
             cfg = EngineConfig(tp=tp, pp=pp, dp=n // (tp * pp), precision=scenario.precision,
                                max_num_tokens=min(self.max_num_tokens),

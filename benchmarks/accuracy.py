@@ -448,6 +448,27 @@ class ServingRow:
     ttft_ms: float
     tpot_ms: float
     harness: str = "inferencex"  # who measured it: inferencex | aic (HARNESS_QUEUED)
+    ep: int = 1  # MoE rows: expert parallelism inside the tp GPUs of a stage
+    attention_dp: bool = False  # MoE rows: attention data-parallel over them
+
+    @property
+    def config(self) -> EngineConfig:
+        """The configuration the run served, with InferenceX's limits; under attention DP
+        the batch limit is per rank (the run's concurrency dealt out to the ranks)."""
+        ranks = self.tp if self.attention_dp else 1
+        return EngineConfig(tp=self.tp, pp=self.pp, max_batch_size=-(-self.concurrency // ranks),
+                            max_num_tokens=SERVING_MAX_NUM_TOKENS,
+                            kv_fraction=SERVING_KV_FRACTION, chunked_prefill=True,
+                            precision=self.precision, ep=self.ep,
+                            attention_dp=self.attention_dp)
+
+    @property
+    def family(self) -> str:
+        """TP (experts tensor-parallel), TEP (expert-parallel, attention TP) or DEP (expert-
+        parallel, attention DP), as practitioners name MoE layouts."""
+        if self.attention_dp:
+            return "DEP" if self.ep > 1 else "DP-attention"
+        return "TEP" if self.ep > 1 else "TP"
 
     @property
     def deployment(self) -> str:
@@ -519,10 +540,16 @@ def predict_serving(row: ServingRow, calibration: Calibration | None = None
                     ) -> tuple[float, float]:
     """Modelled (mean TTFT ms, mean TPOT ms) of a serving row: its closed loop at its
     concurrency, run as InferenceX runs it (``Benchmark``), under its engine's constants."""
+    point = serving_point(row, calibration)
+    if point is None:
+        return math.nan, math.nan
+    return point.latency("ttft", "mean"), point.latency("tpot", "mean")
+
+
+def serving_point(row: ServingRow, calibration: Calibration | None = None):
+    """The modelled load point of a serving row (None when the model cannot run it)."""
     cal = calibration or load_calibration(row.gpu, row.precision, engine=row.engine)
-    config = EngineConfig(tp=row.tp, pp=row.pp, max_batch_size=row.concurrency,
-                          max_num_tokens=SERVING_MAX_NUM_TOKENS, kv_fraction=SERVING_KV_FRACTION,
-                          chunked_prefill=True, precision=row.precision)
+    config = row.config
     sim = Simulator(serving_model(row.model), load_gpu(row.gpu), cal, engine=row.engine,
                     benchmark=Benchmark(queued=HARNESS_QUEUED.get((row.harness, row.engine), 0)))
     if row.engine in WHOLE_GPU_FRACTION:
@@ -531,8 +558,8 @@ def predict_serving(row: ServingRow, calibration: Calibration | None = None
         (p,) = sim.measure(config, Workload(isl=row.isl, osl=row.osl),
                            [row.concurrency]).load_points
     except TrialFailure:
-        return math.nan, math.nan
-    return p.latency("ttft", "mean"), p.latency("tpot", "mean")
+        return None
+    return p
 
 
 def _whole_gpu_kv_fraction(sim: Simulator, config: EngineConfig) -> float:
@@ -652,29 +679,11 @@ MOE_MODELS = {
 }
 
 
-@dataclass(frozen=True)
-class MoeRow:
-    """One measured MoE operating point and its layout in autotune's terms (tp = the GPUs of
-    a stage = the data's attention TP x attention DP = MoE TP x MoE EP)."""
-
-    serving: ServingRow
-    ep: int
-    attention_dp: bool
-
-    @property
-    def family(self) -> str:
-        """TP (experts tensor-parallel), TEP (expert-parallel, attention TP) or DEP (expert-
-        parallel, attention DP), as practitioners name them."""
-        if self.attention_dp:
-            return "DEP" if self.ep > 1 else "DP-attention"
-        return "TEP" if self.ep > 1 else "TP"
-
-
-def load_moe(csv: Path = SERVING_CSV) -> tuple[list[MoeRow], dict[str, int]]:
+def load_moe(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]:
     """The aggregated MoE rows of catalog models on catalog GPUs and engines (none is fitted
     on: the constants are the dense fits'), and how many others were skipped why."""
     df = pd.read_csv(csv)
-    rows: list[MoeRow] = []
+    rows: list[ServingRow] = []
     skipped: dict[str, int] = defaultdict(int)
     for i, r in df.iterrows():
         if r["mode"] != "agg" or r.model_path not in MOE_MODELS:
@@ -699,12 +708,12 @@ def load_moe(csv: Path = SERVING_CSV) -> tuple[list[MoeRow], dict[str, int]]:
         if why:
             skipped[why] += 1
             continue
-        rows.append(MoeRow(ServingRow(
+        rows.append(ServingRow(
             index=int(i), engine=r.backend, version=str(r.backend_version),
             gpu=SERVING_GPUS[r.system], model=MOE_MODELS[r.model_path], precision=precision,
             tp=tp, pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=concurrency, ttft_ms=float(r.silicon_ttft_ms),
-            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source))),
+            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source)),
             ep=ep, attention_dp=adp > 1))
     return rows, dict(skipped)
 
@@ -725,24 +734,10 @@ def _unsquared(tp: int, adp: int, moe_tp: int, ep: int) -> tuple[int, int]:
     return world, ep
 
 
-def predict_moe(row: MoeRow) -> tuple[float, float, float]:
-    """Modelled (mean TTFT ms, mean TPOT ms, output tok/s per GPU) of a MoE row, run as
-    ``predict_serving`` runs a dense one."""
-    s = row.serving
-    cal = load_calibration(s.gpu, s.precision, engine=s.engine)
-    # Under attention DP the engines' batch limit is per rank: the run's concurrency over them.
-    ranks = s.tp if row.attention_dp else 1
-    config = EngineConfig(tp=s.tp, pp=s.pp, max_batch_size=max(1, -(-s.concurrency // ranks)),
-                          max_num_tokens=SERVING_MAX_NUM_TOKENS, kv_fraction=SERVING_KV_FRACTION,
-                          chunked_prefill=True, precision=s.precision, ep=row.ep,
-                          attention_dp=row.attention_dp)
-    sim = Simulator(load_model(s.model), load_gpu(s.gpu), cal, engine=s.engine,
-                    benchmark=Benchmark(queued=HARNESS_QUEUED.get((s.harness, s.engine), 0)))
-    if s.engine in WHOLE_GPU_FRACTION:
-        config = replace(config, kv_fraction=_whole_gpu_kv_fraction(sim, config))
-    try:
-        (p,) = sim.measure(config, Workload(isl=s.isl, osl=s.osl), [s.concurrency]).load_points
-    except TrialFailure:
+def predict_moe(row: ServingRow) -> tuple[float, float, float]:
+    """Modelled (mean TTFT ms, mean TPOT ms, output tok/s per GPU) of a MoE row."""
+    p = serving_point(row)
+    if p is None:
         return math.nan, math.nan, math.nan
     return p.latency("ttft", "mean"), p.latency("tpot", "mean"), p.output_throughput_per_gpu
 
@@ -752,7 +747,7 @@ def _measured_per_gpu(s: ServingRow) -> float:
     return s.concurrency * s.osl / (s.ttft_ms + (s.osl - 1) * s.tpot_ms) * 1000 / (s.tp * s.pp)
 
 
-def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
+def report_moe(rows: list[ServingRow], preds: list[tuple[float, float, float]],
                skipped: dict[str, int]) -> dict:
     """TPOT and TTFT MAPE per engine, GPU and model, and whether the model ranks the layout
     families right wherever the data measured two or more at the same point."""
@@ -761,13 +756,13 @@ def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         if not math.isnan(preds[i][1]):
-            groups[(r.serving.engine, r.serving.gpu, r.serving.model)].append(i)
+            groups[(r.engine, r.gpu, r.model)].append(i)
     print(f"{'engine':7} {'GPU':5} {'model':16} {'rows':>5} {'TPOT':>7} {'TTFT':>7}  layouts")
     out = {"groups": []}
     for key in sorted(groups):
         idx = groups[key]
-        tpot = mape([ape(preds[i][1], rows[i].serving.tpot_ms) for i in idx])
-        ttft = mape([ape(preds[i][0], rows[i].serving.ttft_ms) for i in idx])
+        tpot = mape([ape(preds[i][1], rows[i].tpot_ms) for i in idx])
+        ttft = mape([ape(preds[i][0], rows[i].ttft_ms) for i in idx])
         fams = sorted({rows[i].family for i in idx})
         print(f"{key[0]:7} {key[1]:5} {key[2]:16} {len(idx):>5} {tpot:>6.1f}% {ttft:>6.1f}%  "
               f"{', '.join(fams)}")
@@ -778,7 +773,7 @@ def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
     # with two or more families; the fastest per user (lowest TPOT) and the most per GPU.
     points: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        s = r.serving
+        s = r
         if not math.isnan(preds[i][1]):
             points[(s.engine, s.gpu, s.model, s.precision, s.isl, s.osl,
                     s.concurrency)].append(i)
@@ -788,17 +783,17 @@ def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
         best_family: dict[str, int] = {}
         for i in idx:  # each family's best layout at this point, by the measurement
             f = rows[i].family
-            if f not in best_family or (rows[i].serving.tpot_ms
-                                        < rows[best_family[f]].serving.tpot_ms):
+            if f not in best_family or (rows[i].tpot_ms
+                                        < rows[best_family[f]].tpot_ms):
                 best_family[f] = i
         if len(best_family) < 2:
             continue
         cands = list(best_family.values())
-        user_ok = (min(cands, key=lambda i: rows[i].serving.tpot_ms)
+        user_ok = (min(cands, key=lambda i: rows[i].tpot_ms)
                    == min(cands, key=lambda i: preds[i][1]))
-        gpu_ok = (max(cands, key=lambda i: _measured_per_gpu(rows[i].serving))
+        gpu_ok = (max(cands, key=lambda i: _measured_per_gpu(rows[i]))
                   == max(cands, key=lambda i: preds[i][2]))
-        band = rows[cands[0]].serving.band
+        band = rows[cands[0]].band
         for name, ok in (("user", user_ok), ("gpu", gpu_ok)):
             ranked[name][0] += ok
             ranked[name][1] += 1
@@ -817,10 +812,6 @@ def report_moe(rows: list[MoeRow], preds: list[tuple[float, float, float]],
             print(f"  concurrency {band:>6}: per user {u}/{n}, per GPU {g}/{m}")
     out["ranking"] = ranked
     return out
-
-
-def _predict_moe_one(row):
-    return predict_moe(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -847,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "moe"):
         moe, skipped_moe = load_moe(args.serving_csv)
         with ProcessPoolExecutor(args.jobs) as pool:
-            preds = list(pool.map(_predict_moe_one, moe, chunksize=4))
+            preds = list(pool.map(predict_moe, moe, chunksize=4))
         report_moe(moe, preds, skipped_moe)
     return 0
 

@@ -23,6 +23,7 @@ early stop vs the bisection the study uses for expensive runners.
     python benchmarks/search_efficiency.py --sample fixed  # the original 36 (8 GPUs, H100/H200)
     python benchmarks/search_efficiency.py --quick       # 4 fixed scenarios, 8 seeds
     python benchmarks/search_efficiency.py --no-prior    # without the warm-start part
+    python benchmarks/search_efficiency.py --cached-only # only scenarios whose truth is built
 
 Drawn scenarios come from a seeded generator (``draw_scenarios``): a dense model from 7B to 405B,
 a GPU (A100, H100, H200, B200), 1-8 of them, lengths from short chat to long context (up to
@@ -519,11 +520,11 @@ def main() -> int:
         if args.cached_only:
             left = [c for c in combos if not _cached(*c[:4], num_gpus=c[5])]
             combos = [c for c in combos if c not in left]
-            samples[i] = (title, combos)
             for c in left:
                 print(f"left out (ground truth not cached): {' '.join(map(str, c))}",
                       file=sys.stderr)
             title = f"{title}, {len(combos)} scenarios with cached ground truth"
+            samples[i] = (title, combos)
         # Ground truth first, one table per (model, GPU, count, mix), in parallel.
         tables = sorted({(m, g, i, o, n) for m, g, i, o, _, n in combos})
         with ProcessPoolExecutor(args.jobs) as pool:

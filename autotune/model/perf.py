@@ -121,8 +121,8 @@ class PerfModel:
         # tensor-parallel over ``atp`` GPUs; under attention DP each of the ``ranks`` GPUs of a
         # stage runs it for its own share of the requests.
         self.adp = config.attention_dp and tp > 1
-        self.ranks = tp if self.adp else 1
-        atp = 1 if self.adp else tp
+        self.ranks = config.attention_ranks
+        atp = config.attention_tp
         hd = m.head_dim
         self.kv_heads_per_gpu = ceil_div(m.kv_heads, atp)  # replicated when tp > KV heads
         self.heads_per_gpu = m.heads / atp
@@ -165,8 +165,10 @@ class PerfModel:
         self.router_w = m.hidden * m.experts * EMBED_BYTES if m.is_moe else 0.0
         self.local_experts = m.experts / config.ep
         # Split like attention: the shared experts of a MoE layer, the MLP of a leading dense one.
-        self.shared_w = m.mlp_params(m.shared_ffn) / atp * self.w_bytes
-        self.lead_w = m.mlp_params(m.dense_ffn) / atp * self.w_bytes
+        self.shared_params = m.mlp_params(m.shared_ffn) / atp
+        self.lead_params = m.mlp_params(m.dense_ffn) / atp
+        self.shared_w = self.shared_params * self.w_bytes
+        self.lead_w = self.lead_params * self.w_bytes
         self.attn_flops_tok = 2 * self.attn_params
         self.expert_flops_tok = 2 * self.expert_params
         # Activation bytes in and out of the GEMMs per token (attention; one expert's MLP).
@@ -281,9 +283,8 @@ class PerfModel:
         t = self._gemm(self.attn_flops_tok * own, self.attn_w + self.attn_io_tok * own,
                        own, self.gemm_rate)
         if lead:
-            width = self.lead_w / self.w_bytes
-            t += self._gemm(2 * width * own, self.lead_w + self.mlp_io_tok * own, own,
-                            self.gemm_rate)
+            t += self._gemm(2 * self.lead_params * own, self.lead_w + self.mlp_io_tok * own,
+                            own, self.gemm_rate)
         elif m.is_moe:
             # Only the experts some token is routed to are read; each sees its share of tokens.
             # All the stage's tokens reach the MoE block (gathered from the ranks under
@@ -302,9 +303,8 @@ class PerfModel:
                             active * self.expert_w + self.router_w + self.mlp_io_tok * routed,
                             routed / active, self.gemm_rate)
             if self.shared_w:
-                width = self.shared_w / self.w_bytes
-                t += self._gemm(2 * width * own, self.shared_w + self.mlp_io_tok * own, own,
-                                self.gemm_rate)
+                t += self._gemm(2 * self.shared_params * own,
+                                self.shared_w + self.mlp_io_tok * own, own, self.gemm_rate)
         else:
             t += self._gemm(self.expert_flops_tok * tokens,
                             self.expert_w + self.mlp_io_tok * tokens,

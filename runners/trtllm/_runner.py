@@ -439,8 +439,8 @@ class TrtllmRunner(EngineCache, Runner, EngineBuilder):
             fit = (tokens[-1] // block) // max(1, need)
             # Under attention DP each of the tp ranks logs (and schedules) its own cache and
             # batch: the replica holds tp times one rank's.
-            ranks = config.tp if config.attention_dp else 1
-            per_replica.append(min(fit, config.max_batch_size * config.pp) * ranks)
+            per_replica.append(min(fit, config.max_batch_size * config.pp)
+                               * config.attention_ranks)
         return min(per_replica) * config.dp if per_replica else None
 
 

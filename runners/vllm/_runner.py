@@ -169,9 +169,8 @@ class VllmRunner(Runner):
         fits = [s.fit for s in servers]
         # Under attention DP each of a server's tp data-parallel ranks has its own cache and
         # batch (the figure vLLM logs is one rank's).
-        ranks = config.tp if config.attention_dp else 1
-        capacity = (min(min(f, config.max_batch_size) for f in fits) * ranks * config.dp
-                    if all(fits) else 0)
+        capacity = (min(min(f, config.max_batch_size) for f in fits) * config.attention_ranks
+                    * config.dp if all(fits) else 0)
         return Measurement(
             runner=self.name, config=config, workload=workload, load_points=tuple(points),
             max_requests_in_flight=capacity,
