@@ -419,13 +419,16 @@ SERVING_KV_FRACTION = 0.9
 #: SGLang's ``--mem-fraction-static``: weights, activations and KV cache together), not of
 #: the memory the weights leave (TensorRT-LLM's ``free_gpu_memory_fraction``).
 WHOLE_GPU_FRACTION = ("vllm", "sglang")
-#: Requests a harness keeps waiting beyond the engine's batch slots (``Benchmark.queued``), by
-#: (harness, engine). InferenceX starts the engine with ``--max-num-seqs $CONC`` and runs
-#: ``$CONC`` clients: none. The AIConfigurator gap-analysis sweeps of TensorRT-LLM
-#: (``source_file=.../aic-auto-gap-analysis/...``) show one: their TTFT is close to a base plus
-#: one request's duration / concurrency (it falls as concurrency rises and grows with OSL), the
-#: wait for the next completion. Their vLLM sweeps do not (TTFT below duration / concurrency).
-HARNESS_QUEUED = {("aic", "trtllm"): 1}
+#: Requests a sweep's client keeps waiting beyond the engine's batch slots
+#: (``Benchmark.queued``), by sweep (``ServingRow.sweep``: the AIConfigurator gap-analysis
+#: file a row came from); every other sweep none (InferenceX starts the engine with
+#: ``--max-num-seqs $CONC`` and runs ``$CONC`` clients). A queued client shows in the TTFT: a
+#: base plus one request's duration / concurrency, the wait for the next completion, so at a
+#: fixed ISL and concurrency TTFT grows with OSL x TPOT / concurrency at a slope of 1. Fitted on
+#: the fit rows at concurrency <= 64 (``benchmarks/accuracy.py --sweeps`` prints each sweep's
+#: slope): the Llama 3.1 8B sweep of 1.0.0rc3 on H100 0.99, its Qwen3-32B and Qwen3-235B
+#: sweeps (same harness, release and GPU) 0.13 and 0.01, InferenceX 0.03.
+QUEUED_SWEEPS = {"h100_sxm/trtllm/1.0.0rc3/meta-llama_Llama-3.1-8B-Instruct.csv": 1}
 #: Concurrency bands of the latency tables.
 BANDS = (("1", 1, 1), ("2-16", 2, 16), ("17-128", 17, 128), (">128", 129, 10**9))
 
@@ -447,7 +450,8 @@ class ServingRow:
     concurrency: int
     ttft_ms: float
     tpot_ms: float
-    harness: str = "inferencex"  # who measured it: inferencex | aic (HARNESS_QUEUED)
+    harness: str = "inferencex"  # who measured it: inferencex | aic
+    sweep: str = ""  # the gap-analysis file of an aic row (QUEUED_SWEEPS), "" for InferenceX
     ep: int = 1  # MoE rows: expert parallelism inside the tp GPUs of a stage
     attention_dp: bool = False  # MoE rows: attention data-parallel over them
 
@@ -499,6 +503,13 @@ def _harness(source: str) -> str:
     return "aic" if "aic-auto-gap-analysis" in source else "inferencex"
 
 
+def _sweep(source: str) -> str:
+    """The gap-analysis file an aic row came from (``<system>/<engine>/<version>/<file>``),
+    "" for the others."""
+    found = re.search(r"aic-auto-gap-analysis/data/([^;]+)", source)
+    return found.group(1).strip() if found else ""
+
+
 def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]:
     """The dense aggregated rows the model can describe, and how many others were skipped why."""
     df = pd.read_csv(csv)
@@ -528,7 +539,8 @@ def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, i
             gpu=SERVING_GPUS[r.system], model=SERVING_MODELS[r.model_path], precision=precision,
             tp=int(r.tp_size), pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=int(r.batch_size), ttft_ms=float(r.silicon_ttft_ms),
-            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source))))
+            tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source)),
+            sweep=_sweep(str(r.silicon_data_source))))
     return rows, dict(skipped)
 
 
@@ -551,7 +563,7 @@ def serving_point(row: ServingRow, calibration: Calibration | None = None):
     cal = calibration or load_calibration(row.gpu, row.precision, engine=row.engine)
     config = row.config
     sim = Simulator(serving_model(row.model), load_gpu(row.gpu), cal, engine=row.engine,
-                    benchmark=Benchmark(queued=HARNESS_QUEUED.get((row.harness, row.engine), 0)))
+                    benchmark=Benchmark(queued=QUEUED_SWEEPS.get(row.sweep, 0)))
     if row.engine in WHOLE_GPU_FRACTION:
         config = replace(config, kv_fraction=_whole_gpu_kv_fraction(sim, config))
     try:
@@ -714,7 +726,7 @@ def load_moe(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]
             tp=tp, pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=concurrency, ttft_ms=float(r.silicon_ttft_ms),
             tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source)),
-            ep=ep, attention_dp=adp > 1))
+            sweep=_sweep(str(r.silicon_data_source)), ep=ep, attention_dp=adp > 1))
     return rows, dict(skipped)
 
 
@@ -814,6 +826,35 @@ def report_moe(rows: list[ServingRow], preds: list[tuple[float, float, float]],
     return out
 
 
+def queue_slopes(rows: list[ServingRow], max_concurrency: int = 64) -> dict[str, tuple]:
+    """Per sweep: how measured TTFT grows with one request's duration / concurrency
+    (OSL x TPOT / concurrency) between rows of the same deployment, ISL and concurrency that
+    differ in OSL, on the fit rows at concurrency <= ``max_concurrency`` (above it the KV
+    cache can bind). A client one request ahead of the engine's batch gives a slope of 1
+    (``QUEUED_SWEEPS``), one that is not about 0. Returns sweep -> (rows, pairs, slope)."""
+    groups: dict[str, dict[tuple, list[ServingRow]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if not r.held_out and r.concurrency <= max_concurrency:
+            groups[r.sweep or r.harness][(r.engine, r.precision, r.tp, r.pp, r.ep,
+                                          r.attention_dp, r.isl, r.concurrency)].append(r)
+    out = {}
+    for sweep, by_key in sorted(groups.items()):
+        xs, ys = [], []
+        for same in by_key.values():
+            if len({r.osl for r in same}) < 2:
+                continue
+            waits = [r.osl * r.tpot_ms / r.concurrency for r in same]
+            mean_wait, mean_ttft = statistics.fmean(waits), statistics.fmean(
+                r.ttft_ms for r in same)
+            xs += [w - mean_wait for w in waits]
+            ys += [r.ttft_ms - mean_ttft for r in same]
+        n = sum(len(v) for v in by_key.values())
+        slope = (sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+                 if len(xs) > 3 and any(xs) else math.nan)
+        out[sweep] = (n, len(xs), slope)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
@@ -822,7 +863,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serving-csv", type=Path, default=SERVING_CSV)
     ap.add_argument("--only", choices=("throughput", "latency", "405b", "moe"),
                     help="print one part only")
+    ap.add_argument("--sweeps", action="store_true",
+                    help="print each serving sweep's TTFT slope (QUEUED_SWEEPS) and stop")
     args = ap.parse_args(argv)
+    if args.sweeps:
+        everything = load_serving(args.serving_csv)[0] + load_moe(args.serving_csv)[0]
+        print("sweep (fit rows, concurrency <= 64)                                 rows  pairs "
+              "slope  queued")
+        for sweep, (n, pairs, slope) in queue_slopes(everything).items():
+            print(f"{sweep:68} {n:5} {pairs:5} {slope:6.2f}  {QUEUED_SWEEPS.get(sweep, 0)}")
+        return 0
     if args.only in (None, "throughput"):
         rows, skipped = load_rows(args.csv)
         preds = [p for p, _ in predict_all(rows, jobs=args.jobs)]

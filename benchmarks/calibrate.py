@@ -11,7 +11,12 @@ per-scenario factors. What is fitted:
 - per GPU and precision: the large-GEMM efficiency and the tokens at which GEMMs reach half of
   it;
 - per GPU and TensorRT-LLM generation (``trt`` engines of 0.12-0.17, the ``pytorch`` back end,
-  0.20's PyTorch back end without CUDA graphs): the fixed cost of one scheduler iteration.
+  0.20's PyTorch back end without CUDA graphs): the fixed cost of one scheduler iteration and
+  of one layer. Both are the runtime's, not the GPU's: a TensorRT engine fuses a layer into a
+  few kernels, the PyTorch back end launches a dozen, and without CUDA graphs each launch is
+  paid on the host. Shared between generations, the per-layer cost was pinned near zero by the
+  TensorRT engines' max-throughput rows, where it hardly shows, and the all-reduce latency
+  took up what the PyTorch back end's batch-1 steps need (issue 17).
 
 Besides the max-throughput rows, the fit takes the mean TTFT and ITL of the fit half of the 0.14
 online-serving sweep (H100/H200, Poisson arrivals): the only low-load measurements, they pin
@@ -44,14 +49,19 @@ import accuracy  # benchmarks/accuracy.py, next to this script
 import numpy as np
 import yaml
 
-from autotune.model import BOUNDS, DEFAULT_BACKEND, Calibration, load_calibration
+from autotune.model import (
+    BACKEND_CONSTANTS,
+    BOUNDS,
+    DEFAULT_BACKEND,
+    Calibration,
+    load_calibration,
+)
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
 SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
-          "seq_overhead_us",
-          "layer_overhead_us", "p2p_latency_us", "request_overhead_ms")
+          "seq_overhead_us", "p2p_latency_us", "request_overhead_ms")
 PER_PRECISION = ("gemm_eff", "gemm_half_tokens")
-PER_BACKEND = ("iter_overhead_ms",)
+PER_BACKEND = BACKEND_CONSTANTS
 #: What belongs to a serving engine rather than to the GPU: fitted per engine (``--engine``)
 #: on its measured serving points, over the GPU's TensorRT-LLM constants for everything else.
 ENGINE_CONSTANTS = ("ar_latency_us", "layer_overhead_us", "iter_overhead_ms", "seq_overhead_us",
@@ -326,14 +336,22 @@ class EngineParams:
                                               **self.values) for c in cases}
 
 
+def engine_values(engine: str) -> dict[str, float]:
+    """The constants ``engines/<engine>.yaml`` holds now (a warm start), within their bounds."""
+    path = CALIBRATION_DIR / "engines" / f"{engine}.yaml"
+    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return {n: float(v) for n, v in data.items()
+            if n in ENGINE_CONSTANTS and BOUNDS[n][0] <= float(v) <= BOUNDS[n][1]}
+
+
 def fit_engine(engine: str, serving: list, jobs: int, iterations: int = 10,
-               log=None) -> tuple[EngineParams, float, int]:
+               log=None, start: dict | None = None) -> tuple[EngineParams, float, int]:
     """Levenberg-Marquardt (as ``fit_gpu``) of ``engine``'s constants on the fit share of its
     measured serving points (mean TTFT and TPOT); returns the constants, their MAPE (TTFT and
     TPOT together) and the number of points."""
     log = log or (lambda *a: print(*a, flush=True))
     cases = [s for s in serving if s.engine == engine and not s.held_out]
-    params = EngineParams({})
+    params = EngineParams(start or {})
     names = params.names
     lo = np.log([BOUNDS[n][0] for n in names])
     hi = np.log([BOUNDS[n][1] for n in names])
@@ -416,8 +434,10 @@ def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
             "# TensorRT engines of 0.12-0.17 (trt) and 0.20's PyTorch back end without CUDA "
             "graphs.",
         ]
+        fitted = {n.split("@")[0] for n in params.names}
         for name, value in cal.to_dict().items():
-            lines.append(f"{name}: {value:.4g}")
+            if name in fitted:  # the others (moe_overhead_us) stay default.yaml's
+                lines.append(f"{name}: {value:.4g}")
         others = [b for b in backends if b != DEFAULT_BACKEND]
         if default != DEFAULT_BACKEND:
             lines.append(f"# no {DEFAULT_BACKEND} rows for this GPU: "
@@ -446,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="hold a constant (e.g. ar_latency_us=15) instead of fitting it")
     ap.add_argument("--hold", action="append", default=[], metavar="NAME",
                     help="hold a constant (all its @precision/@backend variants) at its start")
+    ap.add_argument("--start", action="append", default=[], metavar="NAME=VALUE",
+                    help="start a constant here and fit it (NAME may name a variant: "
+                         "layer_overhead_us@pytorch=30); over --warm-start's values")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     ap.add_argument("--engine", action="append", choices=("vllm", "sglang"),
                     help="fit these engines' constants on their serving points instead")
@@ -455,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     serving = [] if args.no_serving else accuracy.load_serving()[0]
     for engine in args.engine or []:
         t0 = time.perf_counter()
-        eparams, value, n = fit_engine(engine, serving, args.jobs, args.iterations)
+        start = engine_values(engine) if args.warm_start else {}
+        start.update({k: float(v) for k, v in (a.split("=") for a in args.start)})
+        eparams, value, n = fit_engine(engine, serving, args.jobs, args.iterations,
+                                       start=start)
         for name in eparams.names:
             print(f"  {name:24} {eparams.values[name]:.4g}")
         if not args.dry_run:
@@ -467,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     for gpu in args.gpu or ["h100", "h200", "b200"]:
         t0 = time.perf_counter()
         start = existing_values(gpu) if args.warm_start else {}
+        start.update({k: float(v) for k, v in (a.split("=") for a in args.start)})
         params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
                                iterations=args.iterations, start=start, csv=args.csv,
                                fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)},

@@ -14,6 +14,7 @@ from autotune.config import EngineConfig
 from autotune.errors import OutOfMemory
 from autotune.measurement import MAX_CONCURRENCY
 from autotune.model import (
+    BACKEND_CONSTANTS,
     BACKENDS,
     Calibration,
     PerfModel,
@@ -229,7 +230,7 @@ def test_shipped_constants_are_few_and_physical(gpu, precision):
     assert len(data) <= 12  # every constant has one meaning (see calibration.BOUNDS)
     assert set(backends) <= set(BACKENDS)
     for over in backends.values():
-        assert set(over) == {"iter_overhead_ms"}  # the only per-generation constant
+        assert set(over) == set(BACKEND_CONSTANTS)  # the runtime's, not the GPU's
     cal = load_calibration(gpu, precision)
     for eff in (cal.gemm_eff, cal.mem_eff, cal.attn_eff, cal.ar_bw_eff):
         assert 0 < eff <= 1
@@ -239,7 +240,9 @@ def test_shipped_constants_are_few_and_physical(gpu, precision):
 
 def test_back_end_overrides_and_unknown_back_ends():
     base, trt = load_calibration("h100", "fp8"), load_calibration("h100", "fp8", "trt")
-    assert replace(trt, iter_overhead_ms=base.iter_overhead_ms) == base
+    assert replace(trt, iter_overhead_ms=base.iter_overhead_ms,
+                   layer_overhead_us=base.layer_overhead_us) == base
+    assert trt.layer_overhead_us < base.layer_overhead_us  # an engine fuses a layer's kernels
     with pytest.raises(ValueError, match="back end"):
         load_calibration("h100", "fp8", "vllm")
     # A GPU/precision without a file borrows the GPU's other precision, else the defaults.

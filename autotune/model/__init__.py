@@ -8,6 +8,7 @@
 """
 
 from autotune.model.calibration import (
+    BACKEND_CONSTANTS,
     BACKENDS,
     BOUNDS,
     DEFAULT_BACKEND,
@@ -23,7 +24,8 @@ from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPl
 from autotune.model.simulate import SIM_REQUESTS, Benchmark, Simulator
 
 __all__ = [
-    "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE", "ENGINES", "KV_BLOCK_TOKENS",
+    "BACKEND_CONSTANTS", "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE", "ENGINES",
+    "KV_BLOCK_TOKENS",
     "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS", "Benchmark", "Calibration", "Capacity", "MemoryPlan",
     "PerfModel", "Simulator", "calibration_file", "check_layout", "gate", "load_calibration",
     "replica_capacity", "with_constants",

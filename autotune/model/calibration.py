@@ -16,6 +16,10 @@ import yaml
 DEFAULT_BACKEND = "pytorch"
 #: TensorRT-LLM generations a calibration file may hold overrides for.
 BACKENDS = ("pytorch", "trt", "pytorch-no-graphs")
+#: The constants that belong to the generation (the runtime), not the GPU: a TensorRT engine
+#: fuses a layer into a few kernels and replays its iterations as CUDA graphs, the PyTorch back
+#: end launches a dozen per layer, and without CUDA graphs it pays every launch on the host.
+BACKEND_CONSTANTS = ("iter_overhead_ms", "layer_overhead_us")
 #: The serving engine the per-GPU files describe (TensorRT-LLM); the others' files
 #: (``engines/<engine>.yaml``) override the constants that belong to the engine, not the GPU.
 DEFAULT_ENGINE = "trtllm"
@@ -136,7 +140,13 @@ def load_calibration(gpu: str, precision: str, backend: str | None = None,
     if backend and backend != DEFAULT_BACKEND:
         if backend not in BACKENDS:
             raise ValueError(f"unknown back end {backend!r}: use one of {', '.join(BACKENDS)}")
-        merged.update(overrides.get(backend) or {})
+        over = overrides.get(backend) or {}
+        if set(over) - set(BACKEND_CONSTANTS):
+            raise ValueError(f"{name}: back end {backend!r} overrides "
+                             f"{', '.join(sorted(set(over) - set(BACKEND_CONSTANTS)))}, "
+                             f"which belong to the GPU (per back end: "
+                             f"{', '.join(BACKEND_CONSTANTS)})")
+        merged.update(over)
     if engine and engine != DEFAULT_ENGINE:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -155,5 +165,5 @@ def with_constants(cal: Calibration, **changes: float) -> Calibration:
     return replace(cal, **changes)
 
 
-__all__ = ["BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE", "ENGINES", "Calibration",
-           "calibration_file", "load_calibration", "with_constants"]
+__all__ = ["BACKENDS", "BACKEND_CONSTANTS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE",
+           "ENGINES", "Calibration", "calibration_file", "load_calibration", "with_constants"]
