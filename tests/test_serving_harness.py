@@ -1,0 +1,51 @@
+"""How ``benchmarks/accuracy.py`` runs the measured serving sweeps: which client kept a request
+queued beyond the engine's batch, and how the data tell."""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402  (benchmarks/ is not a package)
+
+QUEUED = next(iter(accuracy.QUEUED_SWEEPS))
+SOURCE = ("source_file=/Users/someone/projects/aic-auto-gap-analysis/data/"
+          "h100_sxm/trtllm/1.0.0rc3/meta-llama_Llama-3.1-8B-Instruct.csv; gtl_job_id=1; "
+          "silicon_concurrency=8")
+
+
+def _row(sweep: str, osl: int, concurrency: int, index: int = 0) -> accuracy.ServingRow:
+    return accuracy.ServingRow(
+        index=index, engine="trtllm", version="1.0.0rc3", gpu="h100", model="llama-3.1-8b",
+        precision="bf16", tp=1, pp=1, isl=1024, osl=osl, concurrency=concurrency,
+        ttft_ms=1.0, tpot_ms=1.0, harness="aic", sweep=sweep)
+
+
+def test_a_gap_analysis_source_names_its_sweep_and_inferencex_none():
+    assert accuracy._sweep(SOURCE) == QUEUED
+    assert accuracy._harness(SOURCE) == "aic"
+    assert accuracy._sweep("source_file=2026-04-06.csv; model=Llama-3.1-70B") == ""
+
+
+def test_only_a_queued_sweep_waits_for_a_completion_before_its_prefill():
+    queued = accuracy.predict_serving(_row(QUEUED, 512, 8))
+    plain = accuracy.predict_serving(_row("h100_sxm/trtllm/1.0.0rc3/other.csv", 512, 8))
+    # the wait is about one request's duration / concurrency: 512 tokens x TPOT / 8
+    wait = 512 * plain[1] / 8
+    assert queued[0] - plain[0] == pytest.approx(wait, rel=0.5)
+    assert queued[1] == pytest.approx(plain[1], rel=0.15)
+
+
+@pytest.mark.parametrize("sweep,slope", [(QUEUED, 1.0), ("", 0.0)])
+def test_the_slope_of_ttft_against_duration_over_concurrency_tells_a_queued_client(sweep, slope):
+    # "Measurements" made by the model's own closed loop, with and without the queued request:
+    # the detector finds the slope each client gives (about 1 and about 0).
+    rows = []
+    for i, (osl, c) in enumerate((o, c) for o in (128, 256, 512) for c in (8, 16, 32)):
+        row = _row(sweep, osl, c, index=i)
+        ttft, tpot = accuracy.predict_serving(row)
+        rows.append(replace(row, ttft_ms=ttft, tpot_ms=tpot))
+    (found,) = accuracy.queue_slopes(rows).values()
+    assert found[2] == pytest.approx(slope, abs=0.3)
