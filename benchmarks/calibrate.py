@@ -6,10 +6,12 @@ comparable and which are held out: one (model, ISL/OSL) combination in four neve
 The same constants serve every model and workload on that GPU; there are no per-model or
 per-scenario factors. What is fitted:
 
-- per GPU (shared by its precisions): HBM efficiency, prefill-attention efficiency, all-reduce
-  latency and bandwidth efficiency, per-request overhead;
-- per GPU and precision: the large-GEMM efficiency and the tokens at which GEMMs reach half of
-  it;
+- per GPU (shared by its precisions): prefill-attention efficiency, all-reduce latency and
+  bandwidth efficiency, per-request overhead;
+- per GPU and precision: the large-GEMM efficiency, the tokens at which GEMMs reach half of
+  it, and the share of HBM bandwidth a small batch's weight-streaming GEMMs reach (an NVFP4
+  kernel unpacks 4-bit values and applies a scale per 16; on B200 the measured NVFP4 decode is
+  only 1.2x faster than FP8's for 0.56x the bytes, which one shared share cannot give);
 - per GPU and TensorRT-LLM generation (``trt`` engines of 0.12-0.17, the ``pytorch`` back end,
   0.20's PyTorch back end without CUDA graphs): the fixed cost of one scheduler iteration and
   of one layer. Both are the runtime's, not the GPU's: a TensorRT engine fuses a layer into a
@@ -58,9 +60,9 @@ from autotune.model import (
 )
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
-SHARED = ("mem_eff", "attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
+SHARED = ("attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
           "seq_overhead_us", "p2p_latency_us", "request_overhead_ms")
-PER_PRECISION = ("gemm_eff", "gemm_half_tokens")
+PER_PRECISION = ("gemm_eff", "gemm_half_tokens", "mem_eff")
 PER_BACKEND = BACKEND_CONSTANTS
 #: What belongs to a serving engine rather than to the GPU: fitted per engine (``--engine``)
 #: on its measured serving points, over the GPU's TensorRT-LLM constants for everything else.

@@ -38,7 +38,8 @@ ENGINES = ("trtllm", "vllm", "sglang")
 #: - ``request_overhead_ms``: a request's path outside the GPU's iterations, paid once before
 #:   its first token (HTTP, tokenisation, hand-over to the scheduler, streaming the token back);
 #: - ``mem_eff``: achievable share of HBM bandwidth for streaming weight reads (~0.6-0.92 of the
-#:   datasheet; a device-to-device copy reaches ~0.9 on H100/H200);
+#:   datasheet; a device-to-device copy reaches ~0.9 on H100/H200), per number format: the
+#:   kernels that stream FP4 weights unpack them and apply their block scales on the way;
 #: - ``moe_overhead_us``: what a mixture-of-experts block costs beyond its GEMMs' bytes and
 #:   FLOPs and the layer's fixed cost: the router's top-k, permuting the tokens to their
 #:   experts and back, the grouped GEMMs' launches (a handful of kernels, ~5-80 us).
