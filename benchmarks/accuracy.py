@@ -427,7 +427,7 @@ WHOLE_GPU_FRACTION = ("vllm", "sglang")
 #: fixed ISL and concurrency TTFT grows with OSL x TPOT / concurrency at a slope of 1. Fitted on
 #: the fit rows at concurrency <= 64 (``benchmarks/accuracy.py --sweeps`` prints each sweep's
 #: slope): the Llama 3.1 8B sweep of 1.0.0rc3 on H100 0.99, its Qwen3-32B and Qwen3-235B
-#: sweeps (same harness, release and GPU) 0.13 and 0.01, InferenceX 0.03.
+#: sweeps (same harness, release and GPU) 0.13 and 0.01, InferenceX 0.01.
 QUEUED_SWEEPS = {"h100_sxm/trtllm/1.0.0rc3/meta-llama_Llama-3.1-8B-Instruct.csv": 1}
 #: Concurrency bands of the latency tables.
 BANDS = (("1", 1, 1), ("2-16", 2, 16), ("17-128", 17, 128), (">128", 129, 10**9))
@@ -835,8 +835,9 @@ def queue_slopes(rows: list[ServingRow], max_concurrency: int = 64) -> dict[str,
     groups: dict[str, dict[tuple, list[ServingRow]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if not r.held_out and r.concurrency <= max_concurrency:
-            groups[r.sweep or r.harness][(r.engine, r.precision, r.tp, r.pp, r.ep,
-                                          r.attention_dp, r.isl, r.concurrency)].append(r)
+            groups[r.sweep or r.harness][(r.engine, r.version, r.gpu, r.model, r.precision,
+                                          r.tp, r.pp, r.ep, r.attention_dp, r.isl,
+                                          r.concurrency)].append(r)
     out = {}
     for sweep, by_key in sorted(groups.items()):
         xs, ys = [], []

@@ -6,8 +6,9 @@ comparable and which are held out: one (model, ISL/OSL) combination in four neve
 The same constants serve every model and workload on that GPU; there are no per-model or
 per-scenario factors. What is fitted:
 
-- per GPU (shared by its precisions): prefill-attention efficiency, all-reduce latency and
-  bandwidth efficiency, per-request overhead;
+- per GPU (shared by its precisions): prefill-attention efficiency, the latencies of the custom
+  all-reduce, of NCCL's and of a stage-to-stage send, all-reduce bandwidth efficiency, the
+  per-request and per-sequence overheads;
 - per GPU and precision: the large-GEMM efficiency, the tokens at which GEMMs reach half of
   it, and the share of HBM bandwidth a small batch's weight-streaming GEMMs reach (an NVFP4
   kernel unpacks 4-bit values and applies a scale per 16; on B200 the measured NVFP4 decode is
@@ -53,8 +54,10 @@ import yaml
 
 from autotune.model import (
     BACKEND_CONSTANTS,
+    BACKENDS,
     BOUNDS,
     DEFAULT_BACKEND,
+    ENGINE_CONSTANTS,
     Calibration,
     load_calibration,
 )
@@ -64,10 +67,6 @@ SHARED = ("attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
           "seq_overhead_us", "p2p_latency_us", "request_overhead_ms")
 PER_PRECISION = ("gemm_eff", "gemm_half_tokens", "mem_eff")
 PER_BACKEND = BACKEND_CONSTANTS
-#: What belongs to a serving engine rather than to the GPU: fitted per engine (``--engine``)
-#: on its measured serving points, over the GPU's TensorRT-LLM constants for everything else.
-ENGINE_CONSTANTS = ("ar_latency_us", "layer_overhead_us", "iter_overhead_ms", "seq_overhead_us",
-                    "request_overhead_ms", "mem_eff")
 #: Each measured serving point's TTFT and TPOT count as this many throughput rows each.
 SERVING_WEIGHT = 1.0
 START = Calibration()  # the defaults in autotune/model/calibration.py
@@ -209,8 +208,9 @@ def lm_fit(theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, at, iterations: in
     A constant on a bound that the gradient pushes further out is left out of the step
     (the active set of a projected method): solving for it and then clipping it back would
     spend the step on a move that never happens, and leave the other constants a step that
-    was meant to go with it (H100 starts with ``ar_latency_us`` on its top bound and
-    ``layer_overhead_us`` on its bottom one, both pushed outwards).
+    was meant to go with it (before the per-layer cost became the back end's, H100 sat with
+    ``ar_latency_us`` on its top bound and ``layer_overhead_us`` on its bottom one, both
+    pushed outwards).
     """
     theta = np.clip(theta, lo, hi)
     res = at(theta)
@@ -455,6 +455,28 @@ def write_files(gpu: str, params: Params, mape_fit: float, n_rows: int,
     return written
 
 
+def parse_starts(items: list[str], engine: bool = False) -> dict[str, float]:
+    """``--start`` values as name -> value. A plain name stands for all its variants
+    (``mem_eff`` for ``mem_eff@fp8``, ``mem_eff@bf16``, ...; the fit takes those it has);
+    ``NAME@VARIANT`` names one. For an ``engine`` fit only plain names of the constants an
+    engine owns. Anything else is a ValueError."""
+    out: dict[str, float] = {}
+    variants = {n: ([f"{n}@{p}" for p in ("bf16", "fp8", "fp4")] if n in PER_PRECISION
+                    else [f"{n}@{b}" for b in BACKENDS] if n in PER_BACKEND else [n])
+                for n in (*SHARED, *PER_PRECISION, *PER_BACKEND)}
+    for item in items:
+        name, sep, value = item.partition("=")
+        base = name.split("@")[0]
+        known = ENGINE_CONSTANTS if engine else variants
+        if (not sep or base not in known
+                or ("@" in name and (engine or name not in variants.get(base, ())))):
+            raise ValueError(f"--start {item!r}: use NAME=VALUE with NAME one of "
+                             f"{', '.join(known)}" + ("" if engine else " (or NAME@VARIANT)"))
+        for n in [name] if engine or "@" in name else variants[base]:
+            out[n] = float(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--csv", type=Path, default=accuracy.DEFAULT_CSV)
@@ -469,19 +491,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", action="append", default=[], metavar="NAME",
                     help="hold a constant (all its @precision/@backend variants) at its start")
     ap.add_argument("--start", action="append", default=[], metavar="NAME=VALUE",
-                    help="start a constant here and fit it (NAME may name a variant: "
-                         "layer_overhead_us@pytorch=30); over --warm-start's values")
+                    help="start a constant here and fit it: a plain NAME all its "
+                         "variants, NAME@VARIANT one (layer_overhead_us@pytorch=30); over "
+                         "--warm-start's values")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     ap.add_argument("--engine", action="append", choices=("vllm", "sglang"),
                     help="fit these engines' constants on their serving points instead")
     ap.add_argument("--no-serving", action="store_true",
                     help="fit TensorRT-LLM on the published rows only (as before issue 17)")
     args = ap.parse_args(argv)
+    try:
+        starts = parse_starts(args.start, engine=bool(args.engine))
+    except ValueError as exc:
+        ap.error(str(exc))
     serving = [] if args.no_serving else accuracy.load_serving()[0]
     for engine in args.engine or []:
         t0 = time.perf_counter()
         start = engine_values(engine) if args.warm_start else {}
-        start.update({k: float(v) for k, v in (a.split("=") for a in args.start)})
+        start.update(starts)
         eparams, value, n = fit_engine(engine, serving, args.jobs, args.iterations,
                                        start=start)
         for name in eparams.names:
@@ -495,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     for gpu in args.gpu or ["h100", "h200", "b200"]:
         t0 = time.perf_counter()
         start = existing_values(gpu) if args.warm_start else {}
-        start.update({k: float(v) for k, v in (a.split("=") for a in args.start)})
+        start.update(starts)
         params, value = fit_gpu(gpu, rows, args.jobs, rounds=args.rounds,
                                iterations=args.iterations, start=start, csv=args.csv,
                                fixed={k: float(v) for k, v in (f.split('=') for f in args.fix)},

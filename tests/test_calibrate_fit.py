@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import calibrate  # noqa: E402  (benchmarks/ is not a package)
@@ -41,3 +42,18 @@ def test_steps_are_capped_and_stay_within_the_bounds():
     moves = np.abs(np.diff([s[0] for s in seen]))
     assert moves.max() <= calibrate.MAX_LOG_STEP + calibrate.FD_STEP + 1e-9
     assert len(seen) > 6  # it got there in several steps, not one
+
+
+def test_a_plain_start_name_stands_for_all_its_variants_and_unknown_names_are_refused():
+    starts = calibrate.parse_starts(["mem_eff=0.9", "layer_overhead_us@trt=4", "ar_latency_us=8"])
+    assert starts["mem_eff@fp8"] == starts["mem_eff@bf16"] == 0.9
+    assert starts["layer_overhead_us@trt"] == 4.0 and "layer_overhead_us@pytorch" not in starts
+    assert starts["ar_latency_us"] == 8.0
+    for bad in (["mem_eff"], ["no_such_constant=1"], ["mem_eff@fp3=0.9"], ["gemm_eff=fast"]):
+        with pytest.raises(ValueError):
+            calibrate.parse_starts(bad)
+    # an engine owns its runtime's costs, not the GPU's efficiencies
+    assert calibrate.parse_starts(["layer_overhead_us=30"], engine=True) == {
+        "layer_overhead_us": 30.0}
+    with pytest.raises(ValueError, match="--start"):
+        calibrate.parse_starts(["mem_eff=0.9"], engine=True)

@@ -14,6 +14,7 @@ from autotune.config import EngineConfig
 from autotune.model import (
     BOUNDS,
     DEFAULT_ENGINE,
+    ENGINE_CONSTANTS,
     ENGINES,
     Benchmark,
     Calibration,
@@ -30,8 +31,7 @@ SHIPPED = [(gpu, precision, engine) for gpu, precision in
            (("h100", "fp8"), ("h100", "bf16"), ("h200", "fp8"), ("h200", "bf16"), ("b200", "fp4"))
            for engine in ENGINES]
 #: Engine-specific constants: the rest belong to the GPU and are shared by every engine.
-ENGINE_OWNED = {"ar_latency_us", "layer_overhead_us", "iter_overhead_ms", "seq_overhead_us",
-                "request_overhead_ms", "mem_eff"}
+ENGINE_OWNED = set(ENGINE_CONSTANTS)
 
 
 def token_time(model, gpu, tp, precision="fp8", engine=None, ctx=2048):

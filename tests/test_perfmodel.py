@@ -266,3 +266,26 @@ def test_a_user_gpu_and_a_hf_config_are_modelled(tmp_path):
     fast = PerfModel(model, H100, EngineConfig(tp=2, precision="fp8"))
     assert decode(slow) > 2 * decode(fast)  # a PCIe card without NVSwitch, a quarter of the HBM
     assert not slow.memory().fits or slow.memory().kv_tokens < fast.memory().kv_tokens
+
+
+def test_a_file_that_gives_a_back_end_or_an_engine_the_gpus_constants_is_refused(
+        tmp_path, monkeypatch):
+    from importlib import resources
+
+    from autotune.model import calibration
+    shipped = resources.files("autotune").joinpath("data", "calibration")
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "default.yaml").write_text(shipped.joinpath("default.yaml").read_text())
+    (tmp_path / "h100-fp8.yaml").write_text(
+        "gemm_eff: 0.7\nbackends:\n  trt: {iter_overhead_ms: 1.0, gemm_eff: 0.5}\n")
+    (tmp_path / "engines" / "vllm.yaml").write_text("layer_overhead_us: 20\nmem_eff: 0.9\n")
+    monkeypatch.setattr(calibration, "_calibration_folder", lambda: tmp_path)
+    calibration.load_calibration.cache_clear()
+    try:
+        assert calibration.load_calibration("h100", "fp8").gemm_eff == 0.7
+        with pytest.raises(ValueError, match="gemm_eff, which belong to the GPU"):
+            calibration.load_calibration("h100", "fp8", "trt")
+        with pytest.raises(ValueError, match="mem_eff, which belong to the GPU"):
+            calibration.load_calibration("h100", "fp8", engine="vllm")
+    finally:
+        calibration.load_calibration.cache_clear()

@@ -43,9 +43,19 @@ def test_the_slope_of_ttft_against_duration_over_concurrency_tells_a_queued_clie
     # "Measurements" made by the model's own closed loop, with and without the queued request:
     # the detector finds the slope each client gives (about 1 and about 0).
     rows = []
-    for i, (osl, c) in enumerate((o, c) for o in (128, 256, 512) for c in (8, 16, 32)):
+    for i, (osl, c) in enumerate((o, c) for o in (96, 256, 512) for c in (8, 16, 32)):
         row = _row(sweep, osl, c, index=i)
         ttft, tpot = accuracy.predict_serving(row)
         rows.append(replace(row, ttft_ms=ttft, tpot_ms=tpot))
+    assert not any(r.held_out for r in rows)  # (these lengths' deployments are all fitted on)
     (found,) = accuracy.queue_slopes(rows).values()
+    assert found[:2] == (9, 9)  # every row paired with its siblings of other lengths
     assert found[2] == pytest.approx(slope, abs=0.3)
+
+
+def test_a_different_model_or_gpu_is_not_paired_as_the_same_deployment():
+    rows = [replace(_row("", 256, 8), ttft_ms=100.0, tpot_ms=5.0),
+            replace(_row("", 512, 8), ttft_ms=200.0, tpot_ms=5.0, gpu="h200"),
+            replace(_row("", 96, 8), ttft_ms=300.0, tpot_ms=5.0, model="llama-3.1-70b")]
+    (found,) = accuracy.queue_slopes(rows).values()
+    assert found[:2] == (3, 0)

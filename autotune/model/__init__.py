@@ -13,6 +13,7 @@ from autotune.model.calibration import (
     BOUNDS,
     DEFAULT_BACKEND,
     DEFAULT_ENGINE,
+    ENGINE_CONSTANTS,
     ENGINES,
     Calibration,
     calibration_file,
@@ -24,8 +25,8 @@ from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPl
 from autotune.model.simulate import SIM_REQUESTS, Benchmark, Simulator
 
 __all__ = [
-    "BACKEND_CONSTANTS", "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE", "ENGINES",
-    "KV_BLOCK_TOKENS",
+    "BACKEND_CONSTANTS", "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE",
+    "ENGINE_CONSTANTS", "ENGINES", "KV_BLOCK_TOKENS",
     "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS", "Benchmark", "Calibration", "Capacity", "MemoryPlan",
     "PerfModel", "Simulator", "calibration_file", "check_layout", "gate", "load_calibration",
     "replica_capacity", "with_constants",

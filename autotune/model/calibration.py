@@ -20,6 +20,11 @@ BACKENDS = ("pytorch", "trt", "pytorch-no-graphs")
 #: fuses a layer into a few kernels and replays its iterations as CUDA graphs, the PyTorch back
 #: end launches a dozen per layer, and without CUDA graphs it pays every launch on the host.
 BACKEND_CONSTANTS = ("iter_overhead_ms", "layer_overhead_us")
+#: The constants that belong to a serving engine other than TensorRT-LLM
+#: (``engines/<engine>.yaml``): its runtime's fixed costs and its all-reduce kernel. The rest
+#: (GEMM and HBM efficiencies per number format, NVLink, attention) are the GPU's, shared.
+ENGINE_CONSTANTS = ("ar_latency_us", "layer_overhead_us", "iter_overhead_ms", "seq_overhead_us",
+                    "request_overhead_ms")
 #: The serving engine the per-GPU files describe (TensorRT-LLM); the others' files
 #: (``engines/<engine>.yaml``) override the constants that belong to the engine, not the GPU.
 DEFAULT_ENGINE = "trtllm"
@@ -107,7 +112,8 @@ def calibration_file(gpu: str, precision: str) -> str | None:
     """The file holding ``gpu``/``precision``'s constants, or None (then ``default.yaml``).
 
     A precision without its own file borrows another precision's file of the same GPU (FP8
-    first): HBM, NVLink and overheads are the GPU's, only the GEMM rate is the precision's.
+    first): NVLink, attention and the fixed costs are the GPU's; the GEMM rate and the HBM
+    share that weight streaming reaches are the borrowed precision's.
     """
     folder = _calibration_folder()
     for p in (precision, "fp8", "bf16", "fp4"):
@@ -156,6 +162,11 @@ def load_calibration(gpu: str, precision: str, backend: str | None = None,
             data = dict(yaml.safe_load(path.read_text()) or {})
             per_gpu = data.pop("gpus", None) or {}
             data.pop("fit", None)
+            foreign = set(data) - set(ENGINE_CONSTANTS)
+            if foreign:
+                raise ValueError(f"engines/{engine}.yaml sets {', '.join(sorted(foreign))}, "
+                                 f"which belong to the GPU (per engine: "
+                                 f"{', '.join(ENGINE_CONSTANTS)})")
             merged.update(data)
             merged.update(per_gpu.get(gpu) or {})
     return Calibration.from_dict(merged)
@@ -167,4 +178,5 @@ def with_constants(cal: Calibration, **changes: float) -> Calibration:
 
 
 __all__ = ["BACKENDS", "BACKEND_CONSTANTS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE",
-           "ENGINES", "Calibration", "calibration_file", "load_calibration", "with_constants"]
+           "ENGINES", "ENGINE_CONSTANTS", "Calibration", "calibration_file", "load_calibration",
+           "with_constants"]
