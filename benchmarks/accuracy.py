@@ -856,6 +856,18 @@ def queue_slopes(rows: list[ServingRow], max_concurrency: int = 64) -> dict[str,
     return out
 
 
+def implied_peak_share(row: ServingRow) -> float:
+    """The share of the GPU's dense peak (its precision's FLOP/s) that a dense row's measured
+    rate needs for the linear layers alone: requests/s (concurrency over one request's
+    duration) x (ISL + OSL) tokens x 2 FLOPs per parameter, over its tp x pp GPUs. Attention,
+    element-wise work and the engine's gaps come on top, so a share near 1 is more than the
+    GPU can do at the lengths the row states."""
+    m, gpu = serving_model(row.model), load_gpu(row.gpu)
+    rate = row.concurrency / ((row.ttft_ms + (row.osl - 1) * row.tpot_ms) / 1000)
+    flops = rate * (row.isl + row.osl) * 2 * m.total_params / (row.tp * row.pp)
+    return flops / gpu.peak_flops(row.precision)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
@@ -865,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("throughput", "latency", "405b", "moe"),
                     help="print one part only")
     ap.add_argument("--sweeps", action="store_true",
-                    help="print each serving sweep's TTFT slope (QUEUED_SWEEPS) and stop")
+                    help="print each serving sweep's TTFT slope (QUEUED_SWEEPS), the rows whose "
+                         "rate exceeds what the GPU can compute, and stop")
     args = ap.parse_args(argv)
     if args.sweeps:
         everything = load_serving(args.serving_csv)[0] + load_moe(args.serving_csv)[0]
@@ -873,6 +886,15 @@ def main(argv: list[str] | None = None) -> int:
               "slope  queued")
         for sweep, (n, pairs, slope) in queue_slopes(everything).items():
             print(f"{sweep:68} {n:5} {pairs:5} {slope:6.2f}  {QUEUED_SWEEPS.get(sweep, 0)}")
+        dense = load_serving(args.serving_csv)[0]
+        heavy = [(implied_peak_share(r), r) for r in dense]
+        heavy = sorted((x for x in heavy if x[0] > 0.75), key=lambda x: -x[0])
+        print(f"\nrows whose measured rate needs more than 75% of dense peak for the linear layers "
+              f"alone: {len(heavy)} of {len(dense)}")
+        for share, r in heavy:
+            print(f"  line {r.index + 2:5} {r.engine} {r.gpu} {r.model} {r.precision} tp{r.tp} "
+                  f"{r.isl}/{r.osl} c{r.concurrency}: {share:.2f}"
+                  f"{' (held out)' if r.held_out else ''}  {r.sweep or r.harness}")
         return 0
     if args.only in (None, "throughput"):
         rows, skipped = load_rows(args.csv)

@@ -59,3 +59,14 @@ def test_a_different_model_or_gpu_is_not_paired_as_the_same_deployment():
             replace(_row("", 96, 8), ttft_ms=300.0, tpot_ms=5.0, model="llama-3.1-70b")]
     (found,) = accuracy.queue_slopes(rows).values()
     assert found[:2] == (3, 0)
+
+
+def test_a_rate_beyond_what_the_gpu_can_compute_is_told_from_a_possible_one():
+    row = _row("", 2048, 64)
+    ttft, tpot = accuracy.predict_serving(row)
+    modelled = accuracy.implied_peak_share(replace(row, ttft_ms=ttft, tpot_ms=tpot))
+    assert 0.0 < modelled < 0.75  # the model's own rate leaves room for attention and gaps
+    # the same lengths ten times as fast would need more than the GPU's peak
+    faster = replace(row, ttft_ms=ttft / 10, tpot_ms=tpot / 10)
+    assert accuracy.implied_peak_share(faster) == pytest.approx(10 * modelled)
+    assert accuracy.implied_peak_share(faster) > 1.0
