@@ -61,6 +61,7 @@ from autotune.model import (
     Calibration,
     load_calibration,
 )
+from autotune.specs import PRECISIONS
 
 CALIBRATION_DIR = accuracy.ROOT / "autotune" / "data" / "calibration"
 SHARED = ("attn_eff", "ar_latency_us", "ar_nccl_latency_us", "ar_bw_eff",
@@ -461,7 +462,7 @@ def parse_starts(items: list[str], engine: bool = False) -> dict[str, float]:
     ``NAME@VARIANT`` names one. For an ``engine`` fit only plain names of the constants an
     engine owns. Anything else is a ValueError."""
     out: dict[str, float] = {}
-    variants = {n: ([f"{n}@{p}" for p in ("bf16", "fp8", "fp4")] if n in PER_PRECISION
+    variants = {n: ([f"{n}@{p}" for p in PRECISIONS] if n in PER_PRECISION
                     else [f"{n}@{b}" for b in BACKENDS] if n in PER_BACKEND else [n])
                 for n in (*SHARED, *PER_PRECISION, *PER_BACKEND)}
     for item in items:
