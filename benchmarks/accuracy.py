@@ -859,12 +859,17 @@ def queue_slopes(rows: list[ServingRow], max_concurrency: int = 64) -> dict[str,
 def implied_peak_share(row: ServingRow) -> float:
     """The share of the GPU's dense peak (its precision's FLOP/s) that a dense row's measured
     rate needs for the linear layers alone: requests/s (concurrency over one request's
-    duration) x (ISL + OSL) tokens x 2 FLOPs per parameter, over its tp x pp GPUs. Attention,
+    duration) x 2 FLOPs per parameter and token (the layers' for ISL + OSL tokens, the LM
+    head's for OSL), over its tp x pp GPUs. Attention,
     element-wise work and the engine's gaps come on top, so a share near 1 is more than the
     GPU can do at the lengths the row states."""
     m, gpu = serving_model(row.model), load_gpu(row.gpu)
     rate = row.concurrency / ((row.ttft_ms + (row.osl - 1) * row.tpot_ms) / 1000)
-    flops = rate * (row.isl + row.osl) * 2 * m.total_params / (row.tp * row.pp)
+    # Every token passes the layers; only a produced token the LM head (a prompt's logits are
+    # the last position's); the input embedding is a lookup, no GEMM.
+    layers = m.total_params - (1 if m.tied_embeddings else 2) * m.embedding_params
+    flops = rate * 2 * ((row.isl + row.osl) * layers + row.osl * m.embedding_params)
+    flops /= row.tp * row.pp
     return flops / gpu.peak_flops(row.precision)
 
 
@@ -878,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="print one part only")
     ap.add_argument("--sweeps", action="store_true",
                     help="print each serving sweep's TTFT slope (QUEUED_SWEEPS), the rows whose "
-                         "rate exceeds what the GPU can compute, and stop")
+                         "rate needs the most of the GPU's peak, and stop")
     args = ap.parse_args(argv)
     if args.sweeps:
         everything = load_serving(args.serving_csv)[0] + load_moe(args.serving_csv)[0]
@@ -887,11 +892,10 @@ def main(argv: list[str] | None = None) -> int:
         for sweep, (n, pairs, slope) in queue_slopes(everything).items():
             print(f"{sweep:68} {n:5} {pairs:5} {slope:6.2f}  {QUEUED_SWEEPS.get(sweep, 0)}")
         dense = load_serving(args.serving_csv)[0]
-        heavy = [(implied_peak_share(r), r) for r in dense]
-        heavy = sorted((x for x in heavy if x[0] > 0.75), key=lambda x: -x[0])
-        print(f"\nrows whose measured rate needs more than 75% of dense peak for the linear layers "
-              f"alone: {len(heavy)} of {len(dense)}")
-        for share, r in heavy:
+        heavy = sorted(((implied_peak_share(r), r) for r in dense), key=lambda x: -x[0])
+        print(f"\nthe 10 of {len(dense)} dense rows whose measured rate needs the largest share "
+              f"of the GPU's dense peak for the linear layers alone (implied_peak_share)")
+        for share, r in heavy[:10]:
             print(f"  line {r.index + 2:5} {r.engine} {r.gpu} {r.model} {r.precision} tp{r.tp} "
                   f"{r.isl}/{r.osl} c{r.concurrency}: {share:.2f}"
                   f"{' (held out)' if r.held_out else ''}  {r.sweep or r.harness}")
