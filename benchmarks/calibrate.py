@@ -33,8 +33,8 @@ with the engine limits trtllm-bench chose for it (``accuracy.bench_limits``). It
 writes the same files (``--warm-start``: continue from the shipped files instead; a constant
 that sits on a bound has no gradient in log space, so ``--start NAME=VALUE`` moves it off first).
 Usage, on two cores (``--warm-start --iterations 6``: B200 110 s, H100 465 s, H200 100 s; the
-engine overlays, ``--engine vllm --engine sglang --warm-start``, a minute; from the defaults,
-ten iterations, about 25 minutes for H100):
+engine overlays, ``--engine vllm --engine sglang --warm-start``, a minute; from the defaults
+H100 takes about 2.5 minutes an iteration):
 
     python benchmarks/calibrate.py [--gpu h100 ...] [--warm-start] [--dry-run]
     python benchmarks/calibrate.py --engine vllm --engine sglang [--warm-start]
