@@ -886,12 +886,12 @@ def main(argv: list[str] | None = None) -> int:
                          "rate needs the most of the GPU's peak, and stop")
     args = ap.parse_args(argv)
     if args.sweeps:
-        everything = load_serving(args.serving_csv)[0] + load_moe(args.serving_csv)[0]
+        dense = load_serving(args.serving_csv)[0]
+        everything = dense + load_moe(args.serving_csv)[0]
         print("sweep (fit rows, concurrency <= 64)                                 rows  pairs "
               "slope  queued")
         for sweep, (n, pairs, slope) in queue_slopes(everything).items():
             print(f"{sweep:68} {n:5} {pairs:5} {slope:6.2f}  {QUEUED_SWEEPS.get(sweep, 0)}")
-        dense = load_serving(args.serving_csv)[0]
         heavy = sorted(((implied_peak_share(r), r) for r in dense), key=lambda x: -x[0])
         print(f"\nthe 10 of {len(dense)} dense rows whose measured rate needs the largest share "
               f"of the GPU's dense peak for the linear layers alone (implied_peak_share)")

@@ -148,11 +148,7 @@ def load_calibration(gpu: str, precision: str, backend: str | None = None,
         if backend not in BACKENDS:
             raise ValueError(f"unknown back end {backend!r}: use one of {', '.join(BACKENDS)}")
         over = overrides.get(backend) or {}
-        if set(over) - set(BACKEND_CONSTANTS):
-            raise ValueError(f"{name}: back end {backend!r} overrides "
-                             f"{', '.join(sorted(set(over) - set(BACKEND_CONSTANTS)))}, "
-                             f"which belong to the GPU (per back end: "
-                             f"{', '.join(BACKEND_CONSTANTS)})")
+        _only(over, BACKEND_CONSTANTS, f"{name}: back end {backend!r}")
         merged.update(over)
     if engine and engine != DEFAULT_ENGINE:
         if engine not in ENGINES:
@@ -162,14 +158,19 @@ def load_calibration(gpu: str, precision: str, backend: str | None = None,
             data = dict(yaml.safe_load(path.read_text()) or {})
             per_gpu = data.pop("gpus", None) or {}
             data.pop("fit", None)
-            foreign = set(data) - set(ENGINE_CONSTANTS)
-            if foreign:
-                raise ValueError(f"engines/{engine}.yaml sets {', '.join(sorted(foreign))}, "
-                                 f"which belong to the GPU (per engine: "
-                                 f"{', '.join(ENGINE_CONSTANTS)})")
+            _only(data, ENGINE_CONSTANTS, f"engines/{engine}.yaml")
             merged.update(data)
+            _only(per_gpu.get(gpu) or {}, ENGINE_CONSTANTS, f"engines/{engine}.yaml ({gpu})")
             merged.update(per_gpu.get(gpu) or {})
     return Calibration.from_dict(merged)
+
+
+def _only(constants: dict, allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a file's override of a constant that is not its to set (ValueError)."""
+    foreign = sorted(set(constants) - set(allowed))
+    if foreign:
+        raise ValueError(f"{where} sets {', '.join(foreign)}, which belong to the GPU "
+                         f"(it may set {', '.join(allowed)})")
 
 
 def with_constants(cal: Calibration, **changes: float) -> Calibration:
