@@ -55,11 +55,20 @@ import optuna
 
 from autotune.config import EngineConfig
 from autotune.errors import TrialFailure
-from autotune.measurement import LoadPoint, Measurement, Status
+from autotune.measurement import (
+    MAX_CONCURRENCY,
+    LoadPoint,
+    Measurement,
+    Status,
+    replica_load,
+)
 from autotune.model import Calibration, Simulator, load_calibration
+from autotune.model.feasibility import Capacity
+from autotune.model.simulate import SIM_REQUESTS
 from autotune.runners import Runner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
+from autotune.specs import Workload
 from autotune.strategy import Scored, make_sampler, pick_prior, plan_study, startup_configs
 from autotune.sweep import evaluate
 
@@ -149,18 +158,49 @@ def truth_table(model: str, gpu: str, isl: int, osl: int, perturb: int | None = 
     sim = Simulator(scen.model, scen.gpu, cal)
     ladder = list(space.concurrency)
     table = {}
+    done: dict[tuple, dict] = {}  # _same_run key -> the load point's dict
     for config in space.configs(space.layouts(scen), scen.precision):
         try:
-            fit = sim.capacity(config, scen.workload)[1].fit
+            cap = sim.capacity(config, scen.workload)[1]
+            fit = cap.fit
             loads = [c for c in ladder if c < 0 or c <= fit * config.dp]
-            m = sim.measure(config, scen.workload, loads)
-            table[config.label()] = {"points": [p.to_dict() for p in m.load_points],
-                                     "fit": m.max_requests_in_flight}
+            points = []
+            for load in loads:
+                key = _same_run(cap, config, scen.workload, load)
+                if key not in done:
+                    (point,) = sim.measure(config, scen.workload, [load]).load_points
+                    done[key] = point.to_dict()
+                points.append(done[key])
+            table[config.label()] = {"points": points, "fit": fit * config.dp}
         except TrialFailure as exc:
             table[config.label()] = {"failure": exc.failure_class}
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table))
     return table
+
+
+def _same_run(cap: Capacity, config: EngineConfig, workload: Workload, load: int) -> tuple:
+    """What the sim's run of ``config`` at ``load`` depends on: configurations with the same
+    key give the same load point, so the truth table simulates each key once (a several-fold
+    saving: most of the space differs only in limits that a given load never reaches).
+
+    The iteration time depends on the layout and precision alone (the scheduler settings only
+    size the memory plan); the run on its limits only where they bind: the batch limit above
+    the requests in flight, the KV cache where it holds them all whole, the token budget (and
+    with it chunking) where every request in flight could prefill its whole prompt in one
+    iteration beside the decoding ones. Fixed lengths only (the drawn scenarios' workloads).
+    """
+    assert workload.isl_std == 0 and workload.osl_std == 0
+    lim = cap.limits
+    per_replica = replica_load(load, config.dp)
+    n = SIM_REQUESTS.requests(per_replica, cap.fit)
+    active = min(lim.max_in_flight, n if per_replica == MAX_CONCURRENCY else per_replica)
+    need = -(-(workload.isl + workload.osl) // lim.block_tokens)
+    kv = lim.kv_blocks if lim.kv_blocks < active * need else None
+    budget = (lim.token_budget, lim.chunked_prefill) if (
+        lim.token_budget < active * (workload.isl + 1)) else None
+    layout = (config.tp, config.pp, config.dp, config.ep, config.attention_dp, config.precision)
+    return layout, load, per_replica, n, active, kv, budget
 
 
 def _cache_path(model: str, gpu: str, isl: int, osl: int, perturb: int | None = None,
