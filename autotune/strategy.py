@@ -53,6 +53,20 @@ PRIOR_TRIALS = 6
 CLIMBED_LAYOUTS = 2
 #: Smallest relative gain that moves a climb (below it is run-to-run noise on a real engine).
 MIN_GAIN = 0.005
+#: A runner-up layout is climbed beside the leader only when its best trial is within this share
+#: of the leader's: tuning a layout's scheduler settings rarely moves it by more (on the dev
+#: sample of benchmarks/search_efficiency.py the best configuration of a layout beat its
+#: planned one by 0% at the median, 7% at the 95th percentile), so a layout further behind is
+#: not worth half of the climb's trials.
+CLOSE = 0.05
+#: An untried layout is left until after the climb when a replica size between the best layout's
+#: and its own has been tried and came out this much below the best: per-GPU throughput peaks at
+#: one replica size and falls away on both sides (``_closest_to_the_best``), so the sizes beyond a
+#: clearly worse one are unlikely to win, and tried last rather than never.
+DEFER = 0.05
+#: A configuration whose every SLO term is this far inside its bound at its operating point is
+#: limited by capacity, not latency (its load stopped at the ladder's top).
+SLACK = 0.2
 #: Fresh draws asked of TPE when it proposes a configuration already tried.
 REDRAWS = 10
 #: Study user attribute holding the first configurations' params (list of dicts).
@@ -98,32 +112,38 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         """The next planned params for ``study``, or None when the plan is done."""
         return next_planned(study.get_trials(deepcopy=False), study.user_attrs, self.neighbours)
 
-    def neighbours(self, params: dict) -> list[dict]:
-        """One step along each setting of ``params`` within its layout, the settings that
-        matter most first."""
-        out = []
-        for name, values in (("max_num_tokens", self.space.max_num_tokens),
-                             ("kv_fraction", self.space.kv_fraction),
-                             ("max_batch_size", self.space.max_batch_size),
-                             ("chunked_prefill", self.space.chunked_prefill)):
+    def neighbours(self, params: dict, binding: str | None = None) -> list[dict]:
+        """One step along each setting of ``params`` within its layout, the other
+        chunked-prefill choice, and the token budget moved with it, in the order that
+        ``binding`` (the metric that limits the configuration, ``_binding``) says pays first."""
+        moves: list[tuple[tuple, dict]] = []
+        for name, short, values in (("max_num_tokens", "tokens", self.space.max_num_tokens),
+                                    ("kv_fraction", "kv", self.space.kv_fraction),
+                                    ("max_batch_size", "batch", self.space.max_batch_size),
+                                    ("chunked_prefill", "chunk", self.space.chunked_prefill)):
             ordered = sorted(values)
             if params.get(name) not in ordered:
                 continue
             i = ordered.index(params[name])
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(ordered):
-                    out.append({**params, name: ordered[j]})
+            for step in (-1, 1):
+                if 0 <= i + step < len(ordered):
+                    kind = (short, 0 if short == "chunk" else step)
+                    moves.append((kind, {**params, name: ordered[i + step]}))
         # The token budget and chunked prefill act together (unchunked, a prompt must fit the
         # budget whole, so a budget of one prompt admits one prompt per iteration): each alone
         # can leave the objective flat where both at once move it.
         tokens = sorted(self.space.max_num_tokens)
         if len(self.space.chunked_prefill) > 1 and params.get("max_num_tokens") in tokens:
             i = tokens.index(params["max_num_tokens"])
-            for j in (i - 1, i + 1, i - 2, i + 2):
-                if 0 <= j < len(tokens):
-                    out.append({**params, "max_num_tokens": tokens[j],
-                                "chunked_prefill": not params.get("chunked_prefill")})
-        return out
+            for step in (-1, 1, -2, 2):
+                if 0 <= i + step < len(tokens):
+                    moves.append((("tokens+chunk", step), {
+                        **params, "max_num_tokens": tokens[i + step],
+                        "chunked_prefill": not params.get("chunked_prefill")}))
+        order = _MOVES.get(binding, _MOVES[None])
+        ranked = sorted(range(len(moves)), key=lambda k: (
+            order.index(moves[k][0]) if moves[k][0] in order else len(order), k))
+        return [moves[k][1] for k in ranked]
 
     # -- the sampler interface
     def before_trial(self, study, trial) -> None:
@@ -173,11 +193,41 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         self.base.reseed_rng()
 
 
+#: The order the climb tries an incumbent's neighbours in, by what limits it (``_binding``): a
+#: move is (setting, steps up the sorted choices; 0 for the chunked-prefill flip). A larger token
+#: budget prefills more per iteration (first tokens sooner, each decode step slower), unchunked
+#: prompts start decoding sooner and chunked ones stall the decoding less; a larger KV share only
+#: adds room (never fewer requests in flight), so its step down comes last.
+_MOVES: dict[str | None, list[tuple[str, int]]] = {
+    None: [("tokens", 1), ("batch", 1), ("kv", 1), ("chunk", 0), ("tokens+chunk", 1),
+           ("tokens", -1), ("batch", -1), ("tokens+chunk", -1), ("tokens+chunk", 2),
+           ("tokens+chunk", -2), ("kv", -1)],
+    "ttft": [("tokens", 1), ("tokens+chunk", 1), ("chunk", 0), ("tokens+chunk", 2),
+             ("kv", 1), ("batch", 1), ("tokens", -1), ("tokens+chunk", -1),
+             ("tokens+chunk", -2), ("batch", -1), ("kv", -1)],
+    "tpot": [("tokens", -1), ("chunk", 0), ("tokens+chunk", -1), ("tokens+chunk", -2),
+             ("kv", 1), ("batch", -1), ("batch", 1), ("tokens", 1), ("tokens+chunk", 1),
+             ("tokens+chunk", 2), ("kv", -1)],
+}
+_MOVES["itl"] = _MOVES["tpot"]
+
+
+def _binding(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The latency metric that limits ``trial``'s configuration: the SLO term nearest its bound
+    (or furthest past it), None when every term has room (``SLACK``) or there is no SLO."""
+    terms = {k: v for k, v in trial.constraints.items() if k != FITS}
+    if not terms:
+        return None
+    name = max(terms, key=terms.__getitem__)
+    return name.split(":")[0] if terms[name] > -SLACK else None
+
+
 def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
-                 neighbours: Callable[[dict], list[dict]]) -> dict | None:
+                 neighbours: Callable[[dict, str | None], list[dict]]) -> dict | None:
     """The plan as a pure function: the next planned params given a study's ``trials`` and its
     user attributes ``attrs`` (the first configurations, ``PLAN_ATTR``), or None when the plan
-    is done. ``neighbours(params)`` lists the one-step neighbours of a configuration."""
+    is done. ``neighbours(params, binding)`` lists the one-step neighbours of a configuration,
+    in the order that pays first when ``binding`` (a latency metric, or None) limits it."""
     proposed = _proposed(trials)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     too_slow = [Layout.parse(t.params["layout"]) for t in done
@@ -186,25 +236,62 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
             and not (p.get("layout") and any(_slower(Layout.parse(p["layout"]), slow)
                                              for slow in too_slow))]
     # (A layout ruled out as too slow is left to TPE; the plan spends no trial on it.)
-    if todo:
-        if not attrs.get(ADAPTIVE_ATTR):
-            return todo[0]
-        return _closest_to_the_best(todo, [t for t in done if "layout" in t.params])
+    scored = [t for t in done if "layout" in t.params]
+    adaptive = bool(attrs.get(ADAPTIVE_ATTR))
+    if todo and not adaptive:
+        return todo[0]
+    now = _not_deferred(todo, scored)
+    if now:
+        return _closest_to_the_best(now, scored)
     by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for t in done:
         by_layout.setdefault(t.params.get("layout"), []).append(t)
-    # Climb the best layouts side by side: a layout that starts a little behind at default
-    # settings is often the one that wins once its token budget and KV share are tuned.
-    leaders = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank,
-                     reverse=True)[:CLIMBED_LAYOUTS]
+    incumbents = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank, reverse=True)
+    # The leader is climbed, and beside it a runner-up close enough that tuning may put it
+    # ahead (a layout a little behind at default settings is sometimes the one that wins).
+    leaders = incumbents[:1] + [t for t in incumbents[1:CLIMBED_LAYOUTS]
+                                if _close(t, incumbents[0])]
     best_next, fewest = None, None
     for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
-        around = neighbours(leader.params)
+        around = neighbours(leader.params, _binding(leader))
         untried = [p for p in around if _key(p) not in proposed]
         tried = len(around) - len(untried)
         if untried and (fewest is None or tried < fewest):
             best_next, fewest = untried[0], tried
+    if best_next is None and todo:  # the layouts left until after the climb
+        return _closest_to_the_best(todo, scored)
     return best_next
+
+
+def _close(trial: optuna.trial.FrozenTrial, leader: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` is near enough ``leader`` to be climbed beside it (``CLOSE``); before
+    anything meets the SLO, every runner-up is."""
+    (fl, vl), (ft, vt) = _rank(leader), _rank(trial)
+    if not fl:
+        return True
+    return ft and vt >= vl * (1 - CLOSE)
+
+
+def _not_deferred(todo: list[dict], done: Sequence[optuna.trial.FrozenTrial]) -> list[dict]:
+    """The planned layouts to try before the climb: all but those beyond a clearly worse
+    replica size (``DEFER``) as seen from the best trial's size."""
+    feasible = [t for t in done if _rank(t)[0]]
+    if not feasible:
+        return todo
+    best = max(feasible, key=_rank)
+    best_size = math.log2(_replica_size(best.params))
+    by_size: dict[float, float] = {}
+    for t in done:
+        size = math.log2(_replica_size(t.params))
+        value = t.value if _rank(t)[0] else 0.0
+        by_size[size] = max(by_size.get(size, 0.0), value)
+    worse = [s for s, v in by_size.items() if v < best.value * (1 - DEFER)]
+
+    def beyond_a_worse_size(params: dict) -> bool:
+        size = math.log2(_replica_size(params))
+        return any(min(best_size, size) < s < max(best_size, size) for s in worse)
+
+    return [p for p in todo if not beyond_a_worse_size(p)]
 
 
 def _incumbent(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
@@ -394,6 +481,6 @@ def sim_prior(scenario: Scenario, space: SearchSpace, layouts: Sequence[Layout],
     return pick_prior(scored, k)
 
 
-__all__ = ["PLAN_ATTR", "PRIOR_TRIALS", "PlannedSampler", "Scored", "make_sampler",
+__all__ = ["ADAPTIVE_ATTR", "PLAN_ATTR", "PRIOR_TRIALS", "PlannedSampler", "Scored", "make_sampler",
            "next_planned", "pick_prior", "plan_study", "quiet_optuna", "score_space", "sim_prior",
            "startup_configs"]

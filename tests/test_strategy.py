@@ -3,6 +3,7 @@ search."""
 
 import math
 
+import optuna
 import pytest
 
 from autotune.config import EngineConfig
@@ -11,7 +12,15 @@ from autotune.runners import Runner
 from autotune.runners.sim import SimRunner
 from autotune.scenario import Scenario
 from autotune.space import SearchSpace
-from autotune.strategy import Scored, pick_prior, sim_prior, startup_configs
+from autotune.strategy import (
+    ADAPTIVE_ATTR,
+    PLAN_ATTR,
+    Scored,
+    next_planned,
+    pick_prior,
+    sim_prior,
+    startup_configs,
+)
 from autotune.study import Tuner, open_storage
 from autotune.sweep import bisect_ladder, measure_ladder, operating_point
 
@@ -97,23 +106,97 @@ def test_under_an_slo_the_plan_tries_both_ends_then_the_size_nearest_the_best(sc
 
 
 def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(scenario, tmp_path):
-    space = SearchSpace.from_dict({**SPACE, "tp": [8], "pp": [1]})  # one layout: plan of one
+    space = SearchSpace.from_dict({**SPACE, "tp": [8], "pp": [1],  # one layout: plan of one
+                                   "max_num_tokens": [4096, 8192, 16384]})
     tuner = Tuner(scenario, space, SimRunner(scenario),
                   open_storage(f"sqlite:///{tmp_path / 'h.db'}"), "h", seed=0)
     tuner.open()
     tuner.optimize(1)
     (first,) = tuner.study.trials
-    climb = tuner.sampler.neighbours(first.params)
-    # One step along each ordered setting (from the middle of the lists: both ways), the
-    # other chunked-prefill choice, then the token budget moved with it; no other layout exists.
-    assert [tuple(sorted(set(n.items()) - set(first.params.items()))) for n in climb] == [
-        (("max_num_tokens", 4096),), (("kv_fraction", 0.85),), (("max_batch_size", 32),),
-        (("chunked_prefill", False),), (("chunked_prefill", False), ("max_num_tokens", 4096))]
+
+    def steps(binding):
+        return [tuple(sorted(set(n.items()) - set(first.params.items())))
+                for n in tuner.sampler.neighbours(first.params, binding)]
+
+    # One step along each ordered setting (both ways where the list allows), the other
+    # chunked-prefill choice, and the token budget moved with it; no other layout exists.
+    assert sorted(steps(None)) == sorted([
+        (("max_num_tokens", 4096),), (("max_num_tokens", 16384),), (("kv_fraction", 0.85),),
+        (("max_batch_size", 32),), (("chunked_prefill", False),),
+        (("chunked_prefill", False), ("max_num_tokens", 4096)),
+        (("chunked_prefill", False), ("max_num_tokens", 16384))])
+    # What limits the incumbent orders them: a TTFT-bound one prefills more per iteration
+    # first, a TPOT-bound one less; a smaller KV share (never more room) always comes last.
+    assert steps("ttft")[0] == (("max_num_tokens", 16384),)
+    assert steps("tpot")[0] == (("max_num_tokens", 4096),)
+    assert {steps(b)[-1] for b in (None, "ttft", "tpot")} == {(("kv_fraction", 0.85),)}
+    # This SLO is a TPOT bound, which the operating point runs up against: the climb's first
+    # step is the smaller token budget.
+    assert first.constraints["tpot:p99"] > -0.2
     tuner.optimize(2)
-    assert tuner.study.trials[1].params == climb[0]
+    assert tuner.study.trials[1].params == {**first.params, "max_num_tokens": 4096}
     # The plan ends when the incumbent's neighbourhood is exhausted.
     tuner.optimize(40)
     assert tuner.sampler.next_params(tuner.study) is None
+
+
+def _trial(layout, value, tpot, **settings):
+    """A finished trial of ``layout`` (label) with the default settings but ``settings``."""
+    params = {"layout": layout, "max_batch_size": 256, "max_num_tokens": 8192,
+              "kv_fraction": 0.9, "chunked_prefill": True, **settings}
+    return optuna.trial.create_trial(
+        params=params, value=value,
+        distributions={k: optuna.distributions.CategoricalDistribution([v])
+                       for k, v in params.items()},
+        constraints={"fits": 0.0, "tpot:p99": tpot})
+
+
+def _plan(*layouts):
+    return {PLAN_ATTR: [_trial(lay, 0, 0).params for lay in layouts], ADAPTIVE_ATTR: True}
+
+
+def _steps(params):
+    """Neighbours of a configuration: the token budget halved or doubled."""
+    return [{**params, "max_num_tokens": params["max_num_tokens"] // 2},
+            {**params, "max_num_tokens": params["max_num_tokens"] * 2}]
+
+
+def test_a_runner_up_far_behind_the_leader_is_not_climbed_beside_it():
+    attrs = _plan("tp1-pp1-dp8", "tp1-pp2-dp4")
+    near = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp1-pp2-dp4", 97.0, -0.1)]
+    far = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp1-pp2-dp4", 80.0, -0.1)]
+    # Within a few percent, the runner-up's neighbourhood is tried beside the leader's ...
+    taken = list(near)
+    for _ in range(4):
+        taken.append(_trial(value=1.0, tpot=-0.1,
+                             **next_planned(taken, attrs, lambda p, b: _steps(p))))
+    assert {t.params["layout"] for t in taken[2:]} == {"tp1-pp1-dp8", "tp1-pp2-dp4"}
+    # ... one far behind waits until the leader's is done.
+    taken = list(far)
+    for _ in range(2):
+        taken.append(_trial(value=1.0, tpot=-0.1,
+                             **next_planned(taken, attrs, lambda p, b: _steps(p))))
+    assert [t.params["layout"] for t in taken[2:]] == ["tp1-pp1-dp8"] * 2
+    assert next_planned(taken, attrs, lambda p, b: _steps(p)) is None
+
+
+def test_layouts_beyond_a_clearly_worse_replica_size_wait_until_after_the_climb():
+    attrs = _plan("tp1-pp1-dp8", "tp8-pp1-dp1", "tp2-pp1-dp4", "tp4-pp1-dp2", "tp2-pp2-dp2")
+    tried = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp8-pp1-dp1", 30.0, -0.1),
+             _trial("tp2-pp1-dp4", 60.0, -0.1)]
+
+    def neighbours(params, binding):
+        return _steps(params) if params["layout"] == "tp1-pp1-dp8" else []
+
+    # Replicas of two GPUs came out far below those of one: the size-4 layouts, beyond them,
+    # are left for after the leader's climb, and then tried rather than dropped.
+    step = next_planned(tried, attrs, neighbours)
+    assert step["layout"] == "tp1-pp1-dp8" and step["max_num_tokens"] == 4096
+    tried += [_trial(value=90.0, tpot=-0.1, **p) for p in _steps(tried[0].params)]
+    assert next_planned(tried, attrs, neighbours)["layout"] in {"tp4-pp1-dp2", "tp2-pp2-dp2"}
+    # Had the two-GPU replicas been nearly as good, the size-4 ones would have come first.
+    close = tried[:2] + [_trial("tp2-pp1-dp4", 98.0, -0.1)]
+    assert next_planned(close, attrs, neighbours)["layout"] in {"tp4-pp1-dp2", "tp2-pp2-dp2"}
 
 
 def test_a_layout_too_slow_for_the_slo_rules_out_the_planned_layouts_that_are_slower(tmp_path):
