@@ -193,11 +193,12 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         self.base.reseed_rng()
 
 
-#: The order the climb tries an incumbent's neighbours in, by what limits it (``_binding``): a
-#: move is (setting, steps up the sorted choices; 0 for the chunked-prefill flip). A larger token
-#: budget prefills more per iteration (first tokens sooner, each decode step slower), unchunked
-#: prompts start decoding sooner and chunked ones stall the decoding less; a larger KV share only
-#: adds room (never fewer requests in flight), so its step down comes last.
+#: The order the climb tries an incumbent's neighbours in, by what limits it (``_binding``; other
+#: metrics and none: None): a move is (setting, steps up the sorted choices; 0 for the
+#: chunked-prefill flip). A larger token budget prefills more per iteration (first tokens sooner,
+#: more throughput, each decode step slower), unchunked prompts start decoding sooner and chunked
+#: ones stall the decoding less; a larger KV share only adds room (never fewer
+#: requests in flight), so its step down comes last.
 _MOVES: dict[str | None, list[tuple[str, int]]] = {
     None: [("tokens", 1), ("batch", 1), ("kv", 1), ("chunk", 0), ("tokens+chunk", 1),
            ("tokens", -1), ("batch", -1), ("tokens+chunk", -1), ("tokens+chunk", 2),
@@ -210,16 +211,26 @@ _MOVES: dict[str | None, list[tuple[str, int]]] = {
              ("tokens+chunk", 2), ("kv", -1)],
 }
 _MOVES["itl"] = _MOVES["tpot"]
+#: A configuration that misses a first-token bound even at its lowest load: which way the token
+#: budget helps there depends on the prompts (a long one prefills faster whole; whole long
+#: prompts hold the ones behind them back), so both ways first.
+_MOVES["miss"] = [("tokens", -1), ("tokens", 1), ("chunk", 0), ("tokens+chunk", -1),
+                  ("tokens+chunk", 1), ("tokens+chunk", -2), ("tokens+chunk", 2), ("kv", 1),
+                  ("batch", -1), ("batch", 1), ("kv", -1)]
 
 
 def _binding(trial: optuna.trial.FrozenTrial) -> str | None:
     """The latency metric that limits ``trial``'s configuration: the SLO term nearest its bound
-    (or furthest past it), None when every term has room (``SLACK``) or there is no SLO."""
+    (or furthest past it), None when every term has room (``SLACK``) or there is no SLO;
+    "miss" for a first-token (or end-to-end) bound missed even at the lowest load."""
     terms = {k: v for k, v in trial.constraints.items() if k != FITS}
     if not terms:
         return None
     name = max(terms, key=terms.__getitem__)
-    return name.split(":")[0] if terms[name] > -SLACK else None
+    metric = name.split(":")[0]
+    if terms[name] > 0 and metric not in ("tpot", "itl"):
+        return "miss"
+    return metric if terms[name] > -SLACK else None
 
 
 def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
@@ -251,6 +262,9 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     # ahead (a layout a little behind at default settings is sometimes the one that wins).
     leaders = incumbents[:1] + [t for t in incumbents[1:CLIMBED_LAYOUTS]
                                 if _close(t, incumbents[0])]
+    transplant = _transplant(incumbents, proposed)
+    if transplant is not None:
+        return transplant
     best_next, fewest = None, None
     for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
         around = neighbours(leader.params, _binding(leader))
@@ -261,6 +275,31 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     if best_next is None and todo:  # the layouts left until after the climb
         return _closest_to_the_best(todo, scored)
     return best_next
+
+
+def _transplant(incumbents: Sequence[optuna.trial.FrozenTrial], proposed: set[tuple]
+                ) -> dict | None:
+    """The leader's settings on another layout that could overtake it: one close behind it, or
+    one faster that missed the SLO. What made the leader meet the SLO or gain (a smaller token
+    budget that stops long prompts delaying first tokens, say) usually does the same on the
+    other layouts, and one trial tells."""
+    if not incumbents:
+        return None
+    leader = incumbents[0]
+    feasible, value = _rank(leader)
+    settings = {k: v for k, v in leader.params.items() if k != "layout"}
+    for t in incumbents[1:]:
+        candidate = {**settings, "layout": t.params.get("layout")}
+        if candidate["layout"] is None or _key(candidate) in proposed:
+            continue
+        faster_but_missed = feasible and not _rank(t)[0] and _fits(t) and t.value > value
+        if faster_but_missed or (feasible and _close(t, leader)):
+            return candidate
+    return None
+
+
+def _fits(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.constraints.get(FITS, 0.0) <= 0
 
 
 def _close(trial: optuna.trial.FrozenTrial, leader: optuna.trial.FrozenTrial) -> bool:

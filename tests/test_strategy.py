@@ -126,10 +126,12 @@ def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(sc
         (("chunked_prefill", False), ("max_num_tokens", 4096)),
         (("chunked_prefill", False), ("max_num_tokens", 16384))])
     # What limits the incumbent orders them: a TTFT-bound one prefills more per iteration
-    # first, a TPOT-bound one less; a smaller KV share (never more room) always comes last.
+    # first, a TPOT-bound one less, one that misses its first-token bound outright tries the
+    # budget both ways first; a smaller KV share (never more room) always comes last.
     assert steps("ttft")[0] == (("max_num_tokens", 16384),)
     assert steps("tpot")[0] == (("max_num_tokens", 4096),)
-    assert {steps(b)[-1] for b in (None, "ttft", "tpot")} == {(("kv_fraction", 0.85),)}
+    assert set(steps("miss")[:2]) == {(("max_num_tokens", 4096),), (("max_num_tokens", 16384),)}
+    assert {steps(b)[-1] for b in (None, "ttft", "tpot", "miss")} == {(("kv_fraction", 0.85),)}
     # This SLO is a TPOT bound, which the operating point runs up against: the climb's first
     # step is the smaller token budget.
     assert first.constraints["tpot:p99"] > -0.2
