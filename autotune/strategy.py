@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from autotune.config import DEFAULT_KV_FRACTION, DEFAULT_MAX_NUM_TOKENS, EngineConfig
+from autotune.config import DEFAULT_KV_FRACTION, EngineConfig
 from autotune.errors import TrialFailure
 from autotune.model import Simulator
 from autotune.scenario import Scenario
@@ -67,6 +67,10 @@ DEFER = 0.05
 #: A configuration whose every SLO term is this far inside its bound at its operating point is
 #: limited by capacity, not latency (its load stopped at the ladder's top).
 SLACK = 0.2
+#: The token budget of the first trial of each layout: twice TensorRT-LLM's default, which long
+#: prompts and large batches outgrow (on both samples of benchmarks/search_efficiency.py the
+#: climb then had fewer steps to take; the larger budget's activation memory is in the model).
+PLAN_MAX_NUM_TOKENS = 16384
 #: Fresh draws asked of TPE when it proposes a configuration already tried.
 REDRAWS = 10
 #: Study user attribute holding the first configurations' params (list of dicts).
@@ -133,6 +137,11 @@ class PlannedSampler(optuna.samplers.BaseSampler):
         # budget whole, so a budget of one prompt admits one prompt per iteration): each alone
         # can leave the objective flat where both at once move it.
         tokens = sorted(self.space.max_num_tokens)
+        if params.get("max_num_tokens") in tokens:  # two steps: past a flat first one
+            i = tokens.index(params["max_num_tokens"])
+            for step in (-2, 2):
+                if 0 <= i + step < len(tokens):
+                    moves.append((("tokens", step), {**params, "max_num_tokens": tokens[i + step]}))
         if len(self.space.chunked_prefill) > 1 and params.get("max_num_tokens") in tokens:
             i = tokens.index(params["max_num_tokens"])
             for step in (-1, 1, -2, 2):
@@ -202,21 +211,23 @@ class PlannedSampler(optuna.samplers.BaseSampler):
 _MOVES: dict[str | None, list[tuple[str, int]]] = {
     None: [("tokens", 1), ("batch", 1), ("kv", 1), ("chunk", 0), ("tokens+chunk", 1),
            ("tokens", -1), ("batch", -1), ("tokens+chunk", -1), ("tokens+chunk", 2),
-           ("tokens+chunk", -2), ("kv", -1)],
+           ("tokens+chunk", -2), ("tokens", 2), ("tokens", -2), ("kv", -1)],
     "ttft": [("tokens", 1), ("tokens+chunk", 1), ("chunk", 0), ("tokens+chunk", 2),
              ("kv", 1), ("batch", 1), ("tokens", -1), ("tokens+chunk", -1),
-             ("tokens+chunk", -2), ("batch", -1), ("kv", -1)],
+             ("tokens+chunk", -2), ("batch", -1), ("tokens", 2), ("tokens", -2),
+             ("kv", -1)],
     "tpot": [("tokens", -1), ("chunk", 0), ("tokens+chunk", -1), ("tokens+chunk", -2),
              ("kv", 1), ("batch", -1), ("batch", 1), ("tokens", 1), ("tokens+chunk", 1),
-             ("tokens+chunk", 2), ("kv", -1)],
+             ("tokens+chunk", 2), ("tokens", -2), ("tokens", 2),
+             ("kv", -1)],
 }
 _MOVES["itl"] = _MOVES["tpot"]
 #: A configuration that misses a first-token bound even at its lowest load: which way the token
 #: budget helps there depends on the prompts (a long one prefills faster whole; whole long
 #: prompts hold the ones behind them back), so both ways first.
-_MOVES["miss"] = [("tokens", -1), ("tokens", 1), ("chunk", 0), ("tokens+chunk", -1),
-                  ("tokens+chunk", 1), ("tokens+chunk", -2), ("tokens+chunk", 2), ("kv", 1),
-                  ("batch", -1), ("batch", 1), ("kv", -1)]
+_MOVES["miss"] = [("tokens", -1), ("tokens", 1), ("tokens", -2), ("tokens", 2), ("chunk", 0),
+                  ("tokens+chunk", -1), ("tokens+chunk", 1), ("tokens+chunk", -2),
+                  ("tokens+chunk", 2), ("kv", 1), ("batch", -1), ("batch", 1), ("kv", -1)]
 
 
 def _binding(trial: optuna.trial.FrozenTrial) -> str | None:
@@ -433,7 +444,7 @@ def startup_configs(space: SearchSpace, layouts: Sequence[Layout], precision: st
     ``latency_bound``: whether the SLO bounds latency at all (it orders the layouts).
     """
     batch = max(space.max_batch_size)
-    tokens = _nearest(space.max_num_tokens, DEFAULT_MAX_NUM_TOKENS)
+    tokens = _nearest(space.max_num_tokens, PLAN_MAX_NUM_TOKENS)
     kv = _nearest(space.kv_fraction, DEFAULT_KV_FRACTION)
     chunked = True if True in space.chunked_prefill else space.chunked_prefill[0]
     # Fewest GPUs per replica first: when the trial budget runs out early, the cheap layouts

@@ -108,7 +108,7 @@ DRAW_COUNTS = (1, 2, 4, 8)
 DRAW_MIXES = ((128, 128), (512, 256), (1024, 128), (2048, 512), (4096, 512), (8192, 1024))
 DRAW_SLOS = ("tight", "medium", "ttft", "none")
 #: Generator seed of each sample.
-SAMPLES = {"dev": 1, "held-out": 2}
+SAMPLES = {"dev": 1, "held-out": 2, "fresh": 3}
 
 
 def draw_scenarios(seed: int, n: int, exclude: Sequence[tuple] = ()) -> list[tuple]:
@@ -457,9 +457,14 @@ def prior_job(args) -> dict:
 
 
 def sample(name: str, n: int) -> list[tuple]:
-    """The ``dev`` or ``held-out`` sample of ``n`` scenarios (held-out shares none with dev)."""
-    dev = draw_scenarios(SAMPLES["dev"], n)
-    return dev if name == "dev" else draw_scenarios(SAMPLES[name], n, exclude=dev)
+    """The sample ``name`` of ``n`` scenarios, sharing none with the samples before it."""
+    seen: list[tuple] = []
+    for other in SAMPLES:
+        drawn = draw_scenarios(SAMPLES[other], n, exclude=seen)
+        if other == name:
+            return drawn
+        seen += drawn
+    raise ValueError(name)
 
 
 def print_sample(title: str, rows: list[dict], methods: list[str], seeds: int,

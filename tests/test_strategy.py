@@ -107,36 +107,39 @@ def test_under_an_slo_the_plan_tries_both_ends_then_the_size_nearest_the_best(sc
 
 def test_hill_climbing_tries_the_incumbents_neighbours_then_hands_over_to_tpe(scenario, tmp_path):
     space = SearchSpace.from_dict({**SPACE, "tp": [8], "pp": [1],  # one layout: plan of one
-                                   "max_num_tokens": [4096, 8192, 16384]})
+                                   "max_num_tokens": [4096, 8192, 16384, 32768]})
     tuner = Tuner(scenario, space, SimRunner(scenario),
                   open_storage(f"sqlite:///{tmp_path / 'h.db'}"), "h", seed=0)
     tuner.open()
     tuner.optimize(1)
     (first,) = tuner.study.trials
+    assert first.params["max_num_tokens"] == 16384
 
     def steps(binding):
         return [tuple(sorted(set(n.items()) - set(first.params.items())))
                 for n in tuner.sampler.neighbours(first.params, binding)]
 
-    # One step along each ordered setting (both ways where the list allows), the other
-    # chunked-prefill choice, and the token budget moved with it; no other layout exists.
+    # One step along each ordered setting (both ways where the list allows; the token budget
+    # also two), the other chunked-prefill choice, and the token budget moved with it; no
+    # other layout exists.
+    unchunked = ("chunked_prefill", False)
     assert sorted(steps(None)) == sorted([
-        (("max_num_tokens", 4096),), (("max_num_tokens", 16384),), (("kv_fraction", 0.85),),
-        (("max_batch_size", 32),), (("chunked_prefill", False),),
-        (("chunked_prefill", False), ("max_num_tokens", 4096)),
-        (("chunked_prefill", False), ("max_num_tokens", 16384))])
+        (("max_num_tokens", 8192),), (("max_num_tokens", 32768),), (("max_num_tokens", 4096),),
+        (("kv_fraction", 0.85),), (("max_batch_size", 32),), (unchunked,),
+        (unchunked, ("max_num_tokens", 8192)), (unchunked, ("max_num_tokens", 32768)),
+        (unchunked, ("max_num_tokens", 4096))])
     # What limits the incumbent orders them: a TTFT-bound one prefills more per iteration
     # first, a TPOT-bound one less, one that misses its first-token bound outright tries the
     # budget both ways first; a smaller KV share (never more room) always comes last.
-    assert steps("ttft")[0] == (("max_num_tokens", 16384),)
-    assert steps("tpot")[0] == (("max_num_tokens", 4096),)
-    assert set(steps("miss")[:2]) == {(("max_num_tokens", 4096),), (("max_num_tokens", 16384),)}
+    assert steps("ttft")[0] == (("max_num_tokens", 32768),)
+    assert steps("tpot")[0] == (("max_num_tokens", 8192),)
+    assert set(steps("miss")[:2]) == {(("max_num_tokens", 8192),), (("max_num_tokens", 32768),)}
     assert {steps(b)[-1] for b in (None, "ttft", "tpot", "miss")} == {(("kv_fraction", 0.85),)}
     # This SLO is a TPOT bound, which the operating point runs up against: the climb's first
     # step is the smaller token budget.
     assert first.constraints["tpot:p99"] > -0.2
     tuner.optimize(2)
-    assert tuner.study.trials[1].params == {**first.params, "max_num_tokens": 4096}
+    assert tuner.study.trials[1].params == {**first.params, "max_num_tokens": 8192}
     # The plan ends when the incumbent's neighbourhood is exhausted.
     tuner.optimize(40)
     assert tuner.sampler.next_params(tuner.study) is None
