@@ -6,19 +6,22 @@ structure of the problem says where to look:
 1. **Layouts.** The parallel layout decides most of a configuration's throughput and is the one
    setting TPE cannot learn from neighbours (its choices are unordered). The first trials are one
    per layout, each with the scheduler settings that are good almost everywhere (the largest
-   batch limit: the load ladder picks the load anyway; TensorRT-LLM's default token budget and KV
-   share; chunked prefill). With ``--prior sim`` the built-in model's best configurations, spread
-   over layouts, take their place. A layout that missed the SLO even at its lowest load rules out
-   the planned layouts that can only be slower per request (as many or more pipeline stages, as
-   few or fewer tensor-parallel GPUs but at least two): under a tight SLO the plan goes straight
-   to the wide ones. Under a latency SLO the order also follows the results: once the smallest
-   replicas meet it, the largest next, then the size nearest the best so far.
-2. **Hill climbing.** Then the two best layouts are climbed side by side: each one's best
-   configuration (the incumbent) has its neighbours tried, one step down and up the token
-   budget, KV share and batch limit, the other chunked-prefill choice, then the token budget one
-   or two steps away with the other chunked-prefill choice. A neighbour that beats
-   the incumbent by more than 0.5% becomes the incumbent (smaller gains are a real engine's
-   run-to-run noise); when no untried neighbour is left, the climb is over.
+   batch limit: the load ladder picks the load anyway; a 16k token budget and TensorRT-LLM's
+   default KV share; chunked prefill). With ``--prior sim`` the built-in model's best
+   configurations, spread over layouts, take their place. A layout that missed the SLO even at
+   its lowest load rules out the planned layouts that can only be slower per request (as many or
+   more pipeline stages, as few or fewer tensor-parallel GPUs but at least two): under a tight
+   SLO the plan goes straight to the wide ones. Under a latency SLO the order also follows the
+   results: once the smallest replicas meet it, the largest next, then the size nearest the best
+   so far; the layouts beyond a clearly worse size wait until after the climb (``DEFER``).
+2. **Hill climbing.** Then the best layout is climbed (and a runner-up close behind it,
+   ``CLOSE``, beside it): its best configuration (the incumbent) has its neighbours tried, one
+   step down and up the token budget, KV share and batch limit, the budget two steps, the other
+   chunked-prefill choice, the token budget one or two steps away with the other chunked-prefill
+   choice, in the order that what limits the incumbent says pays first (``_MOVES``). A neighbour
+   that beats the incumbent by more than 0.5% becomes the incumbent (smaller gains are a real
+   engine's run-to-run noise). The leader's settings are tried on a layout that could overtake
+   it (``_transplant``). When no untried neighbour is left, the deferred layouts, then:
 3. **TPE** (multivariate, grouped, constant liar so that workers sharing a study don't all
    propose the same point; SLO terms as constraints), which has learned from every trial so far;
    asked again when it proposes a configuration already measured.
@@ -49,7 +52,8 @@ from autotune.sweep import measure_ladder, operating_point
 PRIOR_TRIALS = 6
 
 
-#: Layouts climbed side by side after the first trials.
+#: Layouts climbed side by side after the first trials, at most (the leader and a runner-up
+#: within ``CLOSE``).
 CLIMBED_LAYOUTS = 2
 #: Smallest relative gain that moves a climb (below it is run-to-run noise on a real engine).
 MIN_GAIN = 0.005
