@@ -7,7 +7,7 @@ import pytest
 
 from autotune.errors import InvalidConfig, OutOfMemory
 from autotune.measurement import load_point_from_requests
-from autotune.model.scheduler import Limits, simulate
+from autotune.model.scheduler import ContextWait, Limits, simulate
 
 D = 0.010  # seconds per iteration in the hand-computed cases
 
@@ -98,6 +98,46 @@ def test_closed_loop_keeps_the_concurrency():
     ends = np.sort(trace.end)
     assert ends == pytest.approx([0.03, 0.03, 0.06, 0.06, 0.09, 0.09])
     assert sorted(trace.start) == pytest.approx([0, 0, 0.03, 0.03, 0.06, 0.06])
+
+
+def _ttfts_ms(trace):
+    return sorted(np.round((trace.first_token - trace.start) * 1e3, 6))
+
+
+#: One request decoding from t=0 (first token at 10 ms), a second prompt arriving at 15 ms and
+#: admitted at the iteration boundary of 20 ms; without a wait it prefills in [20, 30].
+LATE = dict(isl=np.array([4, 4]), osl=np.array([30, 3]), arrivals=np.array([0.0, 0.015]))
+
+
+def test_a_held_prompt_waits_the_timeout_while_others_decode():
+    plain = simulate(constant, LATE["isl"], LATE["osl"], lim(), arrivals=LATE["arrivals"])
+    assert _ttfts_ms(plain) == pytest.approx([10.0, 15.0])
+    # Held at the boundaries of 20, 30 and 40 ms (three iterations), prefilled in [50, 60].
+    held = simulate(constant, LATE["isl"], LATE["osl"], lim(), arrivals=LATE["arrivals"],
+                    wait=ContextWait(timeout_iters=3, min_tokens=10**6))
+    assert _ttfts_ms(held) == pytest.approx([10.0, 45.0])
+
+
+def test_a_prompt_is_released_early_by_enough_tokens_or_enough_prompts():
+    tokens = simulate(constant, LATE["isl"], LATE["osl"], lim(), arrivals=LATE["arrivals"],
+                      wait=ContextWait(timeout_iters=3, min_tokens=5))  # 1 decoding + 4
+    assert _ttfts_ms(tokens) == pytest.approx([10.0, 15.0])
+    # Two prompts wanted: the one of 15 ms waits for the one of 35 ms (admitted at 40 ms).
+    arrivals = np.array([0.0, 0.015, 0.035])
+    pair = simulate(constant, np.array([4, 4, 4]), np.array([30, 3, 3]), lim(),
+                    arrivals=arrivals, wait=ContextWait(timeout_iters=10, min_requests=2))
+    assert _ttfts_ms(pair) == pytest.approx([10.0, 15.0, 35.0])
+
+
+def test_nothing_is_held_while_too_few_requests_decode():
+    # The first prompt of a run has nothing decoding beside it; with two decoding wanted
+    # (attention DP: every rank decoding), the late one is not held either.
+    alone = simulate(constant, np.array([4]), np.array([3]), lim(),
+                     wait=ContextWait(timeout_iters=5))
+    assert _ttfts_ms(alone) == pytest.approx([10.0])
+    late = simulate(constant, LATE["isl"], LATE["osl"], lim(), arrivals=LATE["arrivals"],
+                    wait=ContextWait(timeout_iters=5, min_decoding=2))
+    assert _ttfts_ms(late) == pytest.approx([10.0, 15.0])
 
 
 def test_impossible_limits_are_failures():

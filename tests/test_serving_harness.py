@@ -70,3 +70,31 @@ def test_a_rate_beyond_what_the_gpu_can_compute_is_told_from_a_possible_one():
     faster = replace(row, ttft_ms=ttft / 20, tpot_ms=tpot / 20)
     assert accuracy.implied_peak_share(faster) == pytest.approx(20 * modelled)
     assert accuracy.implied_peak_share(faster) > 1.0
+
+
+def _inferencex(**kw) -> accuracy.ServingRow:
+    base = dict(index=0, engine="trtllm", version="1.1.0rc2", gpu="b200", model="llama-3.1-70b",
+                precision="fp8", tp=4, pp=1, isl=1024, osl=1024, concurrency=16, ttft_ms=1.0,
+                tpot_ms=1.0, harness="inferencex")
+    return accuracy.ServingRow(**{**base, **kw})
+
+
+def test_inferencex_trtllm_at_1k_1k_below_tp8_holds_prompts_to_batch_them():
+    # Its scripts set batch_wait_timeout_iters 20 there (ratio 0.9 of 16384 tokens, which 16
+    # requests never reach): a prompt waits up to 20 decode iterations, about half on average.
+    held = accuracy.predict_serving(_inferencex())
+    plain = accuracy.predict_serving(_inferencex(harness="aic"))
+    assert held[0] - plain[0] > 5 * plain[1]
+    assert held[1] == pytest.approx(plain[1], rel=0.1)
+    for other in (dict(tp=8), dict(osl=8192), dict(engine="vllm")):
+        assert accuracy.context_wait(_inferencex(**other)) is None
+
+
+def test_inferencex_trtllm_under_attention_dp_waits_for_a_prompt_on_every_rank():
+    row = _inferencex(model="deepseek-r1", precision="fp4", tp=8, ep=8, attention_dp=True,
+                      concurrency=64)
+    wait = accuracy.context_wait(row)
+    assert (wait.timeout_iters, wait.min_requests, wait.min_decoding) == (60, 8, 8)
+    held = accuracy.predict_moe(row)
+    plain = accuracy.predict_moe(replace(row, harness="aic"))
+    assert held[0] > 1.5 * plain[0]

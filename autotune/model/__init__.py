@@ -22,12 +22,14 @@ from autotune.model.calibration import (
 )
 from autotune.model.feasibility import Capacity, check_layout, gate, replica_capacity
 from autotune.model.perf import KV_BLOCK_TOKENS, RUNTIME_RESERVE_BYTES, MemoryPlan, PerfModel
+from autotune.model.scheduler import ContextWait
 from autotune.model.simulate import SIM_REQUESTS, Benchmark, Simulator
 
 __all__ = [
     "BACKEND_CONSTANTS", "BACKENDS", "BOUNDS", "DEFAULT_BACKEND", "DEFAULT_ENGINE",
     "ENGINE_CONSTANTS", "ENGINES", "KV_BLOCK_TOKENS",
-    "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS", "Benchmark", "Calibration", "Capacity", "MemoryPlan",
+    "RUNTIME_RESERVE_BYTES", "SIM_REQUESTS", "Benchmark", "Calibration", "Capacity", "ContextWait",
+    "MemoryPlan",
     "PerfModel", "Simulator", "calibration_file", "check_layout", "gate", "load_calibration",
     "replica_capacity", "with_constants",
 ]

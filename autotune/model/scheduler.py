@@ -41,6 +41,27 @@ class Limits:
     chunked_prefill: bool = True
 
 
+@dataclass(frozen=True)
+class ContextWait:
+    """Holding new prompts back so that more of them prefill together (off unless an engine is
+    configured for it).
+
+    TensorRT-LLM's PyTorch back end has two such rules (``tensorrt_llm/_torch/pyexecutor/
+    py_executor.py``, 1.1-1.3): without attention DP, ``batch_wait_timeout_iters`` and
+    ``batch_wait_max_tokens_ratio`` hold the context requests while the iteration's tokens
+    (prompts plus decoding requests) stay below the ratio of ``max_num_tokens``, at most that
+    many iterations (``_waiting_requests``); under attention DP, ``attention_dp_config``'s
+    ``enable_balance`` holds them until every rank has one, at most ``timeout_iters`` iterations
+    (``_balance_adp_requests``). Either holds only while requests are decoding (else nothing
+    would run) and releases every waiting prompt at once.
+    """
+
+    timeout_iters: int  # iterations a prompt is held at most
+    min_tokens: int | None = None  # release once the iteration would hold this many tokens
+    min_requests: int | None = None  # release once this many prompts wait (attention-DP ranks)
+    min_decoding: int = 1  # hold only while at least this many requests decode
+
+
 @dataclass
 class Trace:
     """Per-request timestamps (seconds) and the token gaps seen while decoding.
@@ -76,12 +97,14 @@ class _Cohort:
 
 
 def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *,
-             concurrency: int | None = None, arrivals: np.ndarray | None = None) -> Trace:
+             concurrency: int | None = None, arrivals: np.ndarray | None = None,
+             wait: ContextWait | None = None) -> Trace:
     """Run all requests through the scheduler.
 
     Closed loop (``concurrency``): that many requests are issued at t=0 and each completion issues
     the next (``None`` or <= 0: all at once). Open loop (``arrivals``, seconds, ascending):
-    request i is issued at ``arrivals[i]``.
+    request i is issued at ``arrivals[i]``. ``wait``: the engine holds new prompts back
+    (``ContextWait``); None: every prompt that fits is scheduled at once.
     """
     isl = np.asarray(isl, dtype=np.int64)
     osl = np.asarray(osl, dtype=np.int64)
@@ -142,6 +165,7 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
     in_flight = 0
     done = 0
     tie = 0
+    held = 0  # iterations the waiting prompts have been held (ContextWait)
 
     def finish(c: _Cohort) -> None:
         nonlocal n_dec, ctx_sum, kv_used, in_flight, done
@@ -178,7 +202,16 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
             continue
 
         budget = budget_total - n_dec
-        if prefilling and budget > 0:
+        hold = False
+        if (wait is not None and prefilling and budget > 0 and prefilling[0].done == 0
+                and n_dec >= max(1, wait.min_decoding)):
+            tokens = n_dec + sum(c.isl * c.count for c in prefilling)
+            prompts = sum(c.count for c in prefilling)
+            hold = not (held >= wait.timeout_iters
+                        or (wait.min_tokens is not None and tokens >= wait.min_tokens)
+                        or (wait.min_requests is not None and prompts >= wait.min_requests))
+            held = held + 1 if hold else 0
+        if prefilling and budget > 0 and not hold:
             tokens = 0
             attn = 0.0
             finished: list[_Cohort] = []
@@ -270,4 +303,4 @@ def simulate(step: StepTime, isl: np.ndarray, osl: np.ndarray, limits: Limits, *
                  np.asarray(gaps) * 1e3, np.asarray(weights, float), iterations=it)
 
 
-__all__ = ["Limits", "StepTime", "Trace", "simulate"]
+__all__ = ["ContextWait", "Limits", "StepTime", "Trace", "simulate"]

@@ -25,7 +25,7 @@ from autotune.measurement import (
 from autotune.model.calibration import Calibration
 from autotune.model.feasibility import Capacity, check_layout, check_placement, replica_capacity
 from autotune.model.perf import KV_BLOCK_TOKENS, PerfModel
-from autotune.model.scheduler import Trace, simulate
+from autotune.model.scheduler import ContextWait, Trace, simulate
 from autotune.specs import GpuSpec, ModelSpec, Workload
 
 #: Requests simulated per replica and load point. A simulated request costs microseconds, so
@@ -76,7 +76,8 @@ class Simulator:
     ran a fixed data set, trtllm-bench --dataset); None follows ``SIM_REQUESTS``. ``engine``
     (None: TensorRT-LLM) picks which engine's shipped constants apply when ``calibration`` is
     None. ``benchmark``: closed-loop load points are run the way that client runs them (None:
-    ``SIM_REQUESTS`` requests of the workload's lengths).
+    ``SIM_REQUESTS`` requests of the workload's lengths). ``context_wait``: the engine holds new
+    prompts back to batch them (``ContextWait``; None: engines' default, it does not).
     """
 
     name = "sim"
@@ -84,8 +85,9 @@ class Simulator:
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, calibration: Calibration | None = None,
                  num_requests: int | None = None, engine: str | None = None,
-                 benchmark: Benchmark | None = None):
+                 benchmark: Benchmark | None = None, context_wait: ContextWait | None = None):
         self.model, self.gpu = model, gpu
+        self.context_wait = context_wait
         self.calibration = calibration
         self.num_requests = num_requests
         self.engine = engine
@@ -119,7 +121,8 @@ class Simulator:
                 n = self.num_requests or SIM_REQUESTS.requests(per_replica, cap.fit)
                 isl, osl = self._lengths(workload, n, config)
             trace = simulate(perf.iteration_time, isl, osl, cap.limits,
-                             concurrency=None if per_replica == MAX_CONCURRENCY else clients)
+                             concurrency=None if per_replica == MAX_CONCURRENCY else clients,
+                             wait=self.context_wait)
             points.append(_all_replicas(_served(trace, perf), in_flight(load, config.dp),
                                         config))
         return Measurement(
@@ -147,7 +150,8 @@ class Simulator:
             seed = int(stable_hash(workload.to_dict(), config.to_dict(), f"rate={rate}"), 16)
             gaps = np.random.default_rng(seed % 2**32).exponential(1.0 / per_replica, n)
             arrivals = np.cumsum(gaps) - gaps[0]  # the first request at t=0
-            trace = simulate(perf.iteration_time, isl, osl, cap.limits, arrivals=arrivals)
+            trace = simulate(perf.iteration_time, isl, osl, cap.limits, arrivals=arrivals,
+                             wait=self.context_wait)
             points.append(_all_replicas(_served(trace, perf), 0, config))
         return points
 
