@@ -558,13 +558,19 @@ def predict_serving(row: ServingRow, calibration: Calibration | None = None
     return point.latency("ttft", "mean"), point.latency("tpot", "mean")
 
 
+#: The Llama 70B names of the serving rows (InferenceX ran Llama 3.3 70B as Llama 3.1 70B).
+DENSE_70B = ("llama-3.1-70b", "llama-3.3-70b")
+
+
 def context_wait(row: ServingRow) -> ContextWait | None:
     """How the engine of a serving row held new prompts back, from InferenceX's launch scripts
     (``SemiAnalysisAI/InferenceX`` ``benchmarks/``; None: it did not).
 
     - TensorRT-LLM under attention DP: ``attention_dp_config: {enable_balance: true,
       timeout_iters: 60, batching_wait_iters: 0}`` in every DeepSeek-R1 script since commit
-      ec90f3fe7 (2025-09-18): prompts wait until every rank has one, 60 iterations at most;
+      ec90f3fe7 (2025-09-18), taken for every attention-DP row of that harness (the rows named
+      DeepSeek-V3 included: no script of InferenceX's says otherwise): prompts wait until every
+      rank has one, 60 iterations at most;
     - TensorRT-LLM, Llama 3.3 70B at 1024/1024 below TP8 (``70b_*_trt_*.sh`` from 1b563c858,
       2025-09-18, to 2025-10-30, the runs of 2025-10-29 included): ``batch_wait_timeout_iters:
       20``, ``batch_wait_max_tokens_ratio: 0.9`` of ``--max_num_tokens 16384``.
@@ -576,10 +582,6 @@ def context_wait(row: ServingRow) -> ContextWait | None:
     if row.model in DENSE_70B and (row.isl, row.osl) == (1024, 1024) and row.tp < 8:
         return ContextWait(timeout_iters=20, min_tokens=int(0.9 * 16384))
     return None
-
-
-#: The Llama 70B names of the serving rows (InferenceX ran Llama 3.3 70B as Llama 3.1 70B).
-DENSE_70B = ("llama-3.1-70b", "llama-3.3-70b")
 
 
 def serving_point(row: ServingRow, calibration: Calibration | None = None):

@@ -61,6 +61,11 @@ class ContextWait:
     min_requests: int | None = None  # release once this many prompts wait (attention-DP ranks)
     min_decoding: int = 1  # hold only while at least this many requests decode
 
+    def __post_init__(self) -> None:
+        if self.timeout_iters < 0 or self.min_decoding < 1:
+            raise ValueError(f"timeout_iters must be >= 0 and min_decoding >= 1, got "
+                             f"{self.timeout_iters} and {self.min_decoding}")
+
 
 @dataclass
 class Trace:
