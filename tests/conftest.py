@@ -24,8 +24,8 @@ concurrency: [1, 16, max]
 PG_ADMIN = os.environ.get("AUTOTUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-#: The real engine's tests are the suite's long pole (minutes of vLLM servers, two units, each on
-#: one worker): collected first, so that pytest-xdist hands them out first while the workers
+#: The real engine's tests are the suite's long pole (minutes of vLLM servers, one unit on one
+#: worker): collected first, so that pytest-xdist hands them out first while the workers
 #: share everything else (``--no-loadscope-reorder`` keeps this order; xdist would otherwise
 #: send the scopes with the most tests first and leave the engine's for the end).
 LONG_POLE = ("test_vllm_engine.py",)

