@@ -20,8 +20,11 @@ structure of the problem says where to look:
    chunked-prefill choice, the token budget one or two steps away with the other chunked-prefill
    choice, in the order that what limits the incumbent says pays first (``_MOVES``). A neighbour
    that beats the incumbent by more than 0.5% becomes the incumbent (smaller gains are a real
-   engine's run-to-run noise). The leader's settings are tried on a layout that could overtake
-   it (``_transplant``). When no untried neighbour is left, the deferred layouts, then:
+   engine's run-to-run noise). A leader whose first neighbours all come out level with it
+   (``FLAT``: its settings do not move it) hands the climb to the runner-up however far behind.
+   The leader's settings are tried on a layout that could overtake it (``_transplant``). When
+   no untried neighbour is left, the leader's settings on every other layout that ran (once
+   each; one that comes close is climbed), the deferred layouts, then:
 3. **TPE** (multivariate, grouped, constant liar so that workers sharing a study don't all
    propose the same point; SLO terms as constraints), which has learned from every trial so far;
    asked again when it proposes a configuration already measured.
@@ -63,6 +66,9 @@ MIN_GAIN = 0.005
 #: planned one by 0% at the median, 7% at the 95th percentile), so a layout further behind is
 #: not worth half of the climb's trials.
 CLOSE = 0.05
+#: Trials of the leading layout's neighbours, all level with its incumbent, that make its climb
+#: flat: the runner-up is then climbed beside it even when further behind than ``CLOSE``.
+FLAT = 3
 #: An untried layout is left until after the climb when a replica size between the best layout's
 #: and its own has been tried and came out this much below the best: per-GPU throughput peaks at
 #: one replica size and falls away on both sides (``_closest_to_the_best``), so the sizes beyond a
@@ -275,8 +281,13 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     incumbents = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank, reverse=True)
     # The leader is climbed, and beside it a runner-up close enough that tuning may put it
     # ahead (a layout a little behind at default settings is sometimes the one that wins).
+    # A leader whose neighbours all came out the same (``FLAT``) is at what its layout gives
+    # whatever the settings: the runner-up takes over its climb however far behind (the
+    # leader's untried neighbours wait for the runner-up's).
+    flat = _flat(incumbents[0], by_layout.get(incumbents[0].params.get("layout"), []))
     leaders = incumbents[:1] + [t for t in incumbents[1:CLIMBED_LAYOUTS]
-                                if _close(t, incumbents[0])]
+                                if _close(t, incumbents[0]) or (flat and _rank(t)[0])]
+    waits = flat and len(leaders) > 1
     transplant = _transplant(incumbents, proposed)
     if transplant is not None:
         return transplant
@@ -284,20 +295,27 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     for leader in leaders:  # the leader whose neighbourhood has been tried least goes next
         around = neighbours(leader.params, _binding(leader))
         untried = [p for p in around if _key(p) not in proposed]
-        tried = len(around) - len(untried)
+        tried = len(around) - len(untried) + (len(around) if waits and leader is leaders[0]
+                                              else 0)
         if untried and (fewest is None or tried < fewest):
             best_next, fewest = untried[0], tried
+    if best_next is None:
+        # The climb is done: the leader's settings on every layout behind it, however far (a
+        # layout whose first trial ran at settings wrong for it, a token budget too large for
+        # a tight TPOT bound say, can be the best one at the leader's); one that comes close
+        # is climbed in turn.
+        best_next = _transplant(incumbents, proposed, every=True)
     if best_next is None and todo:  # the layouts left until after the climb
         return _closest_to_the_best(todo, scored)
     return best_next
 
 
-def _transplant(incumbents: Sequence[optuna.trial.FrozenTrial], proposed: set[tuple]
-                ) -> dict | None:
+def _transplant(incumbents: Sequence[optuna.trial.FrozenTrial], proposed: set[tuple],
+                every: bool = False) -> dict | None:
     """The leader's settings on another layout that could overtake it: one close behind it, or
-    one faster that missed the SLO. What made the leader meet the SLO or gain (a smaller token
-    budget that stops long prompts delaying first tokens, say) usually does the same on the
-    other layouts, and one trial tells."""
+    one faster that missed the SLO (``every``: any other layout that ran). What made the leader
+    meet the SLO or gain (a smaller token budget that stops long prompts delaying first tokens,
+    say) usually does the same on the other layouts, and one trial tells."""
     if not incumbents:
         return None
     leader = incumbents[0]
@@ -308,9 +326,22 @@ def _transplant(incumbents: Sequence[optuna.trial.FrozenTrial], proposed: set[tu
         if candidate["layout"] is None or _key(candidate) in proposed:
             continue
         faster_but_missed = feasible and not _rank(t)[0] and _fits(t) and t.value > value
-        if faster_but_missed or (feasible and _close(t, leader)):
+        if faster_but_missed or (feasible and ((every and _fits(t)) or _close(t, leader))):
             return candidate
     return None
+
+
+def _flat(incumbent: optuna.trial.FrozenTrial,
+          trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
+    """Whether ``FLAT`` or more other trials of the incumbent's layout all came out level with
+    it (within ``MIN_GAIN``, as feasible or not as it): the layout's settings do not move it
+    (its operating point sits where the SLO or the model's size puts it)."""
+    others = [t for t in trials if t is not incumbent]
+    if len(others) < FLAT:
+        return False
+    (fi, vi) = _rank(incumbent)
+    return all(_rank(t)[0] == fi and abs(_rank(t)[1] - vi) <= MIN_GAIN * max(abs(vi), 1e-9)
+               for t in others)
 
 
 def _fits(trial: optuna.trial.FrozenTrial) -> bool:

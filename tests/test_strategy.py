@@ -185,6 +185,56 @@ def test_a_runner_up_far_behind_the_leader_is_not_climbed_beside_it():
     assert next_planned(taken, attrs, lambda p, b: _steps(p)) is None
 
 
+def test_after_the_climb_the_leaders_settings_are_tried_on_a_layout_far_behind():
+    attrs = _plan("tp1-pp1-dp8", "tp2-pp1-dp4")
+    taken = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp2-pp1-dp4", 60.0, -0.05)]
+
+    def climb(value_of):
+        while (params := next_planned(taken, attrs, lambda p, b: _steps(p))) is not None:
+            taken.append(_trial(value=value_of(params), tpot=-0.1, **params))
+            yield params
+
+    # The leader gains from a smaller token budget; the runner-up, 40% behind, is not climbed
+    # beside it, but once the leader's climb is done its best settings are tried there once ...
+    def value(params):
+        gain = {4096: 1.1, 2048: 1.0}.get(params["max_num_tokens"], 0.9)
+        base = {"tp1-pp1-dp8": 100.0, "tp2-pp1-dp4": 60.0}[params["layout"]]
+        return base * gain
+
+    steps = list(climb(value))
+    assert [p["layout"] for p in steps[:-1]] == ["tp1-pp1-dp8"] * (len(steps) - 1)
+    assert steps[-1] == {**taken[0].params, "layout": "tp2-pp1-dp4", "max_num_tokens": 4096}
+    # ... and where they put it ahead, it is climbed in turn.
+    taken = taken[:2]
+    steps = list(climb(lambda p: 200.0 if p["layout"] == "tp2-pp1-dp4" and
+                       p["max_num_tokens"] <= 4096 else value(p)))
+    after = steps.index({**taken[0].params, "layout": "tp2-pp1-dp4", "max_num_tokens": 4096})
+    assert steps[after + 1]["layout"] == "tp2-pp1-dp4"
+
+
+def _moves(params):
+    """Five neighbours: the token budget two ways, the KV share two ways, the batch limit."""
+    return [{**params, "max_num_tokens": params["max_num_tokens"] // 2},
+            {**params, "max_num_tokens": params["max_num_tokens"] * 2},
+            {**params, "kv_fraction": 0.85}, {**params, "kv_fraction": 0.95},
+            {**params, "max_batch_size": 512}]
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_flat_climb_hands_over_to_the_runner_up_however_far_behind(flat):
+    attrs = _plan("tp1-pp1-dp8", "tp2-pp1-dp4")
+    taken = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp2-pp1-dp4", 60.0, -0.1)]
+    # Three of the leader's neighbours: level with it (its settings do not move it), or not.
+    for value in (100.0, 100.0, 100.0) if flat else (100.0, 97.0, 100.0):
+        taken.append(_trial(value=value, tpot=-0.1,
+                            **next_planned(taken, attrs, lambda p, b: _moves(p))))
+    assert {t.params["layout"] for t in taken[2:]} == {"tp1-pp1-dp8"}
+    after = next_planned(taken, attrs, lambda p, b: _moves(p))
+    assert after["layout"] == ("tp2-pp1-dp4" if flat else "tp1-pp1-dp8")
+    if flat:  # the runner-up's own neighbours, before the leader's last two
+        assert after == _moves(taken[1].params)[0]
+
+
 def test_layouts_beyond_a_clearly_worse_replica_size_wait_until_after_the_climb():
     attrs = _plan("tp1-pp1-dp8", "tp8-pp1-dp1", "tp2-pp1-dp4", "tp4-pp1-dp2", "tp2-pp2-dp2")
     tried = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp8-pp1-dp1", 30.0, -0.1),
