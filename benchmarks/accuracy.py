@@ -454,15 +454,17 @@ class ServingRow:
     sweep: str = ""  # the gap-analysis file of an aic row (QUEUED_SWEEPS), "" for InferenceX
     ep: int = 1  # MoE rows: expert parallelism inside the tp GPUs of a stage
     attention_dp: bool = False  # MoE rows: attention data-parallel over them
+    measured: str = ""  # the run's date (YYYY-MM-DD) where its provenance gives it
 
     @property
     def config(self) -> EngineConfig:
-        """The configuration the run served, with InferenceX's limits; under attention DP
-        the batch limit is per rank (the run's concurrency dealt out to the ranks)."""
+        """The configuration the run served, with its launch script's limits
+        (``launch_limits``); under attention DP the batch limit is per rank (the run's
+        concurrency dealt out to the ranks)."""
         ranks = self.tp if self.attention_dp else 1
+        tokens, chunked, kv = launch_limits(self)
         return EngineConfig(tp=self.tp, pp=self.pp, max_batch_size=-(-self.concurrency // ranks),
-                            max_num_tokens=SERVING_MAX_NUM_TOKENS,
-                            kv_fraction=SERVING_KV_FRACTION, chunked_prefill=True,
+                            max_num_tokens=tokens, kv_fraction=kv, chunked_prefill=chunked,
                             precision=self.precision, ep=self.ep,
                             attention_dp=self.attention_dp)
 
@@ -488,6 +490,48 @@ class ServingRow:
     @property
     def band(self) -> str:
         return next(name for name, lo, hi in BANDS if lo <= self.concurrency <= hi)
+
+
+#: DeepSeek-V3/R1, which InferenceX runs with the same TensorRT-LLM scripts.
+DEEPSEEK = ("deepseek-r1", "deepseek-v3")
+
+
+def launch_limits(row: ServingRow) -> tuple[int, bool, float]:
+    """(max_num_tokens, chunked prefill, KV share) the engine of ``row`` ran with.
+
+    InferenceX's TensorRT-LLM scripts (``SemiAnalysisAI/InferenceX`` at 843c6254,
+    ``benchmarks/single_node/fixed_seq_len/dsr1_*_trt.sh``, ``deprecated/gptoss_fp4_*_trt.sh``;
+    the Llama 70B ones ``benchmarks/70b_*_trt_slurm.sh`` until their removal in 2582bce4,
+    2025-10-29) never turn chunked prefill on, so TensorRT-LLM's default (off) applied; their
+    token budgets and memory shares:
+
+    - DeepSeek-R1 (and the rows named DeepSeek-V3): ``(CONC + ISL + 64)`` rounded up to 64
+      tokens (ec90f3fe, 2025-09-18), at least 8192 from 64af5a77 (2026-01-21);
+      ``free_gpu_memory_fraction`` 0.75 on H200, 0.8 on B200;
+    - gpt-oss-120b: ``MAX_NUM_TOKENS=20000``, 0.85;
+    - Llama 3.3 70B: ``--max_num_tokens 16384`` (1b563c85, 2025-09-18), memory share unset
+      (TensorRT-LLM's default 0.9).
+
+    Every other row: vLLM's InferenceX limits (8192 batched tokens, chunked prefill, 90 % of
+    the memory), which the gap-analysis sweeps are taken to share (their launch settings are
+    not published).
+    """
+    if row.engine != "trtllm" or row.harness != "inferencex":
+        return SERVING_MAX_NUM_TOKENS, True, SERVING_KV_FRACTION
+    if row.model in DEEPSEEK:
+        tokens = -(-(row.concurrency + row.isl + 64) // 64) * 64
+        if row.measured >= "2026-01-21":
+            tokens = max(tokens, 8192)
+        return tokens, False, 0.75 if row.gpu == "h200" else 0.8
+    if row.model.startswith("gpt-oss"):
+        return 20000, False, 0.85
+    return 16384, False, SERVING_KV_FRACTION
+
+
+def _measured(source: str) -> str:
+    """The date a row was measured (``measured=YYYY-MM-DD...`` in its provenance), or ""."""
+    found = re.search(r"measured=(\d{4}-\d{2}-\d{2})", source)
+    return found.group(1) if found else ""
 
 
 def _serving_precision(r) -> str:
@@ -540,7 +584,8 @@ def load_serving(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, i
             tp=int(r.tp_size), pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=int(r.batch_size), ttft_ms=float(r.silicon_ttft_ms),
             tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source)),
-            sweep=_sweep(str(r.silicon_data_source))))
+            sweep=_sweep(str(r.silicon_data_source)),
+            measured=_measured(str(r.silicon_data_source))))
     return rows, dict(skipped)
 
 
@@ -753,7 +798,8 @@ def load_moe(csv: Path = SERVING_CSV) -> tuple[list[ServingRow], dict[str, int]]
             tp=tp, pp=int(r.pp_size), isl=int(r.isl), osl=int(r.osl),
             concurrency=concurrency, ttft_ms=float(r.silicon_ttft_ms),
             tpot_ms=float(r.silicon_tpot_ms), harness=_harness(str(r.silicon_data_source)),
-            sweep=_sweep(str(r.silicon_data_source)), ep=ep, attention_dp=adp > 1))
+            sweep=_sweep(str(r.silicon_data_source)), ep=ep, attention_dp=adp > 1,
+            measured=_measured(str(r.silicon_data_source))))
     return rows, dict(skipped)
 
 
