@@ -14,6 +14,8 @@ structure of the problem says where to look:
    SLO the plan goes straight to the wide ones. Under a latency SLO the order also follows the
    results: once the smallest replicas meet it, the largest next, then the size nearest the best
    so far; the layouts beyond a clearly worse size wait until after the climb (``DEFER``).
+   A layout whose trial did not fit its GPUs at those settings is tried once more asking for
+   less memory (a smaller token budget first, ``_smaller_after_oom``).
 2. **Hill climbing.** Then the best layout is climbed (and a runner-up close behind it,
    ``CLOSE``, beside it): its best configuration (the incumbent) has its neighbours tried, one
    step down and up the token budget, KV share and batch limit, the budget two steps, the other
@@ -235,6 +237,9 @@ _MOVES["itl"] = _MOVES["tpot"]
 #: A configuration that misses a first-token bound even at its lowest load: which way the token
 #: budget helps there depends on the prompts (a long one prefills faster whole; whole long
 #: prompts hold the ones behind them back), so both ways first.
+#: A configuration that did not fit its GPUs: less memory asked for, the token budget's
+#: activations first.
+_MOVES["oom"] = [("tokens", -1), ("tokens", -2), ("kv", -1), ("batch", -1)]
 _MOVES["miss"] = [("tokens", -1), ("tokens", 1), ("tokens", -2), ("tokens", 2), ("chunk", 0),
                   ("tokens+chunk", -1), ("tokens+chunk", 1), ("tokens+chunk", -2),
                   ("tokens+chunk", 2), ("kv", 1), ("batch", -1), ("batch", 1), ("kv", -1)]
@@ -278,6 +283,9 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     by_layout: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for t in done:
         by_layout.setdefault(t.params.get("layout"), []).append(t)
+    retry = _smaller_after_oom(by_layout, proposed, neighbours)
+    if retry is not None:
+        return retry
     incumbents = sorted((_incumbent(ts) for ts in by_layout.values()), key=_rank, reverse=True)
     # The leader is climbed, and beside it a runner-up close enough that tuning may put it
     # ahead (a layout a little behind at default settings is sometimes the one that wins).
@@ -308,6 +316,23 @@ def next_planned(trials: Sequence[optuna.trial.FrozenTrial], attrs: Mapping,
     if best_next is None and todo:  # the layouts left until after the climb
         return _closest_to_the_best(todo, scored)
     return best_next
+
+
+def _smaller_after_oom(by_layout: Mapping[str, Sequence[optuna.trial.FrozenTrial]],
+                       proposed: set[tuple],
+                       neighbours: Callable[[dict, str | None], list[dict]]) -> dict | None:
+    """A layout whose one trial did not fit its GPUs, tried once more with less memory asked
+    for (``_MOVES["oom"]``: a smaller token budget first). The plan's first settings are sized
+    for throughput (a 16k token budget's activations, a large KV share); that they do not fit
+    says nothing about the layout at smaller ones, and an attention-DP layout (each rank
+    holding a whole budget's activations) is often the best one at high load."""
+    for layout, trials in by_layout.items():
+        if layout is None or len(trials) != 1 or _fits(trials[0]):
+            continue
+        untried = [p for p in neighbours(trials[0].params, "oom") if _key(p) not in proposed]
+        if untried:
+            return untried[0]
+    return None
 
 
 def _transplant(incumbents: Sequence[optuna.trial.FrozenTrial], proposed: set[tuple],

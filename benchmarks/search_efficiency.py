@@ -108,15 +108,20 @@ WITHIN = 0.01
 #: What drawn scenarios are made of (dense models only: MoE is not modelled yet).
 DRAW_MODELS = ("llama-3.1-8b", "mistral-7b", "llama-2-13b", "llama-3-70b", "llama-3.1-70b",
                "falcon-180b", "llama-3.1-405b")
+#: Mixture-of-experts models of the ``moe`` sample (their spaces add expert and attention data
+#: parallelism to each tensor-parallel layout).
+DRAW_MOE_MODELS = ("qwen3-30b-a3b", "mixtral-8x7b", "mixtral-8x22b", "gpt-oss-20b",
+                   "gpt-oss-120b", "qwen3-235b-a22b", "deepseek-r1")
 DRAW_GPUS = ("a100", "h100", "h200", "b200")
 DRAW_COUNTS = (1, 2, 4, 8)
 DRAW_MIXES = ((128, 128), (512, 256), (1024, 128), (2048, 512), (4096, 512), (8192, 1024))
 DRAW_SLOS = ("tight", "medium", "ttft", "none")
 #: Generator seed of each sample.
-SAMPLES = {"dev": 1, "held-out": 2, "fresh": 3, "unseen": 4}
+SAMPLES = {"dev": 1, "held-out": 2, "fresh": 3, "unseen": 4, "moe": 5}
 
 
-def draw_scenarios(seed: int, n: int, exclude: Sequence[tuple] = ()) -> list[tuple]:
+def draw_scenarios(seed: int, n: int, exclude: Sequence[tuple] = (),
+                   models: Sequence[str] = DRAW_MODELS) -> list[tuple]:
     """``n`` distinct scenarios ``(model, gpu, isl, osl, tightness, num_gpus)`` from the seeded
     generator, each one the default space can run (its model fits the GPUs and the context),
     none of ``exclude`` (another sample's)."""
@@ -124,7 +129,7 @@ def draw_scenarios(seed: int, n: int, exclude: Sequence[tuple] = ()) -> list[tup
     out: list[tuple] = []
     space = SearchSpace.load()
     while len(out) < n:
-        model = DRAW_MODELS[rng.integers(len(DRAW_MODELS))]
+        model = models[rng.integers(len(models))]
         gpu = DRAW_GPUS[rng.integers(len(DRAW_GPUS))]
         count = int(DRAW_COUNTS[rng.integers(len(DRAW_COUNTS))])
         isl, osl = DRAW_MIXES[rng.integers(len(DRAW_MIXES))]
@@ -465,7 +470,8 @@ def sample(name: str, n: int) -> list[tuple]:
     """The sample ``name`` of ``n`` scenarios, sharing none with the samples before it."""
     seen: list[tuple] = []
     for other in SAMPLES:
-        drawn = draw_scenarios(SAMPLES[other], n, exclude=seen)
+        drawn = draw_scenarios(SAMPLES[other], n, exclude=seen,
+                               models=DRAW_MOE_MODELS if other == "moe" else DRAW_MODELS)
         if other == name:
             return drawn
         seen += drawn
@@ -563,7 +569,8 @@ def main() -> int:
     else:
         for name in (("dev", "unseen") if args.sample == "both" else (args.sample,)):
             samples.append((f"{name} sample (generator seed {SAMPLES[name]}"
-                            + {"unseen": "; never tuned on)", "dev": "; developed on)"}
+                            + {"unseen": "; never tuned on)", "moe": "; MoE, never tuned on)",
+                               "dev": "; developed on)"}
                             .get(name, "; seen while tuning)"),
                             sample(name, args.scenarios)))
     started = time.perf_counter()

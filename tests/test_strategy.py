@@ -235,6 +235,27 @@ def test_a_flat_climb_hands_over_to_the_runner_up_however_far_behind(flat):
         assert after == _moves(taken[1].params)[0]
 
 
+def _out_of_memory(params):
+    """A finished trial of ``params`` that did not fit its GPUs."""
+    return optuna.trial.create_trial(
+        params=params, value=0.0,
+        distributions={k: optuna.distributions.CategoricalDistribution([v])
+                       for k, v in params.items()},
+        constraints={"fits": 1.0, "tpot:p99": 1.0})
+
+
+def test_a_layout_that_ran_out_of_memory_is_tried_once_with_a_smaller_token_budget():
+    attrs = _plan("tp4-pp1-dp1", "tp4-pp1-dp1-adp")
+    oom = _out_of_memory(_trial("tp4-pp1-dp1-adp", 0, 0).params)
+    taken = [_trial("tp4-pp1-dp1", 100.0, -0.1), oom]
+    # Before the leader's climb: the layout that did not fit, with half the token budget ...
+    retry = next_planned(taken, attrs, lambda p, b: _steps(p))
+    assert retry == {**oom.params, "max_num_tokens": 4096}
+    # ... once: out of memory again, the climb goes on without it.
+    taken.append(_out_of_memory(retry))
+    assert next_planned(taken, attrs, lambda p, b: _steps(p))["layout"] == "tp4-pp1-dp1"
+
+
 def test_layouts_beyond_a_clearly_worse_replica_size_wait_until_after_the_climb():
     attrs = _plan("tp1-pp1-dp8", "tp8-pp1-dp1", "tp2-pp1-dp4", "tp4-pp1-dp2", "tp2-pp2-dp2")
     tried = [_trial("tp1-pp1-dp8", 100.0, -0.1), _trial("tp8-pp1-dp1", 30.0, -0.1),
