@@ -20,13 +20,15 @@ early stop vs the bisection the study uses for expensive runners.
     python benchmarks/search_efficiency.py               # the unseen sample: 40 drawn scenarios
     python benchmarks/search_efficiency.py --sample dev  # the sample the strategy is developed on
     python benchmarks/search_efficiency.py --sample held-out  # the second, seen while tuning
-    python benchmarks/search_efficiency.py --sample both # dev and held-out, one table each
+    python benchmarks/search_efficiency.py --sample both # dev and unseen, one table each
+    python benchmarks/search_efficiency.py --sample moe  # 40 drawn mixture-of-experts scenarios
     python benchmarks/search_efficiency.py --sample fixed  # the original 36 (8 GPUs, H100/H200)
     python benchmarks/search_efficiency.py --quick       # 4 fixed scenarios, 8 seeds
     python benchmarks/search_efficiency.py --no-prior    # without the warm-start part
     python benchmarks/search_efficiency.py --cached-only # only scenarios whose truth is built
 
-Drawn scenarios come from a seeded generator (``draw_scenarios``): a dense model from 7B to 405B,
+Drawn scenarios come from a seeded generator (``draw_scenarios``): a dense model from 7B to 405B
+(the ``moe`` sample: a mixture-of-experts model from ``DRAW_MOE_MODELS``),
 a GPU (A100, H100, H200, B200), 1-8 of them, lengths from short chat to long context (up to
 8192/1024 where the model takes it), an SLO kind (tight, medium, TTFT-bound, none). The ``dev``
 sample (generator seed 1) is the one to develop the strategy on; ``held-out`` (seed 2) was the
