@@ -512,6 +512,10 @@ def launch_limits(row: ServingRow) -> tuple[int, bool, float]:
     - Llama 3.3 70B: ``--max_num_tokens 16384`` (1b563c85, 2025-09-18), memory share unset
       (TensorRT-LLM's default 0.9).
 
+    A row without a date gets no 8192 floor. Not modelled: the batching delay the reworked
+    DeepSeek-R1 FP8 B200 script sets at 1024/1024 from concurrency 64 (``ec7bafaa``,
+    2026-01-29: ``batch_wait_timeout_iters: 40``, ``batch_wait_max_tokens_ratio: 0.8``).
+
     Every other row: vLLM's InferenceX limits (8192 batched tokens, chunked prefill, 90 % of
     the memory), which the gap-analysis sweeps are taken to share (their launch settings are
     not published).
